@@ -1,0 +1,13 @@
+"""async_ckpt: asynchronous, crash-safe checkpoints for PyTorch training."""
+__version__ = "0.1.0"
+
+from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,  # noqa: E402
+                     InvalidArgumentError, ReplicationError, SaveFailedError)
+from .handle import SaveHandle  # noqa: E402
+from .rng import RNGState  # noqa: E402
+from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLevel  # noqa: E402
+from .checkpointer import AsyncCheckpointer  # noqa: E402
+
+__all__ = ["AsyncCheckpointer", "StateComponent", "SharingPattern", "ValidationLevel", "SaveHandle",
+           "CheckpointInfo", "RNGState", "CheckpointError", "CheckpointNotFoundError",
+           "CorruptCheckpointError", "ReplicationError", "SaveFailedError", "InvalidArgumentError"]

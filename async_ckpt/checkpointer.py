@@ -1,0 +1,344 @@
+"""AsyncCheckpointer: the one orchestrator. It validates calls, snapshots state into staging
+buffers on the caller's thread, hands the rest to the node writer, and loads checkpoints back."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from . import __version__
+from . import metrics_store
+from .datafile import DataFileWriter
+from .codec import Compressor
+from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,
+                     InvalidArgumentError)
+from .handle import SaveHandle
+from .layout import committed_steps, manifest_path, step_dir, step_dirs
+from .loader import load_shard, read_manifest
+from .manifest import Manifest
+from .plan import Planner, layout_key, shard_id
+from .retention import steps_to_keep
+from .staging import BufferPool, stage
+from .storage import open_storage
+from .topology import current_topology
+from .tree import flatten
+from .types import KEY_RE, CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
+from .writer import ComponentInfo, NodeWriter, SaveJob
+
+log = logging.getLogger("async_ckpt")
+
+_OPTIONS = {"allow_pickle": False, "verify": True, "compression_level": 1,
+            "overlap_staging": False, "encode_threads": 2}
+
+
+def _check_int(name: str, value, lo: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise InvalidArgumentError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+class AsyncCheckpointer:
+    """Asynchronous checkpoints of registered StateComponents under one root (path or URL).
+
+    ``save(step)`` returns once the state is copied into reusable host buffers; a background
+    writer makes it durable and commits ``step-<N>/manifest.json`` atomically. A checkpoint exists
+    if and only if its manifest does. Options beyond the named ones: ``allow_pickle`` (False: refuse
+    non-JSON leaves on save and pickled leaves on load), ``verify`` (True: check hashes on load),
+    ``compression_level`` (zstd level, 1), ``overlap_staging`` (False: with CUDA state, save()
+    returns before the D2H copy lands; call ``SaveHandle.wait_staged()`` before mutating), and
+    ``encode_threads`` (2: zstd threads).
+    """
+
+    def __init__(self, root: str | os.PathLike,
+                 components: Sequence[StateComponent] | Callable[[], Sequence[StateComponent]], *,
+                 storage_options: dict | None = None, compression: str | None = None,
+                 keep_last: int | None = None, keep_best: int = 0, best_metric: str | None = None,
+                 greater_is_better: bool | None = None, max_pending: int = 1, **more_options) -> None:
+        unknown = sorted(set(more_options) - set(_OPTIONS))
+        if unknown:
+            raise InvalidArgumentError(f"unknown option(s) {unknown}; valid extra options: {sorted(_OPTIONS)}")
+        self.options = {**_OPTIONS, **more_options}
+        if compression not in (None, "zstd"):
+            raise InvalidArgumentError(f"compression must be None or 'zstd', got {compression!r}")
+        _check_int("keep_last", keep_last, 0, allow_none=True)
+        _check_int("keep_best", keep_best, 0)
+        _check_int("max_pending", max_pending, 1)
+        _check_int("compression_level", self.options["compression_level"], 1)
+        _check_int("encode_threads", self.options["encode_threads"], 1)
+        if keep_best and not best_metric:
+            raise InvalidArgumentError("keep_best > 0 needs best_metric, the metric name to rank by")
+        self.keep_last, self.keep_best, self.best_metric = keep_last, keep_best, best_metric
+        self.greater_is_better, self.max_pending, self.compression = greater_is_better, max_pending, compression
+        if not isinstance(root, (str, os.PathLike)):
+            raise InvalidArgumentError(f"root must be a path or URL, got {type(root).__name__}")
+        self.storage = open_storage(root, storage_options)
+        self.topo = current_topology()
+        if self.topo.world_size > 1:
+            raise InvalidArgumentError(
+                "this release saves from a single process only; multi-rank saving is not available yet")
+        self._components_source = components
+        if not callable(components):
+            self._validate_components(components)
+        self._pool = BufferPool(pin=torch.cuda.is_available())
+        self._planner = Planner(self.topo)
+        self._writer: NodeWriter | None = None
+        self._pending: list[SaveHandle] = []
+        self._metrics_cache: dict[int, dict] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._writable_checked = False
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _validate_components(self, components) -> list[StateComponent]:
+        comps = list(components)
+        seen: set[str] = set()
+        for c in comps:
+            if not isinstance(c, StateComponent):
+                raise InvalidArgumentError(f"components must be StateComponent objects, got {type(c).__name__}")
+            if not isinstance(c.key, str) or not KEY_RE.match(c.key):
+                raise InvalidArgumentError(f"component key {c.key!r} must match [A-Za-z0-9_.-]+")
+            if c.key in seen:
+                raise InvalidArgumentError(f"duplicate component key {c.key!r}; keys must be unique")
+            seen.add(c.key)
+            if not (hasattr(c.stateful, "state_dict") and hasattr(c.stateful, "load_state_dict")):
+                raise InvalidArgumentError(f"component {c.key!r}: {type(c.stateful).__name__} lacks "
+                                           "state_dict()/load_state_dict()")
+            if not (isinstance(c.sharing_pattern, SharingPattern) or callable(c.sharing_pattern)):
+                raise InvalidArgumentError(f"component {c.key!r}: sharing_pattern must be a SharingPattern or a callable")
+            if not isinstance(c.validation_level, ValidationLevel):
+                raise InvalidArgumentError(f"component {c.key!r}: validation_level must be a ValidationLevel")
+        return comps
+
+    def _components(self) -> list[StateComponent]:
+        source = self._components_source
+        return self._validate_components(source() if callable(source) else source)
+
+    @staticmethod
+    def _pattern(c: StateComponent) -> SharingPattern:
+        pattern = c.sharing_pattern() if callable(c.sharing_pattern) else c.sharing_pattern
+        if not isinstance(pattern, SharingPattern):
+            raise InvalidArgumentError(f"component {c.key!r}: its sharing_pattern callable returned {pattern!r}")
+        return pattern
+
+    def _ensure_writer(self) -> NodeWriter:
+        if not self._writable_checked:
+            try:
+                self.storage.check_writable()
+            except OSError as exc:
+                raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
+                                           f"({exc}); pass a folder this process can create and write") from exc
+            self._writable_checked = True
+        if self._writer is None:
+            compressor = Compressor(self.options["compression_level"]) if self.compression else None
+            versions = {"async_ckpt": __version__, "torch": torch.__version__, "python": platform.python_version()}
+            self._writer = NodeWriter(self.storage, self._pool, self.topo,
+                                      DataFileWriter(compressor, self.options["encode_threads"]),
+                                      "zstd" if self.compression else "raw", versions,
+                                      self._retain, self._info)
+        return self._writer
+
+    def _raise_unreported(self) -> None:
+        with self._lock:
+            for h in self._pending:
+                if h._settled.is_set() and (err := h._take_unreported_error()) is not None:
+                    raise err
+            self._pending = [h for h in self._pending if not h._settled.is_set()]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, step: int, metrics: Mapping[str, float] | None = None) -> SaveHandle:
+        """Snapshot every component for `step` and return at once; the write goes on in the
+        background. Raises an earlier save's unreported failure, or if `step` is committed."""
+        started = time.perf_counter()
+        self._check_open()
+        _check_int("step", step, 0)
+        metrics = metrics_store.check_metrics(metrics)
+        writer = self._ensure_writer()
+        self._raise_unreported()
+        if any(h.step == step for h in self._pending) or self.storage.exists(manifest_path(step)):
+            raise CheckpointError(f"step {step} is already committed (or being saved) at "
+                                  f"{self.storage.child_url(step_dir(step))}; save under a new step")
+        while len([h for h in self._pending if not h.done()]) >= self.max_pending:
+            next(h for h in self._pending if not h.done())._committed.wait()
+            self._raise_unreported()
+        shards, trees, infos = [], [], []
+        for c in self._components():
+            pattern = self._pattern(c)
+            tree, tensors = flatten(c.stateful.state_dict(), c.key, self.options["allow_pickle"])
+            shards.append((c.key, pattern, tensors))
+            trees.append(tree)
+            infos.append(ComponentInfo(c.key, c.required, c.validation_level.value, c.metadata))
+        plan = self._planner.plan(layout_key(shards))
+        buffer = self._pool.acquire(plan.buffer_nbytes)
+        try:
+            stage(plan, [t for _, _, t in shards], buffer)
+            if not self.options["overlap_staging"]:
+                buffer.wait_copied()
+        except BaseException:
+            self._pool.release(buffer)
+            raise
+        handle = SaveHandle(step, buffer.event)
+        blocking = time.perf_counter() - started
+        job = SaveJob(step, plan, buffer, trees, infos, metrics, handle, started,
+                      {"blocking_s": round(blocking, 6)})
+        with self._lock:
+            self._pending.append(handle)
+        writer.submit(job)
+        log.debug("[rank %d step %d] staged %d bytes in %.3f s", self.topo.rank, step, plan.buffer_nbytes, blocking)
+        return handle
+
+    def report_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Attach metrics that arrive after `save(step)` (decoupled evaluation). Stored durably
+        beside the checkpoint; retention (keep_best) reconsiders once they are written."""
+        self._check_open()
+        _check_int("step", step, 0)
+        values = metrics_store.check_metrics(metrics)
+        in_flight = any(h.step == step and not h._settled.is_set() for h in self._pending)
+        if not in_flight and not self.storage.exists(manifest_path(step)):
+            raise CheckpointNotFoundError(f"cannot report metrics for step {step}: it is not committed "
+                                          f"at {self.storage.url} nor being saved")
+
+        def task() -> None:
+            if self.storage.exists(manifest_path(step)):
+                metrics_store.write_late(self.storage, step_dir(step), values)
+                if step in self._metrics_cache:
+                    self._metrics_cache[step].update(values)
+                self._retain(step)
+        self._ensure_writer().submit(task)
+
+    def wait(self) -> None:
+        """Block until every pending save is committed and its retention has run; raise the
+        first failure not yet reported."""
+        with self._lock:
+            pending = list(self._pending)
+        for h in pending:
+            h._settled.wait()
+        if self._writer is not None:   # late-metric tasks queued behind the saves
+            done = threading.Event()
+            self._writer.submit(done.set)
+            done.wait()
+        self._raise_unreported()
+
+    def close(self) -> None:
+        """wait(), then stop the writer thread. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._writer is not None:
+                self._writer.stop()
+
+    def __enter__(self) -> "AsyncCheckpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as err:  # do not mask the exception already propagating
+            log.error("[rank %d] while closing after an error: %s", self.topo.rank, err)
+
+    # -- retention (writer thread) ------------------------------------------------------------
+    def _metrics_of(self, step: int) -> dict:
+        if step not in self._metrics_cache:
+            folder = step_dir(step)
+            manifest = read_manifest(self.storage, folder)
+            self._metrics_cache[step] = {**metrics_store.decode(manifest.metrics),
+                                         **metrics_store.read_late(self.storage, folder)}
+        return self._metrics_cache[step]
+
+    def _retain(self, committed_step: int) -> None:
+        folders = step_dirs(self.storage)
+        committed = committed_steps(self.storage)
+        for step, name in folders.items():      # leftovers of crashed saves: the writer is idle
+            if step not in committed:
+                self.storage.delete_dir(name)
+        if self.keep_last is None:
+            return
+        metrics = {s: self._metrics_of(s) for s in committed} if self.keep_best else {}
+        keep = steps_to_keep(committed, metrics, keep_last=self.keep_last, keep_best=self.keep_best,
+                             best_metric=self.best_metric, greater_is_better=self.greater_is_better)
+        for step in committed:
+            if step not in keep:
+                self.storage.delete(manifest_path(step))   # uncommit first, then free the data
+                self.storage.delete_dir(step_dir(step))
+                self._metrics_cache.pop(step, None)
+                log.info("[rank %d] retention removed step %d", self.topo.rank, step)
+
+    # -- reading ------------------------------------------------------------------------------
+    def _info(self, manifest: Manifest, folder: str) -> CheckpointInfo:
+        metrics = {**metrics_store.decode(manifest.metrics), **metrics_store.read_late(self.storage, folder)}
+        return CheckpointInfo(manifest.step, self.storage.child_url(folder), metrics, manifest.nbytes,
+                              manifest.stored_nbytes, manifest.created, dict(manifest.timings))
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        steps = committed_steps(self.storage)
+        return steps[-1] if steps else None
+
+    def list_checkpoints(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, oldest first (unreadable manifests are logged and skipped)."""
+        infos = []
+        for step in committed_steps(self.storage):
+            try:
+                infos.append(self._info(read_manifest(self.storage, step_dir(step)), step_dir(step)))
+            except (CorruptCheckpointError, FileNotFoundError) as exc:
+                log.warning("[rank %d] skipping step %d: %s", self.topo.rank, step, exc)
+        return infos
+
+    def load(self, step: int | None = None, *, strict: bool = True) -> CheckpointInfo | None:
+        """Restore every registered component from `step` (default: the newest committed one).
+
+        Returns None when nothing is committed yet. All data is read and verified before any
+        component's load_state_dict is called, so a corrupt checkpoint changes nothing.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                return None
+        _check_int("step", step, 0)
+        folder = step_dir(step)
+        try:
+            manifest = read_manifest(self.storage, folder)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"no committed checkpoint for step {step} at {self.storage.url}; "
+                                          f"committed steps: {committed_steps(self.storage)[-5:]}") from None
+        staged = []
+        for c in self._components():
+            entry = manifest.components.get(c.key)
+            shard = shard_id(SharingPattern(entry.sharing_pattern), self.topo) if entry else None
+            if entry is None or shard not in entry.shards:
+                what = f"component {c.key!r} is not in the checkpoint at {self.storage.child_url(folder)}"
+                if c.required and strict:
+                    raise CheckpointError(f"{what}; pass strict=False or mark it required=False to skip it")
+                log.warning("[rank %d step %d] %s; skipped", self.topo.rank, step, what)
+                continue
+            try:
+                staged.append((c, load_shard(self.storage, folder, manifest, c.key, shard,
+                                             self.options["allow_pickle"], self.options["verify"])))
+            except CheckpointError as exc:
+                if c.required:
+                    raise
+                log.warning("[rank %d step %d] optional component %r skipped: %s", self.topo.rank, step, c.key, exc)
+        for c, state in staged:
+            try:
+                c.stateful.load_state_dict(state)
+            except Exception as exc:
+                if c.required:
+                    raise
+                log.warning("[rank %d step %d] optional component %r failed to load: %r",
+                            self.topo.rank, step, c.key, exc)
+        return self._info(manifest, folder)

@@ -1,0 +1,39 @@
+"""Names under the checkpoint root, and what is committed there (a manifest means committed)."""
+from __future__ import annotations
+
+import re
+
+from .manifest import MANIFEST_NAME
+from .storage import Storage
+
+STEP_DIGITS = 10
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:0{STEP_DIGITS}d}"
+
+
+def manifest_path(step: int) -> str:
+    return f"{step_dir(step)}/{MANIFEST_NAME}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def step_dirs(storage: Storage) -> dict[int, str]:
+    """Every step folder under the root, committed or not."""
+    found = {}
+    for name in storage.list_dir(""):
+        step = parse_step_dir(name)
+        if step is not None:
+            found[step] = name
+    return found
+
+
+def committed_steps(storage: Storage) -> list[int]:
+    """Ascending steps whose manifest exists: the only checkpoints that count."""
+    return sorted(s for s, name in step_dirs(storage).items()
+                  if storage.exists(f"{name}/{MANIFEST_NAME}"))

@@ -1,0 +1,170 @@
+"""The manifest: the single JSON document whose presence means "committed".
+
+Frozen dataclasses, a writer (`to_json`) and a validating reader (`parse_manifest`). The reader
+treats the document as hostile: every field is type-checked, file names are single path
+components, records must fit inside their files, and sizes must agree with dtypes and shapes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .codec import CODECS, HASH_ALGO
+from .errors import CorruptCheckpointError
+from .tree import dtype_from_name
+
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    offset: int
+    length: int        # stored bytes
+    nbytes: int        # raw bytes
+    codec: str
+    hash: str          # of the stored bytes
+    frames: tuple[int, ...] = ()   # zstd: stored length of each frame
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    tree: Any
+    tensors: tuple[TensorEntry, ...]
+    owners: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ComponentEntry:
+    sharing_pattern: str
+    required: bool
+    validation_level: str
+    metadata: dict | None
+    shards: dict[str, ShardEntry]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    created: str
+    topology: dict
+    metrics: dict
+    files: dict[str, FileEntry]
+    components: dict[str, ComponentEntry]
+    nbytes: int
+    stored_nbytes: int
+    timings: dict
+    versions: dict
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format_version": self.format_version, "step": self.step, "created": self.created,
+            "hash_algorithm": HASH_ALGO, "versions": self.versions, "topology": self.topology,
+            "metrics": self.metrics, "nbytes": self.nbytes, "stored_nbytes": self.stored_nbytes,
+            "timings": self.timings,
+            "files": {n: {"size": f.size, "hash": f.hash} for n, f in sorted(self.files.items())},
+            "components": {k: {
+                "sharing_pattern": c.sharing_pattern, "required": c.required,
+                "validation_level": c.validation_level, "metadata": c.metadata,
+                "shards": {s: {"owners": list(e.owners), "tree": e.tree, "tensors": [
+                    {"dtype": t.dtype, "shape": list(t.shape), "file": t.file, "offset": t.offset,
+                     "length": t.length, "nbytes": t.nbytes, "codec": t.codec, "hash": t.hash,
+                     **({"frames": list(t.frames)} if t.frames else {})}
+                    for t in e.tensors]} for s, e in c.shards.items()},
+            } for k, c in self.components.items()},
+        }
+        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _int(v: Any, what: str, lo: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ValueError(f"{what} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _get(d: Any, key: str, kind: type | tuple, what: str) -> Any:
+    if not isinstance(d, dict) or key not in d or not isinstance(d[key], kind):
+        raise ValueError(f"{what}.{key} is missing or not a {getattr(kind, '__name__', kind)}")
+    return d[key]
+
+
+def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
+    name = _get(doc, "file", str, what)
+    if name not in files:
+        raise ValueError(f"{what} points at {name!r}, which the manifest's file list lacks")
+    dtype = dtype_from_name(_get(doc, "dtype", str, what), what)
+    shape = tuple(_int(d, f"{what}.shape") for d in _get(doc, "shape", list, what))
+    entry = TensorEntry(
+        dtype=doc["dtype"], shape=shape, file=name, offset=_int(doc.get("offset"), f"{what}.offset"),
+        length=_int(doc.get("length"), f"{what}.length"), nbytes=_int(doc.get("nbytes"), f"{what}.nbytes"),
+        codec=_get(doc, "codec", str, what), hash=_get(doc, "hash", str, what),
+        frames=tuple(_int(f, f"{what}.frames", 1) for f in doc.get("frames", [])))
+    if entry.codec not in CODECS or not _HASH_RE.match(entry.hash):
+        raise ValueError(f"{what} has an unknown codec or malformed hash")
+    if entry.nbytes != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+        raise ValueError(f"{what}: nbytes {entry.nbytes} does not match {entry.dtype}{list(shape)}")
+    if entry.codec == "raw" and entry.length != entry.nbytes:
+        raise ValueError(f"{what}: raw record of {entry.length} bytes holds {entry.nbytes}")
+    if entry.codec == "zstd" and sum(entry.frames) != entry.length:
+        raise ValueError(f"{what}: zstd frames do not add up to the record length")
+    if entry.offset + entry.length > files[name].size:
+        raise ValueError(f"{what} runs past the end of {name}")
+    return entry
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Validate and decode a manifest; CorruptCheckpointError naming `where` on any problem."""
+    try:
+        doc = json.loads(raw)
+        version = _get(doc, "format_version", int, "manifest")
+        if version not in SUPPORTED_VERSIONS:
+            raise ValueError(f"format_version {version} is not one this release reads "
+                             f"({SUPPORTED_VERSIONS}); upgrade async_ckpt")
+        files = {}
+        for name, f in _get(doc, "files", dict, "manifest").items():
+            if not _NAME_RE.match(name) or name in (".", ".."):
+                raise ValueError(f"data file name {name!r} is not a plain name inside the folder")
+            files[name] = FileEntry(_int(f.get("size") if isinstance(f, dict) else None,
+                                         f"files.{name}.size"), _get(f, "hash", str, f"files.{name}"))
+        components = {}
+        for key, c in _get(doc, "components", dict, "manifest").items():
+            shards = {}
+            for sid, s in _get(c, "shards", dict, f"components.{key}").items():
+                what = f"components.{key}.shards.{sid}"
+                tensors = tuple(_tensor(t, files, f"{what}.tensors[{i}]")
+                                for i, t in enumerate(_get(s, "tensors", list, what)))
+                owners = tuple(_int(o, f"{what}.owners") for o in _get(s, "owners", list, what))
+                shards[sid] = ShardEntry(s.get("tree"), tensors, owners)
+            meta = c.get("metadata")
+            components[key] = ComponentEntry(
+                _get(c, "sharing_pattern", str, f"components.{key}"), bool(c.get("required", True)),
+                str(c.get("validation_level", "none")), meta if isinstance(meta, dict) else None, shards)
+        return Manifest(
+            step=_int(doc.get("step"), "step"), created=_get(doc, "created", str, "manifest"),
+            topology=doc.get("topology") or {}, metrics=doc.get("metrics") or {}, files=files,
+            components=components, nbytes=_int(doc.get("nbytes"), "nbytes"),
+            stored_nbytes=_int(doc.get("stored_nbytes"), "stored_nbytes"),
+            timings=doc.get("timings") or {}, versions=doc.get("versions") or {},
+            format_version=version)
+    except CorruptCheckpointError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"malformed manifest {where}: {exc}") from None

@@ -1,0 +1,63 @@
+"""The `Storage` protocol: byte movement only; it knows nothing of checkpoints.
+
+Paths are relative to the storage root and use "/" separators. Call sequence for one save, all
+from the node writer thread: ``open_writer`` per data file -> ``write`` ... -> ``commit`` (durable)
+or ``abort``; ``sync_dir`` on the folder; ``create_exclusive`` for the manifest (the commit point).
+Readers (any thread) use ``read_bytes``/``read_into``/``size``/``exists``/``list_dir``; retention
+uses ``delete``/``delete_dir``. Errors are the builtin OSError family (FileNotFoundError,
+FileExistsError, ...); the engine translates them into CheckpointErrors.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class StreamWriter(Protocol):
+    def write(self, data: memoryview) -> None:
+        """Append `data` (any length) to the object being written."""
+
+    def commit(self) -> None:
+        """Make everything written durable and visible under the final name."""
+
+    def abort(self) -> None:
+        """Discard what was written; never raises."""
+
+
+@runtime_checkable
+class Storage(Protocol):
+    url: str
+
+    def check_writable(self) -> None:
+        """Create the root if needed and prove that it takes writes (raise OSError otherwise)."""
+
+    def open_writer(self, path: str) -> StreamWriter:
+        """Start a streamed write of a new object at `path` (parent folders created)."""
+
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        """Atomically create `path` with `data`, durably; FileExistsError if it exists."""
+
+    def sync_dir(self, path: str) -> None:
+        """Make the folder's entries durable (a no-op where the backend has no folders)."""
+
+    def read_bytes(self, path: str) -> bytes:
+        """The whole object."""
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        """Fill `out` from `offset`; EOFError if the object ends first."""
+
+    def size(self, path: str) -> int: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def list_dir(self, path: str) -> list[str]:
+        """Names of the immediate children of folder `path` ([] if it does not exist)."""
+
+    def delete(self, path: str) -> None:
+        """Remove one object; a missing one is fine."""
+
+    def delete_dir(self, path: str) -> None:
+        """Remove a folder and everything under it; a missing one is fine."""
+
+    def child_url(self, path: str) -> str:
+        """A URL for `path` under the root, for messages and CheckpointInfo.url."""

@@ -1,0 +1,101 @@
+"""Any fsspec filesystem (memory://, s3://, gcs://, ...). Objects appear when their write closes."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+
+class _FsspecWriter:
+    def __init__(self, fs: Any, path: str):
+        self._fs, self._path = fs, path
+        self._f = fs.open(path, "wb")
+
+    def write(self, data: memoryview) -> None:
+        self._f.write(data)
+
+    def commit(self) -> None:
+        self._f.close()
+
+    def abort(self) -> None:
+        try:
+            discard = getattr(self._f, "discard", None)  # s3fs: abort the multipart upload
+            discard() if discard else self._f.close()
+        except Exception:  # noqa: BLE001 - abort must never raise
+            pass
+        try:
+            self._fs.rm(self._path)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class FsspecStorage:
+    """Storage on an fsspec filesystem under `root` (a path inside that filesystem)."""
+
+    def __init__(self, fs: Any, root: str, url: str):
+        self.fs, self.root, self.url = fs, root.rstrip("/"), url.rstrip("/")
+
+    def _p(self, path: str) -> str:
+        return f"{self.root}/{path}" if path else self.root
+
+    def check_writable(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+        probe = self._p(f".write-probe-{uuid.uuid4().hex}")
+        self.fs.pipe_file(probe, b"")
+        self.fs.rm(probe)
+
+    def open_writer(self, path: str) -> _FsspecWriter:
+        return _FsspecWriter(self.fs, self._p(path))
+
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        full = self._p(path)
+        try:
+            self.fs.pipe_file(full, data, mode="create")
+            return
+        except TypeError:
+            pass  # this filesystem has no exclusive mode: fall back to check-then-write
+        if self.fs.exists(full):
+            raise FileExistsError(full)
+        self.fs.pipe_file(full, data)
+
+    def sync_dir(self, path: str) -> None:
+        return None
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(self._p(path))
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        data = self.fs.cat_file(self._p(path), start=offset, end=offset + len(out))
+        if len(data) != len(out):
+            raise EOFError(f"{self._p(path)} ends before offset {offset} + {len(out)}")
+        out.cast("B")[:] = data
+
+    def size(self, path: str) -> int:
+        return int(self.fs.size(self._p(path)))
+
+    def exists(self, path: str) -> bool:
+        return bool(self.fs.exists(self._p(path)))
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self._p(path), detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
+    def delete(self, path: str) -> None:
+        try:
+            self.fs.rm(self._p(path))
+        except FileNotFoundError:
+            pass
+
+    def delete_dir(self, path: str) -> None:
+        try:
+            self.fs.rm(self._p(path), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def child_url(self, path: str) -> str:
+        return f"{self.url}/{path}" if path else self.url
+
+    def resolves_inside(self, folder: str, name: str) -> bool:
+        return True  # object stores have no symlinks; names are already confined by the manifest check

@@ -1,0 +1,58 @@
+"""Public value types of the API contract (DESIGN.md section 2)."""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class SharingPattern(enum.Enum):
+    """Which ranks write a component and which copy each rank reloads."""
+
+    GLOBAL = "global"
+    PER_RANK = "per_rank"
+    REPLICATED = "replicated"
+    PER_GROUP = "per_group"
+    PER_NODE = "per_node"
+
+
+class ValidationLevel(enum.Enum):
+    """How hard to check that replicas of a REPLICATED component agree."""
+
+    NONE = "none"
+    QUICK = "quick"
+    TENSOR = "tensor"
+    FULL = "full"
+
+
+@dataclass
+class StateComponent:
+    """One named piece of training state and how it is shared across ranks.
+
+    `stateful` needs `state_dict()` and `load_state_dict(sd)` (nn.Module, Optimizer, RNGState,
+    a dataloader, ...). `sharing_pattern` may be a callable, resolved at every save.
+    """
+
+    key: str
+    stateful: Any
+    sharing_pattern: SharingPattern | Callable[[], SharingPattern]
+    process_group: Any = None
+    required: bool = True
+    validation_level: ValidationLevel = ValidationLevel.NONE
+    metadata: dict | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint: where it is, what it holds and how long it took."""
+
+    step: int
+    url: str
+    metrics: dict
+    nbytes: int
+    stored_nbytes: int
+    created: str
+    timings: dict = field(default_factory=dict)
