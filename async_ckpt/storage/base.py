@@ -35,7 +35,7 @@ class Storage(Protocol):
         """Start a streamed write of a new object at `path` (parent folders created)."""
 
     def create_exclusive(self, path: str, data: bytes) -> None:
-        """Atomically create `path` with `data`, durably; FileExistsError if it exists."""
+        """Atomically create `path` (parents created) with `data`, durably; FileExistsError if it exists."""
 
     def sync_dir(self, path: str) -> None:
         """Make the folder's entries durable (a no-op where the backend has no folders)."""

@@ -73,6 +73,7 @@ class LocalStorage:
     def create_exclusive(self, path: str, data: bytes) -> None:
         full = self._p(path)
         folder = os.path.dirname(full)
+        os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(full)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
