@@ -101,7 +101,7 @@ class AsyncCheckpointer:
         for c in comps:
             if not isinstance(c, StateComponent):
                 raise InvalidArgumentError(f"components must be StateComponent objects, got {type(c).__name__}")
-            if not isinstance(c.key, str) or not KEY_RE.match(c.key):
+            if not isinstance(c.key, str) or not KEY_RE.fullmatch(c.key):
                 raise InvalidArgumentError(f"component key {c.key!r} must match [A-Za-z0-9_.-]+")
             if c.key in seen:
                 raise InvalidArgumentError(f"duplicate component key {c.key!r}; keys must be unique")
@@ -163,13 +163,16 @@ class AsyncCheckpointer:
         _check_int("step", step, 0)
         metrics = metrics_store.check_metrics(metrics)
         writer = self._ensure_writer()
-        self._raise_unreported()
+        while True:
+            # Snapshot first: a handle seen done here is already settled, so its error is raised.
+            in_flight = [h for h in self._pending if not h.done()]
+            self._raise_unreported()
+            if len(in_flight) < self.max_pending:
+                break
+            in_flight[0]._committed.wait()
         if any(h.step == step for h in self._pending) or self.storage.exists(manifest_path(step)):
             raise CheckpointError(f"step {step} is already committed (or being saved) at "
                                   f"{self.storage.child_url(step_dir(step))}; save under a new step")
-        while len([h for h in self._pending if not h.done()]) >= self.max_pending:
-            next(h for h in self._pending if not h.done())._committed.wait()
-            self._raise_unreported()
         shards, trees, infos = [], [], []
         for c in self._components():
             pattern = self._pattern(c)
@@ -323,7 +326,7 @@ class AsyncCheckpointer:
             if entry is None or shard not in entry.shards:
                 what = f"component {c.key!r} is not in the checkpoint at {self.storage.child_url(folder)}"
                 if c.required and strict:
-                    raise CheckpointError(f"{what}; pass strict=False or mark it required=False to skip it")
+                    raise CheckpointNotFoundError(f"{what}; pass strict=False or mark it required=False to skip it")
                 log.warning("[rank %d step %d] %s; skipped", self.topo.rank, step, what)
                 continue
             try:

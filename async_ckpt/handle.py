@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from .errors import CheckpointError
 from .types import CheckpointInfo
@@ -42,9 +43,21 @@ class SaveHandle:
         return self._committed.is_set()
 
     def wait_staged(self, timeout: float | None = None) -> None:
-        """Block until the state has been copied out, so the model may be mutated."""
-        if self._staged_event is not None:
-            self._staged_event.synchronize()
+        """Block until the state has been copied out, so the model may be mutated.
+
+        Immediate unless the checkpointer was made with ``overlap_staging=True`` and the state
+        lives on a GPU. Raises the builtin TimeoutError if `timeout` seconds pass first.
+        """
+        event = self._staged_event
+        if event is None or timeout is None:
+            if event is not None:
+                event.synchronize()
+            return
+        deadline = time.monotonic() + timeout
+        while not event.query():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"state of step {self.step} not staged after {timeout} s")
+            time.sleep(0.0005)
 
     # -- used by the writer -------------------------------------------------------------------
     def _succeed(self, info: CheckpointInfo) -> None:
@@ -53,8 +66,8 @@ class SaveHandle:
 
     def _fail(self, error: CheckpointError) -> None:
         self._error = error
+        self._settled.set()     # before _committed: whoever wakes on _committed must see it settled
         self._committed.set()
-        self._settled.set()
 
     def _take_unreported_error(self) -> CheckpointError | None:
         if self._error is not None and not self._reported:

@@ -73,7 +73,10 @@ def stage(plan: RankPlan, tensors: list[list[torch.Tensor]], buf: HostBuffer) ->
     for dsts, srcs in zip(views, tensors):
         for dst, src in zip(dsts, srcs):
             if not src.is_cuda:
-                dst.copy_(src)
+                try:
+                    dst.copy_(src)
+                except NotImplementedError:   # shell dtypes (uint1..7, int1..7) have no copy kernel
+                    dst.view(torch.uint8).copy_(src.view(torch.uint8))
     if cuda:
         if _side_stream is None:
             _side_stream = torch.cuda.Stream()

@@ -45,7 +45,11 @@ def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
         raise InvalidArgumentError(
             f"state at {path!r} is a {type(t).__name__}; only plain tensors are supported "
             "(convert DTensor/tensor subclasses with .full_tensor() or to_local() first)")
-    if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+    if t.is_quantized:
+        raise InvalidArgumentError(
+            f"state at {path!r} is a quantized tensor ({t.dtype}); store its int_repr() and "
+            "quantization parameters instead (quantized tensors cannot be checkpointed directly)")
+    if t.layout != torch.strided or t.device.type == "meta":
         raise InvalidArgumentError(
             f"state at {path!r} is a {t.layout}/{t.device.type} tensor; only dense, materialised "
             "tensors can be checkpointed (call .to_dense() / materialise it first)")
@@ -103,7 +107,9 @@ def flatten(obj: Any, path: str, allow_pickle: bool = False) -> tuple[Any, list[
         if isinstance(o, torch.dtype):
             return {"dt": dtype_name(o)}
         if _is_numpy_array(o) and o.dtype.kind in "biufc":
-            return {"t": tensor_ref(torch.from_numpy(o.copy() if not o.flags.writeable else o), p),
+            import numpy as np  # present: `o` is a NumPy array
+            contiguous = o.flags.c_contiguous and o.flags.writeable
+            return {"t": tensor_ref(torch.from_numpy(o if contiguous else np.ascontiguousarray(o).copy()), p),
                     "np": 1}
         if allow_pickle:
             return {"p": base64.b64encode(pickle.dumps(o)).decode("ascii")}

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+KEY_RE = re.compile(r"[A-Za-z0-9_.-]+")   # use with fullmatch
 
 
 class SharingPattern(enum.Enum):
