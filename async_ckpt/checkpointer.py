@@ -258,7 +258,7 @@ class AsyncCheckpointer:
     def _metrics_of(self, step: int) -> dict:
         if step not in self._metrics_cache:
             folder = step_dir(step)
-            manifest = read_manifest(self.storage, folder)
+            manifest = read_manifest(self.storage, folder, step)
             self._metrics_cache[step] = {**metrics_store.decode(manifest.metrics),
                                          **metrics_store.read_late(self.storage, folder)}
         return self._metrics_cache[step]
@@ -297,7 +297,7 @@ class AsyncCheckpointer:
         infos = []
         for step in committed_steps(self.storage):
             try:
-                infos.append(self._info(read_manifest(self.storage, step_dir(step)), step_dir(step)))
+                infos.append(self._info(read_manifest(self.storage, step_dir(step), step), step_dir(step)))
             except (CorruptCheckpointError, FileNotFoundError) as exc:
                 log.warning("[rank %d] skipping step %d: %s", self.topo.rank, step, exc)
         return infos
@@ -315,7 +315,7 @@ class AsyncCheckpointer:
         _check_int("step", step, 0)
         folder = step_dir(step)
         try:
-            manifest = read_manifest(self.storage, folder)
+            manifest = read_manifest(self.storage, folder, step)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no committed checkpoint for step {step} at {self.storage.url}; "
                                           f"committed steps: {committed_steps(self.storage)[-5:]}") from None
@@ -336,6 +336,7 @@ class AsyncCheckpointer:
                 if c.required:
                     raise
                 log.warning("[rank %d step %d] optional component %r skipped: %s", self.topo.rank, step, c.key, exc)
+        info = self._info(manifest, folder)
         for c, state in staged:
             try:
                 c.stateful.load_state_dict(state)
@@ -344,4 +345,4 @@ class AsyncCheckpointer:
                     raise
                 log.warning("[rank %d step %d] optional component %r failed to load: %r",
                             self.topo.rank, step, c.key, exc)
-        return self._info(manifest, folder)
+        return info

@@ -17,7 +17,7 @@ from .tree import dtype_from_name, unflatten
 _MAX_GAP = 1 << 20   # read through gaps up to this size rather than issue another request
 
 
-def read_manifest(storage: Storage, folder: str) -> Manifest:
+def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Manifest:
     path = f"{folder}/{MANIFEST_NAME}"
     try:
         raw = storage.read_bytes(path)
@@ -25,7 +25,7 @@ def read_manifest(storage: Storage, folder: str) -> Manifest:
         raise
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read {storage.child_url(path)}: {exc}") from exc
-    return parse_manifest(raw, storage.child_url(path))
+    return parse_manifest(raw, storage.child_url(path), step)
 
 
 def check_files(storage: Storage, folder: str, manifest: Manifest, names: set[str]) -> None:

@@ -14,15 +14,17 @@ from typing import Any
 
 import torch
 
-from .codec import CODECS, HASH_ALGO
+from .codec import CODECS, HASH_ALGO, PIECE
 from .errors import CorruptCheckpointError
 from .tree import dtype_from_name
+from .types import SharingPattern
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+_PATTERNS = tuple(p.value for p in SharingPattern)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def _int(v: Any, what: str, lo: int = 0) -> int:
 
 
 def _get(d: Any, key: str, kind: type | tuple, what: str) -> Any:
-    if not isinstance(d, dict) or key not in d or not isinstance(d[key], kind):
+    if (not isinstance(d, dict) or key not in d or not isinstance(d[key], kind)
+            or (isinstance(d[key], bool) and kind is int)):
         raise ValueError(f"{what}.{key} is missing or not a {getattr(kind, '__name__', kind)}")
     return d[key]
 
@@ -123,14 +126,23 @@ def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
         raise ValueError(f"{what}: nbytes {entry.nbytes} does not match {entry.dtype}{list(shape)}")
     if entry.codec == "raw" and entry.length != entry.nbytes:
         raise ValueError(f"{what}: raw record of {entry.length} bytes holds {entry.nbytes}")
-    if entry.codec == "zstd" and sum(entry.frames) != entry.length:
-        raise ValueError(f"{what}: zstd frames do not add up to the record length")
+    if entry.codec == "zstd" and (sum(entry.frames) != entry.length
+                                  or entry.nbytes > len(entry.frames) * PIECE):
+        raise ValueError(f"{what}: zstd frames do not add up to the record length or cannot "
+                         f"hold {entry.nbytes} bytes")
     if entry.offset + entry.length > files[name].size:
         raise ValueError(f"{what} runs past the end of {name}")
     return entry
 
 
-def parse_manifest(raw: bytes, where: str) -> Manifest:
+def _dict(doc: dict, key: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> Manifest:
     """Validate and decode a manifest; CorruptCheckpointError naming `where` on any problem."""
     try:
         doc = json.loads(raw)
@@ -152,19 +164,27 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
                 tensors = tuple(_tensor(t, files, f"{what}.tensors[{i}]")
                                 for i, t in enumerate(_get(s, "tensors", list, what)))
                 owners = tuple(_int(o, f"{what}.owners") for o in _get(s, "owners", list, what))
-                shards[sid] = ShardEntry(s.get("tree"), tensors, owners)
+                if "tree" not in s:
+                    raise ValueError(f"{what} has no state tree")
+                shards[sid] = ShardEntry(s["tree"], tensors, owners)
             meta = c.get("metadata")
+            pattern = _get(c, "sharing_pattern", str, f"components.{key}")
+            if pattern not in _PATTERNS:
+                raise ValueError(f"components.{key}.sharing_pattern {pattern!r} is not one of {_PATTERNS}")
             components[key] = ComponentEntry(
-                _get(c, "sharing_pattern", str, f"components.{key}"), bool(c.get("required", True)),
+                pattern, bool(c.get("required", True)),
                 str(c.get("validation_level", "none")), meta if isinstance(meta, dict) else None, shards)
+        step = _int(doc.get("step"), "step")
+        if expected_step is not None and step != expected_step:
+            raise ValueError(f"it records step {step} but sits in the folder of step {expected_step}")
         return Manifest(
-            step=_int(doc.get("step"), "step"), created=_get(doc, "created", str, "manifest"),
-            topology=doc.get("topology") or {}, metrics=doc.get("metrics") or {}, files=files,
+            step=step, created=_get(doc, "created", str, "manifest"),
+            topology=_dict(doc, "topology"), metrics=_dict(doc, "metrics"), files=files,
             components=components, nbytes=_int(doc.get("nbytes"), "nbytes"),
             stored_nbytes=_int(doc.get("stored_nbytes"), "stored_nbytes"),
-            timings=doc.get("timings") or {}, versions=doc.get("versions") or {},
+            timings=_dict(doc, "timings"), versions=_dict(doc, "versions"),
             format_version=version)
-    except CorruptCheckpointError:
-        raise
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"malformed manifest {where}: {exc}") from None
     except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
         raise CorruptCheckpointError(f"malformed manifest {where}: {exc}") from None

@@ -56,6 +56,6 @@ def read_late(storage: Storage, folder: str) -> dict[str, float]:
             try:
                 doc = json.loads(storage.read_bytes(f"{folder}/{name}"))
                 merged.update(decode(doc) if isinstance(doc, dict) else {})
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:
                 log.warning("ignoring unreadable metrics file %s: %s", storage.child_url(f"{folder}/{name}"), exc)
     return merged
