@@ -43,6 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 import async_ckpt
+from async_ckpt.storage.local import fsync_dir
 from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent
 
 GIB = 1 << 30
@@ -97,14 +98,6 @@ class PageCache:
         if self.can_drop:
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("1")
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tree_bytes(path: str) -> int:

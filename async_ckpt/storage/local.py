@@ -30,7 +30,7 @@ def _write_all(fd: int, data: memoryview) -> None:
         view = view[written:]
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -117,10 +117,10 @@ class LocalStorage:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     def sync_dir(self, path: str) -> None:
-        _fsync_dir(self._p(path))
+        fsync_dir(self._p(path))
 
     def read_bytes(self, path: str) -> bytes:
         with open(self._p(path), "rb") as f:
