@@ -2,8 +2,10 @@
 buffers on the caller's thread, hands the rest to the node writer, and loads checkpoints back."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import weakref
 import platform
 import threading
 import time
@@ -34,6 +36,22 @@ log = logging.getLogger("async_ckpt")
 
 _OPTIONS = {"allow_pickle": False, "verify": True, "compression_level": 1,
             "overlap_staging": False, "encode_threads": 2}
+
+
+def _close_at_exit(ref: "weakref.ref[AsyncCheckpointer]") -> None:
+    """The writer is a daemon thread: without this, exiting the interpreter with saves still in
+    flight would silently drop them (never corrupt anything, but lose the newest checkpoint)."""
+    ckpt = ref()
+    if ckpt is None or ckpt._closed:
+        return
+    pending = [h.step for h in ckpt._pending if not h._settled.is_set()]
+    if pending:
+        log.warning("[rank %d] interpreter exiting: finishing pending saves of steps %s "
+                    "(call close() or use `with` to do this explicitly)", ckpt.topo.rank, pending)
+    try:
+        ckpt.close()
+    except CheckpointError as exc:
+        log.error("[rank %d] a save failed while closing at exit: %s", ckpt.topo.rank, exc)
 
 
 def _check_int(name: str, value, lo: int, allow_none: bool = False) -> None:
@@ -141,6 +159,10 @@ class AsyncCheckpointer:
                                       DataFileWriter(compressor, self.options["encode_threads"]),
                                       "zstd" if self.compression else "raw", versions,
                                       self._retain, self._info)
+            # threading's exit hooks run before atexit's and before concurrent.futures refuses
+            # new work, which the writer's hash/zstd pools still need.
+            register = getattr(threading, "_register_atexit", atexit.register)
+            register(_close_at_exit, weakref.ref(self))
         return self._writer
 
     def _raise_unreported(self) -> None:
@@ -211,11 +233,14 @@ class AsyncCheckpointer:
                                           f"at {self.storage.url} nor being saved")
 
         def task() -> None:
-            if self.storage.exists(manifest_path(step)):
-                metrics_store.write_late(self.storage, step_dir(step), values)
-                if step in self._metrics_cache:
-                    self._metrics_cache[step].update(values)
-                self._retain(step)
+            if not self.storage.exists(manifest_path(step)):
+                log.warning("[rank %d step %d] metrics %s dropped: the save of this step failed or "
+                            "was removed by retention", self.topo.rank, step, values)
+                return
+            metrics_store.write_late(self.storage, step_dir(step), values)
+            if step in self._metrics_cache:
+                self._metrics_cache[step].update(values)
+            self._retain(step)
         self._ensure_writer().submit(task)
 
     def wait(self) -> None:

@@ -93,14 +93,20 @@ class DataFileWriter:
                                             frames if self.compressor else ()))
             offset += len(data) + pad
 
-        for record in records:
-            pieces = [record[i:i + PIECE] for i in range(0, len(record), PIECE)] or [record]
-            for i, piece in enumerate(pieces):
-                enc = (self._encode_pool.submit(self.compressor.compress, piece)
-                       if self._encode_pool else _done(piece))
-                pending.append(self._hash_pool.submit(hash_piece, enc, i == 0, i == len(pieces) - 1))
-                while len(pending) > _LOOKAHEAD:
-                    drain_one()
-        while pending:
-            drain_one()
+        try:
+            for record in records:
+                pieces = [record[i:i + PIECE] for i in range(0, len(record), PIECE)] or [record]
+                for i, piece in enumerate(pieces):
+                    enc = (self._encode_pool.submit(self.compressor.compress, piece)
+                           if self._encode_pool else _done(piece))
+                    pending.append(self._hash_pool.submit(hash_piece, enc, i == 0, i == len(pieces) - 1))
+                    while len(pending) > _LOOKAHEAD:
+                        drain_one()
+            while pending:
+                drain_one()
+        except BaseException:
+            # Workers still read the staging buffer; it must not be reused before they stop.
+            for fut in pending:
+                fut.exception()
+            raise
         return FileResult(offset, file_hasher.hexdigest(), tuple(results))

@@ -325,3 +325,22 @@ def test_leftovers_do_not_block_save(tmp_path):
         ck2.load(5)
     assert torch.equal(target.loaded["w"], torch.arange(6.0))
     ck.close()
+
+
+def test_exiting_without_close_finishes_pending_saves(tmp_path):
+    import subprocess
+    import sys
+    script = (
+        "import sys, torch, async_ckpt as ac\n"
+        "class B:\n"
+        "    def state_dict(self): return {'w': torch.full((32 << 20,), 7.0)}\n"
+        "    def load_state_dict(self, sd): pass\n"
+        "ck = ac.AsyncCheckpointer(sys.argv[1], [ac.StateComponent('b', B(), ac.SharingPattern.GLOBAL)])\n"
+        "ck.save(7)\n")   # no wait(), no close(): the interpreter exits with the save in flight
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "finishing pending saves of steps [7]" in out.stderr
+    box = Box({"w": torch.zeros(1)})
+    info = ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("b", box, ac.SharingPattern.GLOBAL)]).load()
+    assert info.step == 7 and torch.equal(box.loaded["w"], torch.full((32 << 20,), 7.0))
