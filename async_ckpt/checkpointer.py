@@ -96,6 +96,11 @@ class AsyncCheckpointer:
         if not isinstance(root, (str, os.PathLike)):
             raise InvalidArgumentError(f"root must be a path or URL, got {type(root).__name__}")
         self.storage = open_storage(root, storage_options)
+        try:
+            self.storage.check_root()
+        except OSError as exc:
+            raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
+                                       f"({exc}); pass a folder this process can create and write") from exc
         self.topo = current_topology()
         if self.topo.world_size > 1:
             raise InvalidArgumentError(

@@ -51,7 +51,7 @@ def test_root_is_a_regular_file(tmp_path):
     root = tmp_path / "not_a_dir"
     root.write_bytes(b"precious")
     with pytest.raises(ac.CheckpointError) as exc_info:
-        _construct_and_save(root)
+        ac.AsyncCheckpointer(root, comps())        # found at construction, before any save
     msg = str(exc_info.value)
     assert str(root) in msg
     assert "writable folder" in msg and "pass a folder" in msg   # says what is wrong and what to do

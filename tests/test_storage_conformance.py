@@ -70,3 +70,15 @@ def test_list_and_delete(storage):
         storage.read_bytes("d/2.bin")
     with pytest.raises(FileNotFoundError):
         storage.size("d/2.bin")
+
+
+def test_check_root_passes_on_a_usable_root_and_writes_nothing(storage):
+    storage.check_root()
+    assert storage.list_dir("") == []
+
+
+def test_local_check_root_refuses_a_file_in_the_way(tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    for root in (tmp_path / "f", tmp_path / "f" / "sub" / "deeper"):
+        with pytest.raises(NotADirectoryError):
+            open_storage(root).check_root()

@@ -28,6 +28,10 @@ class StreamWriter(Protocol):
 class Storage(Protocol):
     url: str
 
+    def check_root(self) -> None:
+        """Without writing anything, raise OSError if the root can never hold checkpoints
+        (e.g. a local path that is, or lies under, a regular file)."""
+
     def check_writable(self) -> None:
         """Create the root if needed and prove that it takes writes (raise OSError otherwise)."""
 

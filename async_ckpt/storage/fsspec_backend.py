@@ -37,6 +37,9 @@ class FsspecStorage:
     def _p(self, path: str) -> str:
         return f"{self.root}/{path}" if path else self.root
 
+    def check_root(self) -> None:
+        return None   # object stores have no "file in the way"; check_writable probes on first save
+
     def check_writable(self) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
         probe = self._p(f".write-probe-{uuid.uuid4().hex}")

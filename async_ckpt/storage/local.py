@@ -82,6 +82,13 @@ class LocalStorage:
     def _p(self, path: str) -> str:
         return os.path.join(self.root, *path.split("/")) if path else self.root
 
+    def check_root(self) -> None:
+        path = self.root
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} is not a directory")
+
     def check_writable(self) -> None:
         os.makedirs(self.root, exist_ok=True)
         probe = self._p(f".write-probe-{uuid.uuid4().hex}")
