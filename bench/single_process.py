@@ -26,11 +26,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,13 +39,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-import async_ckpt
 from async_ckpt.storage.local import fsync_dir
+
+from .common import GIB, PageCache, free_port, machine_info, tree_bytes
+from .report import markdown, summarise
 from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent
 
-GIB = 1 << 30
-TARGET_BLOCKING = 1.25   # x memcpy floor
-TARGET_DURABLE = 1.15    # x raw fsync'd write
 
 
 # -- the state --------------------------------------------------------------------------------
@@ -70,84 +66,6 @@ def make_state(size_gib: float, n: int) -> dict[str, torch.Tensor]:
     numel = max(1, int(size_gib * GIB) // 4 // n)
     gen = torch.Generator().manual_seed(0)
     return {f"layer{i:02d}.weight": torch.randn(numel, generator=gen) for i in range(n)}
-
-
-# -- helpers ----------------------------------------------------------------------------------
-class PageCache:
-    """sync + drop_caches before each timed write, when this process may drop caches."""
-
-    def __init__(self, want_drop: bool):
-        self.can_drop, self.error = False, None
-        if want_drop:
-            try:
-                os.sync()
-                with open("/proc/sys/vm/drop_caches", "w") as f:
-                    f.write("1")
-                self.can_drop = True
-            except OSError as exc:
-                self.error = repr(exc)
-
-    def describe(self) -> str:
-        if self.can_drop:
-            return "sync + drop_caches (echo 1 > /proc/sys/vm/drop_caches) before every timed write"
-        why = f"drop_caches failed: {self.error}" if self.error else "drop_caches disabled"
-        return f"sync only before every timed write ({why})"
-
-    def settle(self) -> None:
-        os.sync()
-        if self.can_drop:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("1")
-
-
-def tree_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def machine_info(folder: str) -> dict:
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    mem_total = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_total = int(next(ln for ln in f if ln.startswith("MemTotal")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        pass
-    mount = {}
-    try:
-        real = os.path.realpath(folder)
-        with open("/proc/mounts") as f:
-            for ln in f:
-                dev, point, fstype, opts = ln.split()[:4]
-                if (real == point or real.startswith(point.rstrip("/") + "/")) and \
-                        len(point) >= len(mount.get("mount_point", "")):
-                    mount = {"device": dev, "mount_point": point, "fstype": fstype, "options": opts}
-    except OSError:
-        pass
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", repo, "status", "--porcelain", "async_ckpt"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", None
-    return {"cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
-            "cpu_model": cpu_model, "mem_total_bytes": mem_total, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(), "async_ckpt": async_ckpt.__version__,
-            "git_commit": commit, "async_ckpt_dirty": dirty, "target_dir": folder,
-            "target_fs": mount}
 
 
 # -- rows -------------------------------------------------------------------------------------
@@ -359,65 +277,6 @@ class Bench:
                 close()
             except Exception as exc:  # noqa: BLE001 - cleanup must go on
                 print(f"warning: cleanup failed: {exc!r}", file=sys.stderr)
-
-
-# -- report -----------------------------------------------------------------------------------
-def summarise(bench: Bench) -> tuple[list[dict], list[str]]:
-    rows = bench.rows
-    memcpy = rows["memcpy"].median if "memcpy" in rows else None
-    raw = rows["raw"].median if "raw" in rows else None
-    out = []
-    for r in rows.values():
-        base, base_name = (memcpy, "memcpy") if r.figure == "blocking" else (raw, "raw write")
-        target = None
-        if r.key == "ack_none":
-            target = TARGET_BLOCKING
-        elif r.key == "ack_none_durable":
-            target = TARGET_DURABLE
-        ratio = r.median / base if base else None
-        base_min = min(rows["memcpy" if r.figure == "blocking" else "raw"].samples) if base else None
-        out.append({"key": r.key, "label": r.label, "figure": r.figure, "one_off": r.one_off,
-                    "samples_s": r.samples, "median_s": r.median, "min_s": min(r.samples),
-                    "max_s": max(r.samples), "gib_per_s": bench.nbytes / GIB / r.median,
-                    "ratio": ratio, "ratio_vs": base_name, "target_ratio": target,
-                    "ratio_of_mins": min(r.samples) / base_min if base_min else None,
-                    "meets_target": (ratio <= target) if (target and ratio) else None,
-                    "stored_bytes": r.stored})
-    verdicts = []
-    by_key = {o["key"]: o for o in out}
-    for key, what in (("ack_none", "blocking"), ("ack_none_durable", "durable")):
-        o = by_key.get(key)
-        if o and o["ratio"] is not None:
-            verdicts.append(f"- async_ckpt {what}: {o['ratio']:.2f}x {o['ratio_vs']} "
-                            f"(target <= {o['target_ratio']:.2f}x): {'MET' if o['meets_target'] else 'MISSED'}")
-    for ours, theirs in (("ack_none", "dcp_async"), ("ack_none", "dcp_async_reuse"),
-                         ("ack_none_durable", "dcp_async_durable"),
-                         ("ack_none_durable", "dcp_async_reuse_durable")):
-        a, b = by_key.get(ours), by_key.get(theirs)
-        if a and b:
-            verdicts.append(f"- async_ckpt {a['figure']} {a['median_s']:.3f} s vs {b['label']} "
-                            f"{b['median_s']:.3f} s: {'ahead' if a['median_s'] < b['median_s'] else 'BEHIND'} "
-                            f"({b['median_s'] / a['median_s']:.2f}x)")
-    return out, verdicts
-
-
-def markdown(summary: list[dict], bench: Bench) -> str:
-    lines = ["| method | figure | median s | min s | max s | GiB/s | ratio (medians) | target | "
-             "ratio (mins) | stored GiB |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-    order = sorted(summary, key=lambda o: (o["figure"] != "blocking", o["one_off"]))
-    for o in order:
-        n = len(o["samples_s"])
-        ratio = f"{o['ratio']:.2f}x {o['ratio_vs']}" if o["ratio"] is not None else "-"
-        target = ""
-        if o["target_ratio"]:
-            target = f"<= {o['target_ratio']:.2f}x {'met' if o['meets_target'] else 'MISSED'}"
-        stored = f"{statistics.median(o['stored_bytes']) / GIB:.3f}" if o["stored_bytes"] else ""
-        by_min = f"{o['ratio_of_mins']:.2f}x" if o["ratio_of_mins"] is not None else "-"
-        label = o["label"] + (" [1 sample]" if o["one_off"] else f" [n={n}]")
-        lines.append(f"| {label} | {o['figure']} | {o['median_s']:.3f} | {o['min_s']:.3f} | "
-                     f"{o['max_s']:.3f} | {o['gib_per_s']:.2f} | {ratio} | {target} | {by_min} | {stored} |")
-    return "\n".join(lines)
 
 
 def parse_args(argv=None):
