@@ -2,3 +2,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
+
+# Fixtures of the corruption tests (checkpoints saved once per module, copied per test).
+from corruption_support import saved, saved_zstd, templates  # noqa: E402,F401

@@ -1,12 +1,8 @@
 """Shared state, fixtures and damage helpers of the corruption tests (test_corruption_*.py)."""
 from __future__ import annotations
 
-import base64
 import json
-import logging
-import os
 import pickle
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +11,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from async_ckpt import (AsyncCheckpointer, CheckpointError, CheckpointNotFoundError,
+from async_ckpt import (AsyncCheckpointer, CheckpointError,
                         CorruptCheckpointError, SharingPattern, StateComponent)
 
 G = SharingPattern.GLOBAL

@@ -9,24 +9,12 @@ whose components hold sentinel state.
 from __future__ import annotations
 
 import base64
-import json
-import logging
 import os
-import pickle
-import random
 import shutil
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
 
 import pytest
-import torch
 
-from async_ckpt import (AsyncCheckpointer, CheckpointError, CheckpointNotFoundError,
-                        CorruptCheckpointError, SharingPattern, StateComponent)
-
-G = SharingPattern.GLOBAL
-from corruption_support import *  # noqa: F401,F403 - fixtures and helpers shared by both files
+from corruption_support import (AT_T0, Saved, edit_manifest, file0, flip_bit, fresh, live_payload, load_fails, load_ok, save_steps, set_field, shard, tensor0)
 
 # -- control ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("compression", [None, "zstd"])

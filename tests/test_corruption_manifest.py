@@ -8,25 +8,13 @@ whose components hold sentinel state.
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
-import pickle
 import random
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
 
 import pytest
-import torch
 
-from async_ckpt import (AsyncCheckpointer, CheckpointError, CheckpointNotFoundError,
-                        CorruptCheckpointError, SharingPattern, StateComponent)
-
-G = SharingPattern.GLOBAL
-from corruption_support import *  # noqa: F401,F403 - fixtures and helpers shared by both files
+from async_ckpt import CheckpointNotFoundError
+from corruption_support import (AT_COMP, AT_F0, AT_ROOT, AT_SHARD, AT_T0, Replace, Saved, a_module, assert_same, assert_untouched, b_state, edit_manifest, fresh, load_fails, load_ok, pop_field, set_field)
 
 # -- the manifest -------------------------------------------------------------------------------
 def test_deleted_manifest_makes_the_step_invisible(saved):

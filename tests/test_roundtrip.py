@@ -225,7 +225,8 @@ def test_nested_containers_preserve_types(tmp_path):
     state = {
         "od": od,
         "int_keys": {3: torch.ones(2), 1: "one", -7: [1.5], 0: None},
-        "mixed_keys": {1: "int", "1": "str", True: "bool", None: "none"},
+        "mixed_keys": {1: "int", "1": "str", None: "none"},
+        "bool_keys": {True: "yes", False: "no"},
         "list": [torch.randn(2, 3, generator=gen), [torch.tensor(1, dtype=torch.int16), ()], {}],
         "tuple": (torch.randn(4, generator=gen).to(torch.bfloat16), ("x", (1, 2)), []),
         "deep": {"a": {"b": {"c": [({"d": torch.tensor([True, False])},)]}}},
