@@ -163,7 +163,7 @@ class AsyncCheckpointer:
             self._writer = NodeWriter(self.storage, self._pool, self.topo,
                                       DataFileWriter(compressor, self.options["encode_threads"]),
                                       "zstd" if self.compression else "raw", versions,
-                                      self._retain, self._info)
+                                      self._retain)
             # threading's exit hooks run before atexit's and before concurrent.futures refuses
             # new work, which the writer's hash/zstd pools still need.
             register = getattr(threading, "_register_atexit", atexit.register)
@@ -295,7 +295,7 @@ class AsyncCheckpointer:
 
     def _retain(self, committed_step: int) -> None:
         folders = step_dirs(self.storage)
-        committed = committed_steps(self.storage)
+        committed = committed_steps(self.storage, folders)
         for step, name in folders.items():      # leftovers of crashed saves: the writer is idle
             if step not in committed:
                 self.storage.delete_dir(name)

@@ -33,7 +33,9 @@ def step_dirs(storage: Storage) -> dict[int, str]:
     return found
 
 
-def committed_steps(storage: Storage) -> list[int]:
-    """Ascending steps whose manifest exists: the only checkpoints that count."""
-    return sorted(s for s, name in step_dirs(storage).items()
+def committed_steps(storage: Storage, folders: dict[int, str] | None = None) -> list[int]:
+    """Ascending steps whose manifest exists: the only checkpoints that count. `folders`: the
+    result of step_dirs() when the caller has listed already."""
+    folders = step_dirs(storage) if folders is None else folders
+    return sorted(s for s, name in folders.items()
                   if storage.exists(f"{name}/{MANIFEST_NAME}"))

@@ -8,7 +8,6 @@ save of this writer has a folder in progress; that is what makes cleanup of left
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
@@ -29,6 +28,7 @@ from .plan import RankPlan
 from .staging import BufferPool, HostBuffer
 from .topology import Topology
 from .tree import dtype_name
+from .types import CheckpointInfo
 
 log = logging.getLogger("async_ckpt")
 
@@ -58,11 +58,9 @@ class NodeWriter:
     """Owns the writer thread; `submit` never blocks, `stop` drains the queue first."""
 
     def __init__(self, storage, pool: BufferPool, topo: Topology, datafile: DataFileWriter,
-                 codec: str, versions: dict, after_commit: Callable[[int], None],
-                 make_info: Callable[[Manifest, str], Any]):
+                 codec: str, versions: dict, after_commit: Callable[[int], None]):
         self.storage, self.pool, self.topo, self.datafile = storage, pool, topo, datafile
-        self.codec, self.versions = codec, versions
-        self.after_commit, self.make_info = after_commit, make_info
+        self.codec, self.versions, self.after_commit = codec, versions, after_commit
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="ckpt-node-writer", daemon=True)
         self._thread.start()
@@ -90,6 +88,7 @@ class NodeWriter:
         buffer: HostBuffer | None = job.buffer
         manifest_written = False
         try:
+            # save() checked too, but time has passed; never wipe a folder that became committed.
             if self.storage.exists(manifest_path(job.step)):
                 raise CheckpointError(f"step {job.step} was committed by someone else meanwhile")
             self.storage.delete_dir(folder)          # leftovers of a killed save of this step
@@ -111,10 +110,17 @@ class NodeWriter:
             self.storage.sync_dir(folder)
             job.timings["write_s"] = time.perf_counter() - t0
             manifest = self._manifest(job, name, result)
-            self.storage.create_exclusive(manifest_path(job.step), manifest.to_json())
+            try:
+                self.storage.create_exclusive(manifest_path(job.step), manifest.to_json())
+            except FileExistsError:
+                manifest_written = True   # someone else's commit: their folder, leave it alone
+                raise
             manifest_written = True
             job.timings["total_s"] = time.perf_counter() - job.started
-            info = dataclasses.replace(self.make_info(manifest, folder), timings=dict(job.timings))
+            # A fresh commit has no late metrics yet, so no listing is needed for its info.
+            info = CheckpointInfo(job.step, self.storage.child_url(folder), dict(job.metrics),
+                                  manifest.nbytes, manifest.stored_nbytes, manifest.created,
+                                  dict(job.timings))
             job.handle._succeed(info)
             log.info("[rank %d step %d] committed %s (%.1f MiB, %.2f s after save())",
                      self.topo.rank, job.step, info.url, manifest.nbytes / 2**20, job.timings["total_s"])

@@ -344,3 +344,19 @@ def test_exiting_without_close_finishes_pending_saves(tmp_path):
     box = Box({"w": torch.zeros(1)})
     info = ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("b", box, ac.SharingPattern.GLOBAL)]).load()
     assert info.step == 7 and torch.equal(box.loaded["w"], torch.full((32 << 20,), 7.0))
+
+
+def test_losing_a_commit_race_leaves_the_winners_checkpoint_alone(tmp_path, monkeypatch):
+    ck = ac.AsyncCheckpointer(tmp_path, comps())
+    real = ck.storage.create_exclusive
+
+    def another_writer_commits_first(path, data):
+        real(path, data)            # the winner's manifest lands first ...
+        real(path, data)            # ... so ours fails with FileExistsError
+    monkeypatch.setattr(ck.storage, "create_exclusive", another_writer_commits_first)
+    with pytest.raises(ac.SaveFailedError):
+        ck.save(5).wait()
+    monkeypatch.undo()
+    assert step_folders(tmp_path) == ["step-0000000005"]
+    assert ac.AsyncCheckpointer(tmp_path, comps()).load().step == 5
+    ck.close()
