@@ -22,20 +22,24 @@ from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpoint
 from .handle import SaveHandle
 from .layout import committed_steps, manifest_path, step_dir, step_dirs
 from .loader import load_shard, read_manifest
-from .manifest import Manifest
-from .plan import Planner, layout_key, shard_id
+from .link import StoreLink, namespace
+from .manifest import MANIFEST_NAME, Manifest
+from .node_save import describe_job
+from .plan import Planner, layout_key
+from .restore import choose_shard
 from .retention import steps_to_keep
-from .staging import BufferPool, stage
+from .staging import BufferPool, stage, sweep_dead_buffers
 from .storage import open_storage
 from .topology import current_topology
 from .tree import flatten
 from .types import KEY_RE, CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
+from .worker import RankWorker
 from .writer import ComponentInfo, NodeWriter, SaveJob
 
 log = logging.getLogger("async_ckpt")
 
 _OPTIONS = {"allow_pickle": False, "verify": True, "compression_level": 1,
-            "overlap_staging": False, "encode_threads": 2}
+            "overlap_staging": False, "encode_threads": 2, "timeout_s": 600.0}
 
 
 def _close_at_exit(ref: "weakref.ref[AsyncCheckpointer]") -> None:
@@ -70,7 +74,13 @@ class AsyncCheckpointer:
     non-JSON leaves on save and pickled leaves on load), ``verify`` (True: check hashes on load),
     ``compression_level`` (zstd level, 1), ``overlap_staging`` (False: with CUDA state, save()
     returns before the D2H copy lands; call ``SaveHandle.wait_staged()`` before mutating), and
-    ``encode_threads`` (2: zstd threads).
+    ``encode_threads`` (2: zstd threads) and ``timeout_s`` (600: the longest a multi-rank save
+    waits for another rank or node at each hand-over; a handle fails after at most about twice
+    this when a peer crashed).
+
+    With several ranks (torch.distributed initialised), every rank constructs its checkpointer
+    with the same root and components, in the same order, and calls ``save``/``load`` for the
+    same steps in the same order; no call enters a collective.
     """
 
     def __init__(self, root: str | os.PathLike,
@@ -101,21 +111,27 @@ class AsyncCheckpointer:
         except OSError as exc:
             raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
                                        f"({exc}); pass a folder this process can create and write") from exc
+        timeout = self.options["timeout_s"]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidArgumentError(f"timeout_s must be a number of seconds > 0, got {timeout!r}")
         self.topo = current_topology()
-        if self.topo.world_size > 1:
-            raise InvalidArgumentError(
-                "this release saves from a single process only; multi-rank saving is not available yet")
         self._components_source = components
         if not callable(components):
             self._validate_components(components)
-        self._pool = BufferPool(pin=torch.cuda.is_available())
+        self._link = (StoreLink.from_default_group(namespace(self.storage.url), float(timeout))
+                      if self.topo.world_size > 1 else None)
+        # Other local ranks hand their buffers to the node writer through shared memory.
+        self._pool = BufferPool(pin=torch.cuda.is_available(), shared=not self.topo.is_node_writer)
         self._planner = Planner(self.topo)
         self._writer: NodeWriter | None = None
+        self._worker: RankWorker | None = None
+        self._seq = 0
         self._pending: list[SaveHandle] = []
         self._metrics_cache: dict[int, dict] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._writable_checked = False
+        self._exit_hook = False
 
     # -- helpers ------------------------------------------------------------------------------
     def _validate_components(self, components) -> list[StateComponent]:
@@ -136,6 +152,9 @@ class AsyncCheckpointer:
                 raise InvalidArgumentError(f"component {c.key!r}: sharing_pattern must be a SharingPattern or a callable")
             if not isinstance(c.validation_level, ValidationLevel):
                 raise InvalidArgumentError(f"component {c.key!r}: validation_level must be a ValidationLevel")
+            if c.sharing_pattern is SharingPattern.PER_GROUP and c.process_group is None:
+                raise InvalidArgumentError(f"component {c.key!r} is PER_GROUP and needs a process_group "
+                                           "(the ranks that share one copy)")
         return comps
 
     def _components(self) -> list[StateComponent]:
@@ -149,7 +168,22 @@ class AsyncCheckpointer:
             raise InvalidArgumentError(f"component {c.key!r}: its sharing_pattern callable returned {pattern!r}")
         return pattern
 
-    def _ensure_writer(self) -> NodeWriter:
+    def _members(self, c: StateComponent, pattern: SharingPattern) -> tuple[int, ...] | None:
+        if pattern is not SharingPattern.PER_GROUP:
+            return None
+        if c.process_group is None:
+            raise InvalidArgumentError(f"component {c.key!r} resolved to PER_GROUP but has no "
+                                       "process_group; pass the group whose ranks share one copy")
+        if self.topo.world_size == 1:
+            return (0,)
+        import torch.distributed as dist
+        members = tuple(sorted(dist.get_process_group_ranks(c.process_group)))
+        if self.topo.rank not in members:
+            raise InvalidArgumentError(f"component {c.key!r}: rank {self.topo.rank} is not a member "
+                                       f"of its process_group {list(members)}")
+        return members
+
+    def _ensure_writer(self) -> NodeWriter | None:
         if not self._writable_checked:
             try:
                 self.storage.check_writable()
@@ -157,13 +191,18 @@ class AsyncCheckpointer:
                 raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
                                            f"({exc}); pass a folder this process can create and write") from exc
             self._writable_checked = True
-        if self._writer is None:
+        if self._link is not None and self._worker is None:
+            self._worker = RankWorker(self._link, self.topo, self.storage, self._pool)
+        if self._writer is None and self.topo.is_node_writer:
+            sweep_dead_buffers()
             compressor = Compressor(self.options["compression_level"]) if self.compression else None
             versions = {"async_ckpt": __version__, "torch": torch.__version__, "python": platform.python_version()}
             self._writer = NodeWriter(self.storage, self._pool, self.topo,
                                       DataFileWriter(compressor, self.options["encode_threads"]),
                                       "zstd" if self.compression else "raw", versions,
-                                      self._retain)
+                                      self._retain, self._link)
+        if not self._exit_hook:
+            self._exit_hook = True
             # threading's exit hooks run before atexit's and before concurrent.futures refuses
             # new work, which the writer's hash/zstd pools still need.
             register = getattr(threading, "_register_atexit", atexit.register)
@@ -184,11 +223,27 @@ class AsyncCheckpointer:
     # -- saving -------------------------------------------------------------------------------
     def save(self, step: int, metrics: Mapping[str, float] | None = None) -> SaveHandle:
         """Snapshot every component for `step` and return at once; the write goes on in the
-        background. Raises an earlier save's unreported failure, or if `step` is committed."""
+        background. Raises an earlier save's unreported failure, or if `step` is committed.
+
+        With several ranks every rank calls this for the same steps in the same order. A rank
+        that raises here tells the others at once, so their handles fail too.
+        """
         started = time.perf_counter()
         self._check_open()
         _check_int("step", step, 0)
         metrics = metrics_store.check_metrics(metrics)
+        seq = self._seq = self._seq + 1      # the same on every rank: a save's identity
+        try:
+            return self._save(step, metrics, seq, started)
+        except BaseException as exc:
+            if self._link is not None:
+                try:
+                    self._link.post_error(seq, self.topo.rank, f"save() raised {type(exc).__name__}: {exc}")
+                except Exception:  # noqa: BLE001 - the store may be gone; the original error matters
+                    log.exception("[rank %d step %d] could not tell the other ranks", self.topo.rank, step)
+            raise
+
+    def _save(self, step: int, metrics: dict, seq: int, started: float) -> SaveHandle:
         writer = self._ensure_writer()
         while True:
             # Snapshot first: a handle seen done here is already settled, so its error is raised.
@@ -197,21 +252,30 @@ class AsyncCheckpointer:
             if len(in_flight) < self.max_pending:
                 break
             in_flight[0]._committed.wait()
-        if any(h.step == step for h in self._pending) or self.storage.exists(manifest_path(step)):
+        # Only the coordinator asks storage (one request, not one per rank); it tells the others.
+        if any(h.step == step for h in self._pending) or (
+                self.topo.rank == 0 and self.storage.exists(manifest_path(step))):
             raise CheckpointError(f"step {step} is already committed (or being saved) at "
                                   f"{self.storage.child_url(step_dir(step))}; save under a new step")
-        shards, trees, infos = [], [], []
+        validate_replicas = self.topo.world_size > 1
+        shards, trees, infos, layouts = [], [], [], {}
         for c in self._components():
             pattern = self._pattern(c)
+            members = self._members(c, pattern)
+            # Every rank calls every state_dict(), whatever it writes: some run collectives.
             tree, tensors = flatten(c.stateful.state_dict(), c.key, self.options["allow_pickle"])
-            shards.append((c.key, pattern, tensors))
+            stage_all = (validate_replicas and pattern is SharingPattern.REPLICATED
+                         and c.validation_level is not ValidationLevel.NONE)
+            shards.append((c.key, pattern, members, stage_all, tensors))
             trees.append(tree)
-            infos.append(ComponentInfo(c.key, c.required, c.validation_level.value, c.metadata))
+            infos.append(ComponentInfo(c.key, c.required, c.validation_level.value, c.metadata, members))
+            if pattern is SharingPattern.REPLICATED:
+                layouts[c.key] = [[str(t.dtype), list(t.shape)] for t in tensors]
         plan = self._planner.plan(layout_key(shards))
         buffer = self._pool.acquire(plan.buffer_nbytes)
         try:
-            stage(plan, [t for _, _, t in shards], buffer)
-            if not self.options["overlap_staging"]:
+            stage(plan, [t for *_, t in shards], buffer)
+            if not self.options["overlap_staging"] or not self.topo.is_node_writer:
                 buffer.wait_copied()
         except BaseException:
             self._pool.release(buffer)
@@ -219,19 +283,29 @@ class AsyncCheckpointer:
         handle = SaveHandle(step, buffer.event)
         blocking = time.perf_counter() - started
         job = SaveJob(step, plan, buffer, trees, infos, metrics, handle, started,
-                      {"blocking_s": round(blocking, 6)})
+                      {"blocking_s": round(blocking, 6)}, seq, layouts)
         with self._lock:
             self._pending.append(handle)
-        writer.submit(job)
+        if self._link is not None and not self.topo.is_node_writer:
+            self._link.post(seq, f"job/{self.topo.rank}", describe_job(job, self.topo.rank))
+        if self._worker is not None:
+            self._worker.submit(job)
+        if writer is not None:
+            writer.submit(job)
         log.debug("[rank %d step %d] staged %d bytes in %.3f s", self.topo.rank, step, plan.buffer_nbytes, blocking)
         return handle
 
     def report_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Attach metrics that arrive after `save(step)` (decoupled evaluation). Stored durably
-        beside the checkpoint; retention (keep_best) reconsiders once they are written."""
+        beside the checkpoint; retention (keep_best) reconsiders once they are written.
+
+        With several ranks, rank 0's call is the one stored (others may call it too; their
+        values are checked and otherwise ignored)."""
         self._check_open()
         _check_int("step", step, 0)
         values = metrics_store.check_metrics(metrics)
+        if self.topo.rank != 0:
+            return
         in_flight = any(h.step == step and not h._settled.is_set() for h in self._pending)
         if not in_flight and not self.storage.exists(manifest_path(step)):
             raise CheckpointNotFoundError(f"cannot report metrics for step {step}: it is not committed "
@@ -271,6 +345,9 @@ class AsyncCheckpointer:
             self._closed = True
             if self._writer is not None:
                 self._writer.stop()
+            if self._worker is not None:
+                self._worker.stop()
+            self._pool.close()
 
     def __enter__(self) -> "AsyncCheckpointer":
         return self
@@ -296,9 +373,18 @@ class AsyncCheckpointer:
     def _retain(self, committed_step: int) -> None:
         folders = step_dirs(self.storage)
         committed = committed_steps(self.storage, folders)
-        for step, name in folders.items():      # leftovers of crashed saves: the writer is idle
-            if step not in committed:
-                self.storage.delete_dir(name)
+        if self._link is None:
+            for step, name in folders.items():      # leftovers of crashed saves: the writer is idle
+                if step not in committed:
+                    self.storage.delete_dir(name)
+        else:
+            # Other nodes may already be writing a later save, so only older folders are garbage;
+            # files of an earlier failed attempt at this very step are not in its manifest.
+            pending = {h.step for h in self._pending if not h._settled.is_set()}
+            for step, name in folders.items():
+                if step not in committed and step < committed_step and step not in pending:
+                    self.storage.delete_dir(name)
+            self._remove_unlisted(committed_step)
         if self.keep_last is None:
             return
         metrics = {s: self._metrics_of(s) for s in committed} if self.keep_best else {}
@@ -310,6 +396,13 @@ class AsyncCheckpointer:
                 self.storage.delete_dir(step_dir(step))
                 self._metrics_cache.pop(step, None)
                 log.info("[rank %d] retention removed step %d", self.topo.rank, step)
+
+    def _remove_unlisted(self, step: int) -> None:
+        folder = step_dir(step)
+        listed = set(read_manifest(self.storage, folder, step).files) | {MANIFEST_NAME}
+        for name in self.storage.list_dir(folder):
+            if name not in listed and not name.startswith(metrics_store.PREFIX):
+                self.storage.delete(f"{folder}/{name}")
 
     # -- reading ------------------------------------------------------------------------------
     def _info(self, manifest: Manifest, folder: str) -> CheckpointInfo:
@@ -350,15 +443,30 @@ class AsyncCheckpointer:
             raise CheckpointNotFoundError(f"no committed checkpoint for step {step} at {self.storage.url}; "
                                           f"committed steps: {committed_steps(self.storage)[-5:]}") from None
         staged = []
+        where = self.storage.child_url(folder)
         for c in self._components():
             entry = manifest.components.get(c.key)
-            shard = shard_id(SharingPattern(entry.sharing_pattern), self.topo) if entry else None
-            if entry is None or shard not in entry.shards:
-                what = f"component {c.key!r} is not in the checkpoint at {self.storage.child_url(folder)}"
+            if entry is None:
+                what = f"component {c.key!r} is not in the checkpoint at {where}"
                 if c.required and strict:
                     raise CheckpointNotFoundError(f"{what}; pass strict=False or mark it required=False to skip it")
                 log.warning("[rank %d step %d] %s; skipped", self.topo.rank, step, what)
                 continue
+            members = self._members(c, SharingPattern(entry.sharing_pattern)) if c.process_group else None
+            shard, problem = choose_shard(entry, manifest.topology, self.topo, members)
+            if problem and strict:
+                raise CheckpointError(f"cannot load component {c.key!r} of {where} on rank "
+                                      f"{self.topo.rank}: {problem}; load it with the saving "
+                                      "topology, or pass strict=False to skip it")
+            if shard not in entry.shards:
+                what = f"component {c.key!r} has no copy {shard!r} for rank {self.topo.rank} in {where}"
+                if c.required and strict:
+                    raise CheckpointNotFoundError(f"{what}; pass strict=False or mark it required=False to skip it")
+                log.warning("[rank %d step %d] %s; skipped", self.topo.rank, step, what)
+                continue
+            if problem:
+                log.warning("[rank %d step %d] loading component %r although %s", self.topo.rank,
+                            step, c.key, problem)
             try:
                 staged.append((c, load_shard(self.storage, folder, manifest, c.key, shard,
                                              self.options["allow_pickle"], self.options["verify"])))

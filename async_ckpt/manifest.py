@@ -44,7 +44,8 @@ class TensorEntry:
 class ShardEntry:
     tree: Any
     tensors: tuple[TensorEntry, ...]
-    owners: tuple[int, ...]
+    owners: tuple[int, ...]           # ranks that wrote this copy
+    members: tuple[int, ...] = ()     # PER_GROUP: the ranks of the group that reload it
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class Manifest:
             "components": {k: {
                 "sharing_pattern": c.sharing_pattern, "required": c.required,
                 "validation_level": c.validation_level, "metadata": c.metadata,
-                "shards": {s: {"owners": list(e.owners), "tree": e.tree, "tensors": [
+                "shards": {s: {"owners": list(e.owners), **({"members": list(e.members)} if e.members else {}),
+                               "tree": e.tree, "tensors": [
                     {"dtype": t.dtype, "shape": list(t.shape), "file": t.file, "offset": t.offset,
                      "length": t.length, "nbytes": t.nbytes, "codec": t.codec, "hash": t.hash,
                      **({"frames": list(t.frames)} if t.frames else {})}
@@ -164,9 +166,13 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
                 tensors = tuple(_tensor(t, files, f"{what}.tensors[{i}]")
                                 for i, t in enumerate(_get(s, "tensors", list, what)))
                 owners = tuple(_int(o, f"{what}.owners") for o in _get(s, "owners", list, what))
+                members_doc = s.get("members", [])
+                if not isinstance(members_doc, list):
+                    raise ValueError(f"{what}.members must be a list of ranks")
+                members = tuple(_int(m, f"{what}.members") for m in members_doc)
                 if "tree" not in s:
                     raise ValueError(f"{what} has no state tree")
-                shards[sid] = ShardEntry(s["tree"], tensors, owners)
+                shards[sid] = ShardEntry(s["tree"], tensors, owners, members)
             meta = c.get("metadata")
             pattern = _get(c, "sharing_pattern", str, f"components.{key}")
             if pattern not in _PATTERNS:

@@ -2,26 +2,54 @@
 
 Reusing buffers is what brings save()'s blocking time down to the memcpy floor: a fresh
 allocation pays page faults on first touch (measured 2-3x slower). Buffers are pinned when CUDA is
-present (fast async D2H on a side stream) and in shared memory when other local ranks must hand
-them to the node writer. The pool holds at most `max_pending` buffers, the saves in flight.
+present (fast async D2H on a side stream). Ranks other than their node's writer stage into
+shared-memory files (``/dev/shm``) that the node writer maps by name: the hand-over is a name in
+the Store, never a copy. The pool holds at most the buffers of the saves in flight.
 """
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 import threading
 
 import torch
 
 from .plan import RankPlan
 
+SHM_PREFIX = "async_ckpt-"
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
 
 class HostBuffer:
-    """One contiguous uint8 host tensor plus cached typed views for the last plan staged into it."""
+    """One contiguous uint8 host tensor plus cached typed views for the last plan staged into it.
 
-    def __init__(self, nbytes: int, pin: bool, share: bool):
-        self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
-        if share and not pin:
-            self.tensor.share_memory_()
+    With ``shared=True`` it lives in a file under /dev/shm named ``self.name``; the file is
+    removed once the node writer has mapped it, or when the pool is closed.
+    """
+
+    _counter = 0
+
+    def __init__(self, nbytes: int, pin: bool, shared: bool = False):
         self.capacity = nbytes
+        self.name: str | None = None
+        self._mmap = None
+        if shared:
+            HostBuffer._counter += 1
+            self.name = os.path.join(_shm_dir(), f"{SHM_PREFIX}{os.getpid()}-{HostBuffer._counter}-"
+                                     f"{os.urandom(4).hex()}")
+            fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, max(nbytes, 1))
+                self._mmap = mmap.mmap(fd, max(nbytes, 1))
+            finally:
+                os.close(fd)
+            self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        else:
+            self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
         self._views: tuple[RankPlan, list[list[torch.Tensor]]] | None = None
         self.event = None  # CUDA event that completes when the D2H copies have landed
 
@@ -36,12 +64,54 @@ class HostBuffer:
         if self.event is not None:
             self.event.synchronize()
 
+    def unlink(self) -> None:
+        if self.name is not None:
+            try:
+                os.unlink(self.name)
+            except FileNotFoundError:
+                pass
+
+
+def attach_shared(name: str, nbytes: int) -> torch.Tensor:
+    """Map another local rank's staging buffer (node writer side). The mapping outlives the file,
+    so the name is unlinked at once: nothing is left in /dev/shm if either process dies later."""
+    if not os.path.basename(name).startswith(SHM_PREFIX) or os.path.dirname(name) != _shm_dir():
+        raise ValueError(f"refusing to map {name!r}: not an async_ckpt staging buffer")
+    fd = os.open(name, os.O_RDWR)
+    try:
+        mapped = mmap.mmap(fd, max(nbytes, 1))
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+    return torch.frombuffer(mapped, dtype=torch.uint8)
+
+
+def sweep_dead_buffers() -> None:
+    """Remove staging files of processes that no longer exist (killed before hand-over)."""
+    folder = _shm_dir()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(SHM_PREFIX):
+            continue
+        pid = name[len(SHM_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
 
 class BufferPool:
     """Hands out host buffers big enough for a plan; returns them for reuse when written."""
 
-    def __init__(self, pin: bool = False, share: bool = False):
-        self.pin, self.share = pin, share
+    def __init__(self, pin: bool = False, shared: bool = False):
+        self.pin, self.shared = pin, shared
         self._free: list[HostBuffer] = []
         self._lock = threading.Lock()
         self.allocated_nbytes = 0
@@ -52,31 +122,41 @@ class BufferPool:
                 if buf.capacity >= nbytes:
                     return self._free.pop(i)
             if self._free:  # too small for the new layout: drop one so the pool stays bounded
-                self.allocated_nbytes -= self._free.pop(0).capacity
+                dropped = self._free.pop(0)
+                dropped.unlink()
+                self.allocated_nbytes -= dropped.capacity
             self.allocated_nbytes += nbytes
-        return HostBuffer(nbytes, self.pin, self.share)
+        return HostBuffer(nbytes, self.pin, self.shared)
 
     def release(self, buf: HostBuffer) -> None:
         with self._lock:
             self._free.append(buf)
+
+    def close(self) -> None:
+        with self._lock:
+            for buf in self._free:
+                buf.unlink()
 
 
 _side_stream = None
 
 
 def stage(plan: RankPlan, tensors: list[list[torch.Tensor]], buf: HostBuffer) -> None:
-    """Copy every tensor into its slot. CUDA copies go on a side stream; see buf.event."""
+    """Copy every planned tensor into its slot. CUDA copies go on a side stream; see buf.event."""
     global _side_stream
     views = buf.views(plan)
     buf.event = None
-    cuda = [(d, s) for dsts, srcs in zip(views, tensors) for d, s in zip(dsts, srcs) if s.is_cuda]
-    for dsts, srcs in zip(views, tensors):
-        for dst, src in zip(dsts, srcs):
-            if not src.is_cuda:
-                try:
-                    dst.copy_(src)
-                except NotImplementedError:   # shell dtypes (uint1..7, int1..7) have no copy kernel
-                    dst.view(torch.uint8).copy_(src.view(torch.uint8))
+    cuda = []
+    for dsts, shard, srcs in zip(views, plan.shards, tensors):
+        for dst, slot in zip(dsts, shard.slots):
+            src = srcs[slot.index]
+            if src.is_cuda:
+                cuda.append((dst, src))
+                continue
+            try:
+                dst.copy_(src)
+            except NotImplementedError:   # shell dtypes (uint1..7, int1..7) have no copy kernel
+                dst.view(torch.uint8).copy_(src.view(torch.uint8))
     if cuda:
         if _side_stream is None:
             _side_stream = torch.cuda.Stream()

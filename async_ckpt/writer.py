@@ -1,6 +1,8 @@
 """The node writer: one background thread that turns staged saves into committed checkpoints.
 
-Per save, in order: remove leftovers of a crashed save of the same step -> stream the staged
+In a world of one process it commits by itself; with several ranks it runs in each node's
+local rank 0 and hands over to `node_save` (gather local ranks' buffers, write one file per node,
+report to the coordinator). Single-process flow per save, in order: remove leftovers of a crashed save of the same step -> stream the staged
 buffer into the data file (hashing in the same pass) -> make it durable -> return the buffer to
 the pool -> commit the manifest with one exclusive create -> resolve the handle -> run retention
 -> mark the handle settled. Jobs run strictly one after another, so when a save commits no other
@@ -8,6 +10,7 @@ save of this writer has a folder in progress; that is what makes cleanup of left
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
@@ -24,6 +27,7 @@ from .handle import SaveHandle
 from .layout import manifest_path, step_dir
 from .metrics_store import encode
 from .manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEntry
+from .node_save import node_save
 from .plan import RankPlan
 from .staging import BufferPool, HostBuffer
 from .topology import Topology
@@ -39,6 +43,7 @@ class ComponentInfo:
     required: bool
     validation_level: str
     metadata: dict | None
+    members: tuple[int, ...] | None = None   # PER_GROUP: ranks of the component's group
 
 
 @dataclass
@@ -52,15 +57,20 @@ class SaveJob:
     handle: SaveHandle
     started: float
     timings: dict = field(default_factory=dict)
+    seq: int = 0                          # save sequence number, the same on every rank
+    layouts: dict = field(default_factory=dict)   # REPLICATED key -> [[dtype, shape], ...]
+    written: threading.Event = field(default_factory=threading.Event)   # node writer done with it
+    retained: threading.Event = field(default_factory=threading.Event)  # coordinator's retention ran
 
 
 class NodeWriter:
     """Owns the writer thread; `submit` never blocks, `stop` drains the queue first."""
 
     def __init__(self, storage, pool: BufferPool, topo: Topology, datafile: DataFileWriter,
-                 codec: str, versions: dict, after_commit: Callable[[int], None]):
+                 codec: str, versions: dict, after_commit: Callable[[int], None], link=None):
         self.storage, self.pool, self.topo, self.datafile = storage, pool, topo, datafile
-        self.codec, self.versions, self.after_commit = codec, versions, after_commit
+        self.codec, self.versions, self.after_commit, self.link = codec, versions, after_commit, link
+        self.attached: collections.OrderedDict = collections.OrderedDict()  # peers' shm buffers
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="ckpt-node-writer", daemon=True)
         self._thread.start()
@@ -75,7 +85,13 @@ class NodeWriter:
 
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
-            if isinstance(job, SaveJob):
+            if isinstance(job, SaveJob) and self.link is not None:
+                try:
+                    node_save(self, job)
+                finally:
+                    job.written.set()
+                    job.retained.set()
+            elif isinstance(job, SaveJob):
                 self._save(job)
             else:
                 try:
@@ -154,7 +170,8 @@ class NodeWriter:
                                            rec.length, slot.nbytes, self.codec, rec.hash, rec.frames))
             entry = components.setdefault(comp.key, ComponentEntry(
                 shard.pattern.value, comp.required, comp.validation_level, comp.metadata, {}))
-            entry.shards[shard.shard] = ShardEntry(tree, tuple(tensors), (self.topo.rank,))
+            entry.shards[shard.shard] = ShardEntry(tree, tuple(tensors), (self.topo.rank,),
+                                                   tuple(comp.members or ()))
         nbytes = sum(s.nbytes for shard in job.plan.shards for s in shard.slots)
         return Manifest(
             step=job.step,

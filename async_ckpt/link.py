@@ -1,0 +1,139 @@
+"""Coordination between ranks through the process group's Store, from background threads only.
+
+Never a collective on the training process group: a node writer or rank worker talks to the
+Store (TCPStore) with its own client connection, and every wait has a deadline whose message says
+which ranks or nodes were missing. Keys live under one namespace per checkpointer and save
+sequence number (``<ns>/<seq>/...``):
+
+- ``job/<rank>``   a non-writer rank's staged buffer, handed to its node writer
+- ``vh/<rank>``    every rank's resolved patterns, layouts and replica hashes
+- ``err/<rank>``   a rank that failed while saving (``nerr`` counts them, for cheap polling)
+- ``node/<node>``  a node writer's written file and records, or its error
+- ``outcome``      the coordinator's verdict: committed (with the checkpoint's info) or failed
+- ``fullreq``, ``full/<rank>``  FULL validation: mismatching replicas compared to the written copy
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import threading
+import time
+from typing import Any, Iterable
+
+from .errors import CheckpointError
+
+
+class LinkTimeout(CheckpointError):
+    """Peers did not answer within the deadline; `missing` names them (ranks or nodes)."""
+
+    def __init__(self, message: str, missing: list):
+        super().__init__(message)
+        self.missing = missing
+
+
+class RemoteFailure(CheckpointError):
+    """Another rank reported an error for this save."""
+
+    def __init__(self, causes: dict[int, str]):
+        super().__init__("; ".join(f"rank {r}: {m}" for r, m in sorted(causes.items())))
+        self.causes = causes
+
+
+_instances: dict[str, int] = {}
+_instances_lock = threading.Lock()
+
+
+def namespace(root_url: str) -> str:
+    """Same on every rank as long as ranks create their checkpointers in the same order."""
+    digest = hashlib.sha1(root_url.encode()).hexdigest()[:12]
+    with _instances_lock:
+        _instances[digest] = _instances.get(digest, 0) + 1
+        return f"async_ckpt/{digest}/{_instances[digest]}"
+
+
+class StoreLink:
+    """Thread-safe access to the Store: each thread gets its own cloned client."""
+
+    def __init__(self, store, ns: str, timeout_s: float):
+        self._base, self.ns, self.timeout_s = store, ns, timeout_s
+        self._local = threading.local()
+
+    @classmethod
+    def from_default_group(cls, ns: str, timeout_s: float) -> "StoreLink":
+        from torch.distributed import distributed_c10d
+        return cls(distributed_c10d._get_default_store(), ns, timeout_s)
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            try:
+                client = self._base.clone()
+            except (AttributeError, RuntimeError, NotImplementedError):
+                client = self._base          # stores without clone() (HashStore) are in-process
+            client.set_timeout(datetime.timedelta(seconds=max(self.timeout_s, 30)))
+            self._local.client = client
+        return client
+
+    def _key(self, seq: int, name: str) -> str:
+        return f"{self.ns}/{seq}/{name}"
+
+    # -- primitives ---------------------------------------------------------------------------
+    def post(self, seq: int, name: str, value: Any) -> None:
+        self._client().set(self._key(seq, name), json.dumps(value, separators=(",", ":")))
+
+    def has(self, seq: int, name: str) -> bool:
+        return self._client().check([self._key(seq, name)])
+
+    def get(self, seq: int, name: str) -> Any:
+        return json.loads(self._client().get(self._key(seq, name)))
+
+    def delete(self, seq: int, names: Iterable[str]) -> None:
+        client = self._client()
+        for name in names:
+            try:
+                client.delete_key(self._key(seq, name))
+            except (RuntimeError, NotImplementedError):
+                pass
+
+    def post_error(self, seq: int, rank: int, message: str) -> None:
+        self.post(seq, f"err/{rank}", message)
+        self._client().add(self._key(seq, "nerr"), 1)
+
+    def errors(self, seq: int, ranks: Iterable[int]) -> dict[int, str]:
+        if self._client().add(self._key(seq, "nerr"), 0) == 0:
+            return {}
+        return {r: self.get(seq, f"err/{r}") for r in ranks if self.has(seq, f"err/{r}")}
+
+    # -- waiting ------------------------------------------------------------------------------
+    def gather(self, seq: int, names: dict[Any, str], what: str, world: range,
+               deadline: float | None = None, stop_on_outcome: bool = True) -> dict[Any, Any]:
+        """Wait until every key in `names` exists and return their values. Raise RemoteFailure
+        as soon as any rank of `world` reports an error (or a failed outcome is published), and
+        LinkTimeout naming the missing ones when the deadline passes."""
+        deadline = time.monotonic() + self.timeout_s if deadline is None else deadline
+        found: dict[Any, Any] = {}
+        pause = 0.002
+        while True:
+            for ident, name in names.items():
+                if ident not in found and self.has(seq, name):
+                    found[ident] = self.get(seq, name)
+            if len(found) == len(names):
+                return found
+            errors = self.errors(seq, world)
+            if errors:
+                raise RemoteFailure(errors)
+            if stop_on_outcome and self.has(seq, "outcome"):
+                outcome = self.get(seq, "outcome")
+                if not outcome.get("ok"):
+                    raise RemoteFailure({int(r): m for r, m in outcome.get("causes", {}).items()}
+                                        or {-1: outcome.get("message", "save failed")})
+            if time.monotonic() > deadline:
+                missing = sorted(i for i in names if i not in found)
+                raise LinkTimeout(
+                    f"{what} {', '.join(map(str, missing))} did not answer within "
+                    f"{self.timeout_s:g} s (crashed, hung, or far behind?); raise the "
+                    "checkpointer's timeout_s if ranks legitimately reach save() that far apart",
+                    missing)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.05)

@@ -1,0 +1,170 @@
+"""Replica validation of REPLICATED components, computed off the training thread.
+
+Every rank digests its staged copy (QUICK: one hash of the whole state; TENSOR and FULL: one hash
+per tensor plus one of the non-tensor skeleton). The coordinator compares the digests of all
+ranks and names the component, tensors and ranks that disagree. FULL then compares each
+mismatching replica element-wise against the copy that was written and reports the largest
+absolute difference, so "bitwise different" and "numerically different" can be told apart.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from .codec import byte_view, new_hasher
+from .errors import ReplicationError
+from .plan import ShardPlan
+from .types import SharingPattern, ValidationLevel
+
+
+def tensor_paths(tree: Any) -> dict[int, str]:
+    """Tensor index -> its path in the state ("state/0/exp_avg"), from a flatten() skeleton."""
+    paths: dict[int, str] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if "t" in node and isinstance(node["t"], int):
+                paths.setdefault(node["t"], path or "/")
+            for item in node.get("d", []) if isinstance(node.get("d"), list) else []:
+                if isinstance(item, list) and len(item) == 2:
+                    walk(item[1], f"{path}/{item[0]}" if path else str(item[0]))
+            for key in ("l", "u"):
+                if isinstance(node.get(key), list):
+                    for i, v in enumerate(node[key]):
+                        walk(v, f"{path}/{i}" if path else str(i))
+    walk(tree, "")
+    return paths
+
+
+def digest(shard: ShardPlan, views: list[torch.Tensor], tree: Any, level: ValidationLevel) -> dict:
+    """This rank's digest of one staged REPLICATED shard (all its tensors are staged)."""
+    tree_hash = new_hasher()
+    tree_hash.update(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode())
+    if level is ValidationLevel.QUICK:
+        whole = new_hasher()
+        whole.update(tree_hash.digest())
+        for view in views:
+            whole.update(byte_view(view.view(-1).view(torch.uint8)) if view.numel() else b"")
+        return {"quick": whole.hexdigest()}
+    tensors = []
+    for view in views:
+        h = new_hasher()
+        if view.numel():
+            h.update(byte_view(view.reshape(-1).view(torch.uint8)))
+        tensors.append(h.hexdigest())
+    return {"tree": tree_hash.hexdigest(), "tensors": tensors}
+
+
+def _groups(values: dict[int, Any]) -> list[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for rank, value in sorted(values.items()):
+        groups.setdefault(json.dumps(value, sort_keys=True), []).append(rank)
+    return sorted(groups.values(), key=lambda g: (-len(g), g))
+
+
+def check_agreement(announces: dict[int, dict]) -> str | None:
+    """Every rank resolved the same components, patterns, groups and replicated layouts."""
+    for field, what in (("patterns", "sharing patterns / validation levels"),
+                        ("layouts", "REPLICATED tensor layouts")):
+        groups = _groups({r: a[field] for r, a in announces.items()})
+        if len(groups) > 1:
+            first = announces[groups[0][0]][field]
+            other = announces[groups[1][0]][field]
+            keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            return (f"ranks disagree on {what} of component(s) {keys}: ranks {groups[0]} have "
+                    f"{ {k: first.get(k) for k in keys} }, ranks {groups[1]} have "
+                    f"{ {k: other.get(k) for k in keys} }; every rank must register the same "
+                    "components, and a sharing_pattern callable must return the same pattern on "
+                    "every rank")
+    for rank, announce in sorted(announces.items()):
+        for key, members in announce["groups"].items():
+            for other in members:
+                theirs = announces.get(other, {}).get("groups", {}).get(key)
+                if theirs != members:
+                    return (f"component {key!r} is PER_GROUP with group {members} on rank {rank}, "
+                            f"but rank {other} has group {theirs}; every member must pass the same "
+                            "process_group")
+    return None
+
+
+def find_mismatches(announces: dict[int, dict], owners: dict[str, list[int]]
+                    ) -> list[dict]:
+    """Mismatches between replicas. Each: component, level, and either `ranks` groups (QUICK /
+    skeleton) or `tensor` index with the ranks whose copy differs from the written one."""
+    found = []
+    any_rank = next(iter(announces.values()))
+    for key, pattern_level in sorted(any_rank["patterns"].items()):
+        pattern, level = pattern_level[0], pattern_level[1]
+        if pattern != SharingPattern.REPLICATED.value or level == ValidationLevel.NONE.value:
+            continue
+        digests = {r: a["digests"][key] for r, a in announces.items()}
+        if level == ValidationLevel.QUICK.value:
+            groups = _groups({r: d["quick"] for r, d in digests.items()})
+            if len(groups) > 1:
+                found.append({"component": key, "level": level, "groups": groups})
+            continue
+        tree_groups = _groups({r: d["tree"] for r, d in digests.items()})
+        if len(tree_groups) > 1:
+            found.append({"component": key, "level": level, "groups": tree_groups, "tree": True})
+        for index, owner in enumerate(owners[key]):
+            groups = _groups({r: d["tensors"][index] for r, d in digests.items()})
+            if len(groups) == 1:
+                continue
+            # The largest agreeing set is the reference (ties: the set holding the written copy).
+            majority = max(groups, key=lambda g: (len(g), owner in g))
+            differ = sorted(r for g in groups if g is not majority for r in g)
+            found.append({"component": key, "level": level, "tensor": index, "owner": owner,
+                          "ranks": differ, "agree": majority})
+    return found
+
+
+def compare_full(mine: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Element-wise comparison of this rank's replica with the written one."""
+    if mine.dtype.is_floating_point or mine.dtype.is_complex or mine.dtype in (
+            torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool):
+        a, b = mine.to(torch.complex128 if mine.is_complex() else torch.float64), \
+            reference.to(torch.complex128 if mine.is_complex() else torch.float64)
+        diff = (a - b).abs()
+        differing = (a != b) & ~(torch.isnan(a.real) & torch.isnan(b.real))
+        return {"max_abs_diff": float(diff[differing].max()) if differing.any() else 0.0,
+                "differing": int(differing.sum())}
+    a, b = mine.reshape(-1).view(torch.uint8), reference.reshape(-1).view(torch.uint8)
+    return {"max_abs_diff": None, "differing": int((a != b).sum())}
+
+
+def describe(mismatches: list[dict], paths: dict[str, dict[int, str]],
+             full: dict[tuple[str, int, int], dict] | None = None) -> ReplicationError:
+    """One ReplicationError naming every component, tensor and rank that disagrees."""
+    lines = []
+    for m in mismatches:
+        key, level = m["component"], m["level"].upper()
+        if "groups" in m:
+            what = "non-tensor state" if m.get("tree") else "state"
+            groups = "; ".join(f"ranks {g}" for g in m["groups"])
+            lines.append(f"component {key!r} ({level}): replicas' {what} differs between {groups}")
+            continue
+        name = paths.get(key, {}).get(m["tensor"], f"#{m['tensor']}")
+        detail = ""
+        for rank in m["ranks"]:
+            res = (full or {}).get((key, m["tensor"], rank))
+            if res is not None:
+                diff = res["max_abs_diff"]
+                detail += (f"; rank {rank}: {res['differing']} element(s) differ, max |diff| = "
+                           f"{diff:.6g}" if diff is not None else
+                           f"; rank {rank}: {res['differing']} byte(s) differ")
+        lines.append(f"component {key!r} ({level}): tensor {name!r} on rank(s) {m['ranks']} differs "
+                     f"from ranks {m['agree']}{detail}")
+    err = ReplicationError("replicas disagree: " + "; ".join(lines) +
+                           ". Replicated state must be identical on every rank (check seeds, "
+                           "gradient all-reduce, or use PER_RANK for state that differs)")
+    per_rank: dict[int, list[str]] = {}
+    for m in mismatches:
+        what = (f"{m['component']!r} tensor {paths.get(m['component'], {}).get(m['tensor'], m['tensor'])!r}"
+                if "tensor" in m else f"{m['component']!r}")
+        for rank in m.get("ranks", []) + [r for g in m.get("groups", [])[1:] for r in g]:
+            per_rank.setdefault(rank, []).append(what)
+    err.per_rank = {r: f"its replica of {', '.join(w)} differs from the other ranks'"
+                    for r, w in sorted(per_rank.items())}
+    return err

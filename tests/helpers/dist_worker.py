@@ -1,0 +1,256 @@
+"""One rank of a distributed test run, started by torchrun (see tests/dist_support.py).
+
+Usage: dist_worker.py <scenario> <checkpoint root> <output dir> [args...]
+Each rank writes its observations to ``<out>/<scenario>-r<rank>.json``; the tests assert on them.
+The states are cheap deterministic functions of rank, node and group, so every rank knows what
+it must get back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from async_ckpt import (AsyncCheckpointer, CheckpointError, RNGState, SaveFailedError, SharingPattern,
+                        StateComponent, ValidationLevel)
+
+SCENARIO, ROOT, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+ARGS = sys.argv[4:]
+
+
+class Holder:
+    """A stateful whose state_dict is a plain dict (and may be made to fail or die)."""
+
+    def __init__(self, state: dict, on_save=None):
+        self.state, self.on_save = state, on_save
+
+    def state_dict(self) -> dict:
+        if self.on_save is not None:
+            self.on_save()
+        return self.state
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.state = sd
+
+
+def setup():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+    node = int(os.environ["GROUP_RANK"])
+    # Disjoint groups across nodes, like pipeline stages with their data-parallel replicas.
+    groups = {}
+    for parity in (0, 1):
+        ranks = [r for r in range(world) if r % 2 == parity]
+        groups[parity] = dist.new_group(ranks)
+    return rank, world, local_world, node, groups
+
+
+def model_and_opt(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    model.register_buffer("scale16", torch.linspace(0, 1, 16, dtype=torch.bfloat16))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    return model, opt
+
+
+def train(model, opt, steps: int) -> None:
+    g = torch.Generator().manual_seed(123)
+    for _ in range(steps):
+        x = torch.randn(8, 32, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def digest(module_or_sd) -> str:
+    sd = module_or_sd.state_dict() if hasattr(module_or_sd, "state_dict") else module_or_sd
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(sd.items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def draws() -> list:
+    return [torch.rand(3).tolist(), random.random(), float(np.random.rand())]
+
+
+def pattern_components(rank, node, local_rank, groups, zero: bool):
+    model, opt = model_and_opt(seed=99 if zero else 0)
+    parity = rank % 2
+    group_min = min(r for r in range(dist.get_world_size()) if r % 2 == parity)
+
+    def fill(value: float, n: int) -> torch.Tensor:
+        return torch.full((n,), -1.0 if zero else value)
+    holders = {
+        "per_rank": Holder({"v": fill(rank, 5), "name": "x" if zero else f"rank{rank}"}),
+        "global": Holder({"v": fill(rank, 3), "note": "x" if zero else f"from {rank}"}),
+        "per_node": Holder({"v": fill(node * 10 + local_rank, 4)}),
+        "per_group": Holder({"v": fill(100 + group_min, 2), "writer_probe": fill(rank, 1)}),
+        "dynamic": Holder({"v": fill(rank, 2)}),
+    }
+    comps = [
+        StateComponent("model", model, SharingPattern.REPLICATED, validation_level=ValidationLevel.TENSOR),
+        StateComponent("optim", opt, SharingPattern.REPLICATED, validation_level=ValidationLevel.QUICK),
+        StateComponent("rng", RNGState(), SharingPattern.PER_RANK),
+        StateComponent("per_rank", holders["per_rank"], SharingPattern.PER_RANK),
+        StateComponent("global", holders["global"], SharingPattern.GLOBAL),
+        StateComponent("per_node", holders["per_node"], SharingPattern.PER_NODE),
+        StateComponent("per_group", holders["per_group"], SharingPattern.PER_GROUP,
+                       process_group=groups[parity]),
+        StateComponent("dynamic", holders["dynamic"], lambda: DYNAMIC[0]),
+    ]
+    return model, opt, holders, comps
+
+
+DYNAMIC = [SharingPattern.REPLICATED]     # what the dynamic component resolves to right now
+
+
+def write(result: dict, rank: int) -> None:
+    (OUT / f"{SCENARIO}-r{rank}.json").write_text(json.dumps(result))
+
+
+def scenario_save(rank, world, local_world, node, groups):
+    local_rank = rank % local_world
+    model, opt, holders, comps = pattern_components(rank, node, local_rank, groups, zero=False)
+    random.seed(1000 + rank)
+    np.random.seed(2000 + rank)
+    torch.manual_seed(3000 + rank)
+    train(model, opt, 2)
+    with AsyncCheckpointer(ROOT, comps, keep_last=5, timeout_s=60) as ckpt:
+        first = ckpt.save(1).wait()
+        train(model, opt, 1)
+        DYNAMIC[0] = SharingPattern.PER_RANK
+        handle = ckpt.save(2)
+        expected_draws = draws()
+        info = handle.wait()
+    write({"steps": [first.step, info.step], "model": digest(model), "draws": expected_draws,
+           "blocking_s": info.timings["blocking_s"], "url": info.url}, rank)
+
+
+def scenario_load(rank, world, local_world, node, groups):
+    local_rank = rank % local_world
+    model, opt, holders, comps = pattern_components(rank, node, local_rank, groups, zero=True)
+    with AsyncCheckpointer(ROOT, comps, timeout_s=60) as ckpt:
+        info = ckpt.load()
+    write({"step": info.step, "model": digest(model), "draws": draws(),
+           "opt_steps": [int(s["step"]) for s in opt.state_dict()["state"].values()],
+           **{k: {"v": h.state["v"].tolist(), **{n: x for n, x in h.state.items() if isinstance(x, str)}}
+              for k, h in holders.items()}}, rank)
+
+
+def scenario_resize(rank, world, local_world, node, groups):
+    """Load a 4-rank checkpoint with 2 ranks: GLOBAL/REPLICATED work, PER_RANK refuses (strict)."""
+    model, opt = model_and_opt(seed=99)
+    glob = Holder({})
+    per_rank = Holder({})
+    ok = [StateComponent("model", model, SharingPattern.REPLICATED),
+          StateComponent("optim", opt, SharingPattern.REPLICATED),
+          StateComponent("global", glob, SharingPattern.GLOBAL)]
+    with AsyncCheckpointer(ROOT, ok, timeout_s=60) as ckpt:
+        info = ckpt.load()
+    strict_error = None
+    with AsyncCheckpointer(ROOT, ok + [StateComponent("per_rank", per_rank, SharingPattern.PER_RANK)],
+                           timeout_s=60) as ckpt:
+        try:
+            ckpt.load()
+        except CheckpointError as exc:
+            strict_error = str(exc)
+        lenient = ckpt.load(strict=False)
+    write({"step": info.step, "model": digest(model), "global": glob.state["v"].tolist(),
+           "strict_error": strict_error, "lenient_step": lenient.step}, rank)
+
+
+def _failed_save(ckpt, step) -> dict:
+    started = time.monotonic()
+    try:
+        ckpt.save(step).wait()
+    except SaveFailedError as exc:
+        return {"failed": True, "message": str(exc), "causes": {str(k): str(v) for k, v in exc.causes.items()},
+                "cause_type": type(exc.__cause__).__name__, "seconds": time.monotonic() - started}
+    except Exception as exc:  # noqa: BLE001 - the rank whose own save() raised sees its error
+        return {"failed": True, "message": str(exc), "raised_in_save": True, "cause_type": type(exc).__name__,
+                "causes": {}, "seconds": time.monotonic() - started}
+    return {"failed": False, "seconds": time.monotonic() - started}
+
+
+def scenario_replicas(rank, world, local_world, node, groups):
+    """One rank's replica differs: the save fails everywhere at each level, the next one commits."""
+    result = {}
+    for level in ("tensor", "quick", "full"):
+        model, opt = model_and_opt(seed=0)
+        train(model, opt, 1)
+        boom = {"on": False}
+
+        def maybe_raise():
+            if boom["on"] and rank == 2:
+                raise RuntimeError("state_dict exploded on purpose")
+        comps = [StateComponent("model", model, SharingPattern.REPLICATED,
+                                validation_level=ValidationLevel(level)),
+                 StateComponent("optim", opt, SharingPattern.REPLICATED,
+                                validation_level=ValidationLevel(level)),
+                 StateComponent("extra", Holder({"x": torch.zeros(2)}, maybe_raise), SharingPattern.PER_RANK)]
+        with AsyncCheckpointer(f"{ROOT}/{level}", comps, timeout_s=60) as ckpt:
+            weight = model[0].weight
+            bf16 = model.scale16
+            exp_avg = opt.state_dict()["state"][2]["exp_avg"]     # model[2].weight's moment
+            originals = [t.clone() for t in (weight, bf16, exp_avg)]
+            with torch.no_grad():
+                if rank == 3:
+                    weight[0, 0] += 0.5
+                if rank == 1:
+                    bf16[3] += 1
+                    exp_avg[0, 0] += 0.25
+            result[f"{level}_bad"] = _failed_save(ckpt, 10)
+            with torch.no_grad():   # fix the replicas
+                for t, original in zip((weight, bf16, exp_avg), originals):
+                    t.copy_(original)
+            result[f"{level}_fixed"] = _failed_save(ckpt, 11)
+            if level == "tensor":
+                boom["on"] = True
+                result["raising_rank"] = _failed_save(ckpt, 12)
+                boom["on"] = False
+                result["after_raise"] = _failed_save(ckpt, 13)
+            result[f"{level}_steps"] = [i.step for i in ckpt.list_checkpoints()]
+    write(result, rank)
+
+
+def scenario_kill(rank, world, local_world, node, groups):
+    """Rank `victim` is SIGKILLed inside save(2); survivors must fail within the deadline."""
+    victim, timeout = int(ARGS[0]), float(ARGS[1])
+
+    def die():
+        if rank == victim and dying["on"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+    dying = {"on": False}
+    big = Holder({"w": torch.randn(4 << 20)}, die)   # 16 MiB per rank
+    comps = [StateComponent("big", big, SharingPattern.PER_RANK)]
+    ckpt = AsyncCheckpointer(ROOT, comps, timeout_s=timeout)
+    ckpt.save(1).wait()
+    dying["on"] = True
+    result = _failed_save(ckpt, 2)
+    result["steps"] = [i.step for i in ckpt.list_checkpoints()]
+    try:
+        ckpt.close()
+    except CheckpointError:
+        pass
+    write(result, rank)
+    os._exit(0)   # the dead rank's process group cannot be torn down cleanly
+
+
+if __name__ == "__main__":
+    ctx = setup()
+    {"save": scenario_save, "load": scenario_load, "resize": scenario_resize,
+     "replicas": scenario_replicas, "kill": scenario_kill}[SCENARIO](*ctx)
+    dist.destroy_process_group()

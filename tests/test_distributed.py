@@ -1,0 +1,153 @@
+"""Multi-node saving and loading with real gloo process groups.
+
+Every run is two torchrun launchers (``--nnodes=2 --node-rank=0|1``, 2 ranks each) on this
+machine: 4 ranks, 2 nodes. The ranks run tests/helpers/dist_worker.py and report what they saw.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dist_support import launch, run
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def manifest(root: Path, step: int) -> dict:
+    return json.loads((root / f"step-{step:010d}" / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Steps 1 and 2 saved by 4 ranks on 2 nodes with every sharing pattern."""
+    base = tmp_path_factory.mktemp("dist")
+    root = base / "ckpt"
+    return root, base, run("save", root, base / "out-save")
+
+
+def test_every_rank_commits_the_same_checkpoints(saved):
+    root, _, results = saved
+    assert {r: res["steps"] for r, res in results.items()} == {r: [1, 2] for r in range(4)}
+    assert len({res["url"] for res in results.values()}) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000000001", "step-0000000002"]
+
+
+def test_manifest_owners_follow_the_patterns(saved):
+    root = saved[0]
+    doc = manifest(root, 2)
+    assert doc["topology"] == {"world_size": 4, "local_world_size": 2, "num_nodes": 2}
+    comps = doc["components"]
+    owners = {key: {sid: shard["owners"] for sid, shard in c["shards"].items()} for key, c in comps.items()}
+    assert owners["global"] == {"global": [0]}
+    assert owners["per_rank"] == {f"rank{r}": [r] for r in range(4)}
+    # PER_NODE: exactly one process per node (the node writer) wrote that node's copy...
+    assert owners["per_node"] == {"node0": [0], "node1": [2]}
+    files_of = {sid: {t["file"] for t in shard["tensors"]} for sid, shard in comps["per_node"]["shards"].items()}
+    assert all(name.startswith("data-n00000-") for name in files_of["node0"])
+    assert all(name.startswith("data-n00001-") for name in files_of["node1"])
+    # ...one data file per node...
+    assert sorted(name[:12] for name in doc["files"]) == ["data-n00000-", "data-n00001-"]
+    # PER_GROUP: one copy per disjoint group, written by one of its members, who reload it.
+    groups = comps["per_group"]["shards"]
+    assert sorted(groups) == ["group0", "group1"]
+    assert groups["group0"]["members"] == [0, 2] and groups["group1"]["members"] == [1, 3]
+    assert len(groups["group0"]["owners"]) == 1 and groups["group0"]["owners"][0] in (0, 2)
+    assert len(groups["group1"]["owners"]) == 1 and groups["group1"]["owners"][0] in (1, 3)
+    # REPLICATED: one copy whose tensors are spread over ranks on both nodes.
+    for key in ("model", "optim"):
+        shard = comps[key]["shards"]["replicated"]
+        assert set(comps[key]["shards"]) == {"replicated"}
+        assert len(shard["owners"]) >= 3, shard["owners"]
+        assert {t["file"][:12] for t in shard["tensors"]} == {"data-n00000-", "data-n00001-"}
+
+
+def test_replicated_bytes_are_spread_over_nodes(saved):
+    doc = manifest(saved[0], 2)
+    per_file: dict[str, int] = {}
+    for key in ("model", "optim"):
+        for t in doc["components"][key]["shards"]["replicated"]["tensors"]:
+            per_file[t["file"]] = per_file.get(t["file"], 0) + t["nbytes"]
+    total = sum(per_file.values())
+    assert len(per_file) == 2 and max(per_file.values()) < 0.75 * total, per_file
+
+
+def test_dynamic_pattern_is_resolved_at_each_save(saved):
+    root = saved[0]
+    assert manifest(root, 1)["components"]["dynamic"]["sharing_pattern"] == "replicated"
+    assert manifest(root, 2)["components"]["dynamic"]["sharing_pattern"] == "per_rank"
+
+
+def test_fresh_launch_reloads_each_ranks_share(saved):
+    root, base, before = saved
+    after = run("load", root, base / "out-load")
+    for rank, res in after.items():
+        node, local = rank // 2, rank % 2
+        group_min = rank % 2
+        assert res["step"] == 2
+        assert res["model"] == before[rank]["model"]                    # REPLICATED model
+        assert res["opt_steps"] == [3, 3, 3, 3]                           # REPLICATED optimizer
+        assert res["draws"] == before[rank]["draws"], f"rank {rank} RNG not restored"
+        assert res["per_rank"] == {"v": [float(rank)] * 5, "name": f"rank{rank}"}
+        assert res["global"] == {"v": [0.0] * 3, "note": "from 0"}        # rank 0's state
+        assert res["per_node"] == {"v": [float(node * 10)] * 4}          # the node writer's
+        assert res["per_group"]["v"] == [100.0 + group_min] * 2         # the group's copy
+        assert res["dynamic"] == {"v": [float(rank)] * 2}
+        assert local in (0, 1)
+    # All ranks drew different random numbers: per-rank RNG streams really are per rank.
+    assert len({json.dumps(res["draws"]) for res in after.values()}) == 4
+
+
+def test_other_world_size_loads_shared_state_and_refuses_per_rank(saved):
+    root, base, before = saved
+    results = run("resize", root, base / "out-resize", nnodes=1, nproc=2)
+    for rank, res in results.items():
+        assert res["step"] == 2
+        assert res["model"] == before[0]["model"]
+        assert res["global"] == [0.0] * 3
+        assert "PER_RANK" in res["strict_error"] and "4 rank(s)" in res["strict_error"]
+        assert res["lenient_step"] == 2
+
+
+def test_replica_mismatch_fails_every_rank_and_commits_nothing(tmp_path):
+    results = run("replicas", tmp_path / "ckpt", tmp_path / "out")
+    for rank, res in results.items():
+        for level in ("tensor", "quick", "full"):
+            bad = res[f"{level}_bad"]
+            assert bad["failed"] and bad["cause_type"] == "ReplicationError", (rank, level, bad)
+            assert "'model'" in bad["message"] and "'optim'" in bad["message"]
+            assert sorted(bad["causes"]) == ["1", "3"], bad["causes"]
+            assert not res[f"{level}_fixed"]["failed"], res[f"{level}_fixed"]
+        tensor = res["tensor_bad"]["message"]
+        assert "'0.weight' on rank(s) [3]" in tensor
+        assert "'scale16' on rank(s) [1]" in tensor                      # bf16 buffer
+        assert "'state/2/exp_avg' on rank(s) [1]" in tensor               # nested optimizer state
+        full = res["full_bad"]["message"]
+        assert "rank 3: 1 element(s) differ, max |diff| = 0.5" in full
+        assert "rank 1: 1 element(s) differ, max |diff| = 0.25" in full
+        assert "ranks [1]" in res["quick_bad"]["message"] and "ranks [3]" in res["quick_bad"]["message"]
+        # A rank whose save() raises fails the save everywhere; the next save commits.
+        raised = res["raising_rank"]
+        assert raised["failed"]
+        if rank == 2:
+            assert raised.get("raised_in_save") and "exploded on purpose" in raised["message"]
+        else:
+            assert "2" in raised["causes"] and "exploded on purpose" in raised["causes"]["2"]
+        assert not res["after_raise"]["failed"]
+        assert res["tensor_steps"] == [11, 13] and res["quick_steps"] == [11] and res["full_steps"] == [11]
+    for level in ("tensor", "quick", "full"):
+        assert not (tmp_path / "ckpt" / level / "step-0000000010" / "manifest.json").exists()
+
+
+def test_rank_killed_mid_save_fails_survivors_within_deadline(tmp_path):
+    timeout = 10.0
+    started = launch("kill", tmp_path / "ckpt", tmp_path / "out", args=("3", str(timeout)))
+    results = started.wait_results("kill", [0, 1], 300)     # node 0's ranks survive and report
+    assert sorted(results) == [0, 1], started.log_text()    # node 1 lost rank 3 (and rank 2 to torchrun)
+    for rank, res in results.items():
+        assert res["failed"], res
+        assert res["seconds"] < 2 * timeout + 10, res["seconds"]
+        assert res["causes"], res
+        assert res["steps"] == [1]
+    assert not (tmp_path / "ckpt" / "step-0000000002" / "manifest.json").exists()
