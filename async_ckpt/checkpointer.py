@@ -24,6 +24,7 @@ from .layout import committed_steps, manifest_path, step_dir, step_dirs
 from .loader import load_shard, read_manifest
 from .link import StoreLink, namespace
 from .manifest import MANIFEST_NAME, Manifest
+from .node_read import read_shared
 from .node_save import describe_job
 from .plan import Planner, layout_key
 from .restore import choose_shard
@@ -126,6 +127,7 @@ class AsyncCheckpointer:
         self._writer: NodeWriter | None = None
         self._worker: RankWorker | None = None
         self._seq = 0
+        self._load_seq = 0
         self._pending: list[SaveHandle] = []
         self._metrics_cache: dict[int, dict] = {}
         self._lock = threading.Lock()
@@ -442,7 +444,7 @@ class AsyncCheckpointer:
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no committed checkpoint for step {step} at {self.storage.url}; "
                                           f"committed steps: {committed_steps(self.storage)[-5:]}") from None
-        staged = []
+        plan: list[tuple[StateComponent, str]] = []
         where = self.storage.child_url(folder)
         for c in self._components():
             entry = manifest.components.get(c.key)
@@ -467,9 +469,24 @@ class AsyncCheckpointer:
             if problem:
                 log.warning("[rank %d step %d] loading component %r although %s", self.topo.rank,
                             step, c.key, problem)
+            plan.append((c, shard))
+        # GLOBAL/REPLICATED copies are the same for every rank of a node: read them once per node.
+        shared = [(c.key, shard) for c, shard in plan if shard in ("global", "replicated")]
+        self._load_seq += 1
+        try:
+            states = read_shared(self.storage, folder, manifest, shared, self.topo, self._link,
+                                 self._load_seq, self.options["allow_pickle"], self.options["verify"])
+        except CheckpointError as exc:   # each rank reads (and judges) its copies itself
+            log.warning("[rank %d step %d] node-shared read failed, reading per rank: %s",
+                        self.topo.rank, step, exc)
+            states = {}
+        staged = []
+        for c, shard in plan:
             try:
-                staged.append((c, load_shard(self.storage, folder, manifest, c.key, shard,
-                                             self.options["allow_pickle"], self.options["verify"])))
+                state = states[(c.key, shard)] if (c.key, shard) in states else load_shard(
+                    self.storage, folder, manifest, c.key, shard, self.options["allow_pickle"],
+                    self.options["verify"])
+                staged.append((c, state))
             except CheckpointError as exc:
                 if c.required:
                     raise

@@ -136,4 +136,4 @@ class StoreLink:
                     "checkpointer's timeout_s if ranks legitimately reach save() that far apart",
                     missing)
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.05)
+            pause = min(pause * 1.5, 0.01)

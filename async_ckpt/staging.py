@@ -72,9 +72,10 @@ class HostBuffer:
                 pass
 
 
-def attach_shared(name: str, nbytes: int) -> torch.Tensor:
+def attach_shared(name: str, nbytes: int, unlink: bool = True) -> torch.Tensor:
     """Map another local rank's staging buffer (node writer side). The mapping outlives the file,
-    so the name is unlinked at once: nothing is left in /dev/shm if either process dies later."""
+    so the name is unlinked at once: nothing is left in /dev/shm if either process dies later.
+    With several readers (`unlink=False`) the creator removes it once all have mapped it."""
     if not os.path.basename(name).startswith(SHM_PREFIX) or os.path.dirname(name) != _shm_dir():
         raise ValueError(f"refusing to map {name!r}: not an async_ckpt staging buffer")
     fd = os.open(name, os.O_RDWR)
@@ -82,10 +83,11 @@ def attach_shared(name: str, nbytes: int) -> torch.Tensor:
         mapped = mmap.mmap(fd, max(nbytes, 1))
     finally:
         os.close(fd)
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass
+    if unlink:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
     return torch.frombuffer(mapped, dtype=torch.uint8)
 
 

@@ -109,7 +109,7 @@ class RankWorker:
                                   f"within {2 * link.timeout_s + 5:g} s; it or a node writer "
                                   "crashed or hangs", [0])
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.05)
+            pause = min(pause * 1.5, 0.01)
 
     def _run(self, job: SaveJob) -> None:
         link, rank, seq = self.link, self.topo.rank, job.seq

@@ -97,6 +97,20 @@ def test_fresh_launch_reloads_each_ranks_share(saved):
         assert local in (0, 1)
     # All ranks drew different random numbers: per-rank RNG streams really are per rank.
     assert len({json.dumps(res["draws"]) for res in after.values()}) == 4
+    # GLOBAL/REPLICATED bytes were read from storage once per node, by the node writer.
+    doc = manifest(root, 2)
+    shared = [(t["file"], t["offset"], t["offset"] + t["length"])
+              for key in ("model", "optim", "global") for shard in doc["components"][key]["shards"].values()
+              for t in shard["tensors"]]
+
+    def covered(rank, record):
+        return any(f == record[0] and a <= record[1] and record[2] <= b for f, a, b in after[rank]["reads"])
+
+    def touched(rank, record):
+        return any(f == record[0] and a < record[2] and record[1] < b for f, a, b in after[rank]["reads"])
+    for record in shared:
+        assert covered(0, record) and covered(2, record), record
+        assert not touched(1, record) and not touched(3, record), record
 
 
 def test_other_world_size_loads_shared_state_and_refuses_per_rank(saved):

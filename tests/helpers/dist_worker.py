@@ -143,8 +143,15 @@ def scenario_load(rank, world, local_world, node, groups):
     local_rank = rank % local_world
     model, opt, holders, comps = pattern_components(rank, node, local_rank, groups, zero=True)
     with AsyncCheckpointer(ROOT, comps, timeout_s=60) as ckpt:
+        reads = []
+        real_read_into = ckpt.storage.read_into
+
+        def counting_read_into(path, offset, out):
+            reads.append([path.rsplit("/", 1)[-1], offset, offset + len(out)])
+            return real_read_into(path, offset, out)
+        ckpt.storage.read_into = counting_read_into
         info = ckpt.load()
-    write({"step": info.step, "model": digest(model), "draws": draws(),
+    write({"step": info.step, "model": digest(model), "draws": draws(), "reads": reads,
            "opt_steps": [int(s["step"]) for s in opt.state_dict()["state"].values()],
            **{k: {"v": h.state["v"].tolist(), **{n: x for n, x in h.state.items() if isinstance(x, str)}}
               for k, h in holders.items()}}, rank)

@@ -1,0 +1,96 @@
+"""Loading GLOBAL and REPLICATED copies once per node instead of once per rank.
+
+Every rank of a node needs the same bytes for these copies. The node writer (local rank 0)
+reads and verifies them, copies them into one shared-memory buffer and posts its name to the
+Store; the other local ranks map it, take private copies (so no two ranks ever alias the same
+optimizer state) and acknowledge; the node writer then removes the buffer. Storage is read once
+per node, which matters on object stores. Every wait is bounded by the checkpointer's timeout.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .codec import align_up
+from .errors import CorruptCheckpointError
+from .link import StoreLink
+from .loader import check_files, read_tensors
+from .manifest import Manifest
+from .staging import HostBuffer, attach_shared
+from .topology import Topology
+from .tree import dtype_from_name, unflatten
+
+
+def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str, str]],
+                topo: Topology, link: StoreLink | None, load_seq: int, allow_pickle: bool,
+                verify: bool) -> dict[tuple[str, str], object]:
+    """The states of the (component, shard) copies in `wanted`, read once on this node; empty
+    when there is no other rank on this node to share with (the caller reads them itself)."""
+    if link is None or topo.local_world_size == 1 or not wanted:
+        return {}
+    seq, key = f"load{load_seq}", f"shared/{topo.node}"
+    if topo.is_node_writer:
+        return _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, allow_pickle, verify)
+    answer = link.gather(seq, {0: key}, f"node writer of node {topo.node}", range(0),
+                         stop_on_outcome=False)[0]
+    if "error" in answer:
+        raise CorruptCheckpointError(f"the node writer (local rank 0) could not read the shared "
+                                     f"state of {storage.child_url(folder)}: {answer['error']}")
+    mapped = attach_shared(answer["shm"], answer["capacity"], unlink=False)
+    try:
+        states = {}
+        for comp, shard, metas in answer["layout"]:
+            tensors = []
+            for offset, dtype, shape, nbytes in metas:
+                dt = dtype_from_name(dtype, f"shared copy of {comp!r}")
+                tensors.append(mapped[offset:offset + nbytes].view(dt).view(shape).clone()
+                               if nbytes else torch.empty(shape, dtype=dt))
+            entry = manifest.components[comp].shards[shard]
+            states[(comp, shard)] = unflatten(entry.tree, tensors, f"{storage.child_url(folder)} "
+                                              f"component {comp!r}", allow_pickle)
+    finally:
+        del mapped
+        # The last reader removes the buffer, so the node writer never waits for the others.
+        if link._client().add(f"{link.ns}/{seq}/ack/{topo.node}", 1) == topo.local_world_size - 1:
+            try:
+                os.unlink(answer["shm"])
+            except FileNotFoundError:
+                pass
+            link.delete(seq, [key, f"ack/{topo.node}"])
+    return states
+
+
+def _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, allow_pickle, verify):
+    try:
+        read = {}
+        for comp, shard in wanted:
+            entry = manifest.components[comp].shards[shard]
+            check_files(storage, folder, manifest, {t.file for t in entry.tensors})
+            read[(comp, shard)] = read_tensors(storage, folder, entry,
+                                               f"{storage.child_url(folder)} component {comp!r}", verify)
+        offset, layout = 0, []
+        for (comp, shard), tensors in read.items():
+            metas = []
+            for t in tensors:
+                nbytes = t.numel() * t.element_size()
+                metas.append([offset, str(t.dtype).removeprefix("torch."), list(t.shape), nbytes])
+                offset = align_up(offset + nbytes)
+            layout.append([comp, shard, metas])
+        buf = HostBuffer(offset, pin=False, shared=True)
+    except Exception as exc:
+        link.post(seq, key, {"error": str(exc)})
+        raise
+    try:
+        for (_, _, metas), tensors in zip(layout, read.values()):
+            for (off, _dt, _shape, nbytes), t in zip(metas, tensors):
+                if nbytes:
+                    buf.tensor[off:off + nbytes].view(t.dtype).view(t.shape).copy_(t)
+    except BaseException as exc:
+        buf.unlink()
+        link.post(seq, key, {"error": str(exc)})
+        raise
+    link.post(seq, key, {"shm": buf.name, "capacity": buf.capacity, "layout": layout})
+    return {ks: unflatten(manifest.components[ks[0]].shards[ks[1]].tree, tensors,
+                          f"{storage.child_url(folder)} component {ks[0]!r}", allow_pickle)
+            for ks, tensors in read.items()}
