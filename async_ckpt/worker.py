@@ -119,6 +119,10 @@ class RankWorker:
         except (LinkTimeout, RemoteFailure, CheckpointError, OSError) as exc:
             causes = exc.causes if isinstance(exc, RemoteFailure) else {rank: str(exc)}
             outcome = {"ok": False, "message": str(exc), "causes": causes}
+        except RuntimeError as exc:   # torch.distributed.DistError: the Store itself is gone
+            message = (f"lost the connection to the torch.distributed Store ({exc}); the process "
+                       "hosting it (rank 0's node) has probably died")
+            outcome = {"ok": False, "message": message, "causes": {rank: message}}
         # The node writer may still read a failed save's buffer; never hand it out before.
         if self.topo.is_node_writer:
             job.written.wait()
