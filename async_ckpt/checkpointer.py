@@ -17,23 +17,22 @@ from . import __version__
 from . import metrics_store
 from .datafile import DataFileWriter
 from .codec import Compressor
-from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,
-                     InvalidArgumentError)
+from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError
 from .handle import SaveHandle
 from .layout import committed_steps, manifest_path, step_dir, step_dirs
-from .loader import load_shard, read_manifest
+from .components import group_members, resolve_pattern, validate_components
+from .loader import read_manifest
 from .link import StoreLink, namespace
-from .manifest import MANIFEST_NAME, Manifest
-from .node_read import read_shared
+from .manifest import MANIFEST_NAME
 from .node_save import describe_job
 from .plan import Planner, layout_key
-from .restore import choose_shard
+from .restore import list_infos, restore
 from .retention import steps_to_keep
 from .staging import BufferPool, stage, sweep_dead_buffers
 from .storage import open_storage
 from .topology import current_topology
 from .tree import flatten
-from .types import KEY_RE, CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
+from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
 from .worker import RankWorker
 from .writer import ComponentInfo, NodeWriter, SaveJob
 
@@ -118,7 +117,7 @@ class AsyncCheckpointer:
         self.topo = current_topology()
         self._components_source = components
         if not callable(components):
-            self._validate_components(components)
+            validate_components(components)
         self._link = (StoreLink.from_default_group(namespace(self.storage.url), float(timeout))
                       if self.topo.world_size > 1 else None)
         # Other local ranks hand their buffers to the node writer through shared memory.
@@ -136,54 +135,12 @@ class AsyncCheckpointer:
         self._exit_hook = False
 
     # -- helpers ------------------------------------------------------------------------------
-    def _validate_components(self, components) -> list[StateComponent]:
-        comps = list(components)
-        seen: set[str] = set()
-        for c in comps:
-            if not isinstance(c, StateComponent):
-                raise InvalidArgumentError(f"components must be StateComponent objects, got {type(c).__name__}")
-            if not isinstance(c.key, str) or not KEY_RE.fullmatch(c.key):
-                raise InvalidArgumentError(f"component key {c.key!r} must match [A-Za-z0-9_.-]+")
-            if c.key in seen:
-                raise InvalidArgumentError(f"duplicate component key {c.key!r}; keys must be unique")
-            seen.add(c.key)
-            if not (hasattr(c.stateful, "state_dict") and hasattr(c.stateful, "load_state_dict")):
-                raise InvalidArgumentError(f"component {c.key!r}: {type(c.stateful).__name__} lacks "
-                                           "state_dict()/load_state_dict()")
-            if not (isinstance(c.sharing_pattern, SharingPattern) or callable(c.sharing_pattern)):
-                raise InvalidArgumentError(f"component {c.key!r}: sharing_pattern must be a SharingPattern or a callable")
-            if not isinstance(c.validation_level, ValidationLevel):
-                raise InvalidArgumentError(f"component {c.key!r}: validation_level must be a ValidationLevel")
-            if c.sharing_pattern is SharingPattern.PER_GROUP and c.process_group is None:
-                raise InvalidArgumentError(f"component {c.key!r} is PER_GROUP and needs a process_group "
-                                           "(the ranks that share one copy)")
-        return comps
-
     def _components(self) -> list[StateComponent]:
         source = self._components_source
-        return self._validate_components(source() if callable(source) else source)
-
-    @staticmethod
-    def _pattern(c: StateComponent) -> SharingPattern:
-        pattern = c.sharing_pattern() if callable(c.sharing_pattern) else c.sharing_pattern
-        if not isinstance(pattern, SharingPattern):
-            raise InvalidArgumentError(f"component {c.key!r}: its sharing_pattern callable returned {pattern!r}")
-        return pattern
+        return validate_components(source() if callable(source) else source)
 
     def _members(self, c: StateComponent, pattern: SharingPattern) -> tuple[int, ...] | None:
-        if pattern is not SharingPattern.PER_GROUP:
-            return None
-        if c.process_group is None:
-            raise InvalidArgumentError(f"component {c.key!r} resolved to PER_GROUP but has no "
-                                       "process_group; pass the group whose ranks share one copy")
-        if self.topo.world_size == 1:
-            return (0,)
-        import torch.distributed as dist
-        members = tuple(sorted(dist.get_process_group_ranks(c.process_group)))
-        if self.topo.rank not in members:
-            raise InvalidArgumentError(f"component {c.key!r}: rank {self.topo.rank} is not a member "
-                                       f"of its process_group {list(members)}")
-        return members
+        return group_members(c, pattern, self.topo)
 
     def _ensure_writer(self) -> NodeWriter | None:
         if not self._writable_checked:
@@ -262,7 +219,7 @@ class AsyncCheckpointer:
         validate_replicas = self.topo.world_size > 1
         shards, trees, infos, layouts = [], [], [], {}
         for c in self._components():
-            pattern = self._pattern(c)
+            pattern = resolve_pattern(c)
             members = self._members(c, pattern)
             # Every rank calls every state_dict(), whatever it writes: some run collectives.
             tree, tensors = flatten(c.stateful.state_dict(), c.key, self.options["allow_pickle"])
@@ -407,11 +364,6 @@ class AsyncCheckpointer:
                 self.storage.delete(f"{folder}/{name}")
 
     # -- reading ------------------------------------------------------------------------------
-    def _info(self, manifest: Manifest, folder: str) -> CheckpointInfo:
-        metrics = {**metrics_store.decode(manifest.metrics), **metrics_store.read_late(self.storage, folder)}
-        return CheckpointInfo(manifest.step, self.storage.child_url(folder), metrics, manifest.nbytes,
-                              manifest.stored_nbytes, manifest.created, dict(manifest.timings))
-
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
         steps = committed_steps(self.storage)
@@ -419,85 +371,19 @@ class AsyncCheckpointer:
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first (unreadable manifests are logged and skipped)."""
-        infos = []
-        for step in committed_steps(self.storage):
-            try:
-                infos.append(self._info(read_manifest(self.storage, step_dir(step), step), step_dir(step)))
-            except (CorruptCheckpointError, FileNotFoundError) as exc:
-                log.warning("[rank %d] skipping step %d: %s", self.topo.rank, step, exc)
-        return infos
+        return list_infos(self.storage, self.topo.rank)
 
     def load(self, step: int | None = None, *, strict: bool = True) -> CheckpointInfo | None:
         """Restore every registered component from `step` (default: the newest committed one).
 
         Returns None when nothing is committed yet. All data is read and verified before any
-        component's load_state_dict is called, so a corrupt checkpoint changes nothing.
+        component's load_state_dict is called, so a corrupt checkpoint changes nothing. With
+        several ranks, each reads only its copies (GLOBAL/REPLICATED once per node).
         """
         if step is None:
             step = self.latest_step()
             if step is None:
                 return None
         _check_int("step", step, 0)
-        folder = step_dir(step)
-        try:
-            manifest = read_manifest(self.storage, folder, step)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"no committed checkpoint for step {step} at {self.storage.url}; "
-                                          f"committed steps: {committed_steps(self.storage)[-5:]}") from None
-        plan: list[tuple[StateComponent, str]] = []
-        where = self.storage.child_url(folder)
-        for c in self._components():
-            entry = manifest.components.get(c.key)
-            if entry is None:
-                what = f"component {c.key!r} is not in the checkpoint at {where}"
-                if c.required and strict:
-                    raise CheckpointNotFoundError(f"{what}; pass strict=False or mark it required=False to skip it")
-                log.warning("[rank %d step %d] %s; skipped", self.topo.rank, step, what)
-                continue
-            members = self._members(c, SharingPattern(entry.sharing_pattern)) if c.process_group else None
-            shard, problem = choose_shard(entry, manifest.topology, self.topo, members)
-            if problem and strict:
-                raise CheckpointError(f"cannot load component {c.key!r} of {where} on rank "
-                                      f"{self.topo.rank}: {problem}; load it with the saving "
-                                      "topology, or pass strict=False to skip it")
-            if shard not in entry.shards:
-                what = f"component {c.key!r} has no copy {shard!r} for rank {self.topo.rank} in {where}"
-                if c.required and strict:
-                    raise CheckpointNotFoundError(f"{what}; pass strict=False or mark it required=False to skip it")
-                log.warning("[rank %d step %d] %s; skipped", self.topo.rank, step, what)
-                continue
-            if problem:
-                log.warning("[rank %d step %d] loading component %r although %s", self.topo.rank,
-                            step, c.key, problem)
-            plan.append((c, shard))
-        # GLOBAL/REPLICATED copies are the same for every rank of a node: read them once per node.
-        shared = [(c.key, shard) for c, shard in plan if shard in ("global", "replicated")]
         self._load_seq += 1
-        try:
-            states = read_shared(self.storage, folder, manifest, shared, self.topo, self._link,
-                                 self._load_seq, self.options["allow_pickle"], self.options["verify"])
-        except CheckpointError as exc:   # each rank reads (and judges) its copies itself
-            log.warning("[rank %d step %d] node-shared read failed, reading per rank: %s",
-                        self.topo.rank, step, exc)
-            states = {}
-        staged = []
-        for c, shard in plan:
-            try:
-                state = states[(c.key, shard)] if (c.key, shard) in states else load_shard(
-                    self.storage, folder, manifest, c.key, shard, self.options["allow_pickle"],
-                    self.options["verify"])
-                staged.append((c, state))
-            except CheckpointError as exc:
-                if c.required:
-                    raise
-                log.warning("[rank %d step %d] optional component %r skipped: %s", self.topo.rank, step, c.key, exc)
-        info = self._info(manifest, folder)
-        for c, state in staged:
-            try:
-                c.stateful.load_state_dict(state)
-            except Exception as exc:
-                if c.required:
-                    raise
-                log.warning("[rank %d step %d] optional component %r failed to load: %r",
-                            self.topo.rank, step, c.key, exc)
-        return info
+        return restore(self, step, strict, self._load_seq)

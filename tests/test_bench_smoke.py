@@ -20,3 +20,23 @@ def test_single_process_bench_runs_and_reports_every_method(tmp_path):
         assert key in rows and rows[key]["median_s"] > 0, key
     assert rows["ack_none"]["ratio_vs"] == "memcpy" and rows["ack_none_durable"]["ratio_vs"] == "raw write"
     assert "| async_ckpt save(), compression=None" in proc.stdout
+
+
+def test_distributed_bench_runs_and_reports_every_figure(tmp_path):
+    out_json = tmp_path / "d.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.distributed", "--size-gib", "0.01", "--repeats", "1",
+                           "--worlds", "2", "--out", str(out_json), "--dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BENCH_NO_DROP": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out_json.read_text())
+    for case in ("replicated", "per_rank"):
+        summary = doc["results"]["2"][case]
+        assert [b["rank"] for b in summary["blocking"]] == [0, 1]
+        assert all(b["ack"]["median_s"] > 0 and b["memcpy"]["median_s"] > 0 for b in summary["blocking"])
+        assert summary["commit"]["dcp_save2"]["median_s"] > 0 and summary["commit"]["ack"]["median_s"] > 0
+        assert sum(summary["node_bytes"].values()) >= 0.01 * (1 << 30) * 0.99
+    # replicated: each rank staged half of the state
+    halves = [b["staged_gib"] for b in doc["results"]["2"]["replicated"]["blocking"]]
+    assert abs(sum(halves) - 0.01) < 1e-3 and max(halves) < 0.01
+    assert (tmp_path / "d.md").exists()
