@@ -54,6 +54,17 @@ class DataFileWriter:
         if self._encode_pool:
             self._encode_pool.shutdown(wait=True)
 
+    def write_file(self, storage, path: str, records: Iterable[memoryview]) -> FileResult:
+        """Stream `records` into a new file at `path`; it appears only if everything was written."""
+        out = storage.open_writer(path)
+        try:
+            result = self.write(out, records)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+        return result
+
     def write(self, out: StreamWriter, records: Iterable[memoryview]) -> FileResult:
         """Write each raw record (already staged) to `out`; return offsets, lengths and hashes."""
         file_hasher = new_hasher()

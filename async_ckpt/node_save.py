@@ -88,13 +88,7 @@ def write_node(writer: "NodeWriter", job: "SaveJob") -> dict:
             raise RemoteFailure(errors)             # no point writing a save that has failed
         t0 = time.perf_counter()
         name = f"data-n{topo.node:05d}-{os.urandom(4).hex()}.bin"
-        out = storage.open_writer(f"{folder}/{name}")
-        try:
-            result = writer.datafile.write(out, records)
-            out.commit()
-        except BaseException:
-            out.abort()
-            raise
+        result = writer.datafile.write_file(storage, f"{folder}/{name}", records)
         del records
         storage.sync_dir(folder)
         results = iter(result.records)

@@ -113,13 +113,7 @@ class NodeWriter:
             name = f"data-r{self.topo.rank:05d}-{os.urandom(4).hex()}.bin"
             records = [byte_view(buffer.tensor[s.offset:s.offset + s.nbytes])
                        for shard in job.plan.shards for s in shard.slots]
-            out = self.storage.open_writer(f"{folder}/{name}")
-            try:
-                result = self.datafile.write(out, records)
-                out.commit()
-            except BaseException:
-                out.abort()
-                raise
+            result = self.datafile.write_file(self.storage, f"{folder}/{name}", records)
             del records
             self.pool.release(buffer)
             buffer = None
