@@ -177,7 +177,7 @@ except ImportError:  # the benchmark imports this module without pytest
 
 if pytest is not None:
     @pytest.fixture(scope="session")
-    def seaweed():
+    def seaweedfs():
         server = start_seaweed()
         yield server
         server.stop()
@@ -191,4 +191,4 @@ if pytest is not None:
     @pytest.fixture(params=["seaweedfs", "moto"])
     def any_s3(request):
         """Each S3 server in turn (moto: keep objects small)."""
-        return request.getfixturevalue("seaweed" if request.param == "seaweedfs" else "moto")
+        return request.getfixturevalue(request.param)

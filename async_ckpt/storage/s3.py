@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -71,6 +72,7 @@ class S3Storage:
         self.fs, self.bucket, self.prefix, self.settings = fs, bucket, prefix, settings
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.endpoint = (fs.endpoint_url or fs.client_kwargs.get("endpoint_url")
+                         or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                          or "the default AWS S3 endpoint")
         self.policy = RetryPolicy(deadline_s=settings.retry_deadline_s)
         self._check_policy = RetryPolicy(deadline_s=min(CHECK_DEADLINE_S, settings.retry_deadline_s))
