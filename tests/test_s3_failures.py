@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from async_ckpt import AsyncCheckpointer, CheckpointError, InvalidArgumentError, StateComponent
+from async_ckpt import (AsyncCheckpointer, CheckpointError, InvalidArgumentError, SaveFailedError,
+                        StateComponent)
 from async_ckpt.storage import StorageConfigError, StorageUnavailableError, open_storage
 from corruption_support import G, Recorder, a_module, assert_same, b_state
 from s3_faults import FaultProxy
@@ -120,6 +121,24 @@ def test_persistent_faults_fail_in_bounded_time(seaweedfs, proxy):
     with pytest.raises(StorageConfigError, match="kept failing"):
         AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(None), G)], storage_options=options)
     assert time.monotonic() - start < 8
+
+
+def test_a_save_during_an_outage_fails_cleanly_and_the_next_one_works(seaweedfs, proxy):
+    remote = Remote(seaweedfs)
+    options = remote.options(endpoint_url=proxy.endpoint, retry_deadline_s=2)
+    box = Recorder({"t": torch.arange(100.0)})
+    ck = AsyncCheckpointer(remote.url, [StateComponent("b", box, G)], storage_options=options)
+    ck.save(1).wait()
+    handle = ck.save(2)
+    proxy.fail_always("slowdown")
+    with pytest.raises(SaveFailedError) as info:
+        handle.wait(timeout=30)              # resolves (no hang) even though cleanup fails too
+    assert isinstance(info.value.__cause__, StorageUnavailableError)
+    proxy.always = None
+    ck.save(3).wait()
+    ck.close()
+    assert [i.step for i in AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(None), G)],
+                                              storage_options=options).list_checkpoints()] == [1, 3]
 
 
 # -- multipart uploads that never complete -------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from .retry import RetryPolicy, retry_async
 from .s3_errors import (StorageConfigError, StorageUnavailableError, is_precondition_failed,
                         is_transient, translate)
 from .s3_writer import S3StreamWriter
+
+log = logging.getLogger("async_ckpt.storage")
 
 CHECK_DEADLINE_S = 10.0   # check_root/check_writable: fail fast on a root that cannot work
 
@@ -263,7 +266,17 @@ class S3Storage:
         self.run(self.call("delete_object", path, Key=self.key(path)))
 
     def delete_dir(self, path: str) -> None:
-        """Abort every unfinished multipart upload under the folder, then delete its objects."""
+        """Abort every unfinished multipart upload under the folder, then delete its objects.
+        Best effort like the local backend's rmtree(ignore_errors=True): a failure is logged,
+        and what is left stays garbage (never listed: it has no manifest) that the next cleanup
+        of the folder removes. The engine calls this from error paths that must not raise."""
+        try:
+            self._delete_dir(path)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("could not remove everything under %s (%s); the next cleanup retries",
+                        self.child_url(path), exc)
+
+    def _delete_dir(self, path: str) -> None:
         prefix = self._folder_key(path)
 
         async def go() -> None:
