@@ -6,11 +6,14 @@ import pytest
 from async_ckpt.storage import FsspecStorage, LocalStorage, Storage, open_storage
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "seaweedfs", "moto"])
 def storage(request, tmp_path) -> Storage:
     if request.param == "local":
         return open_storage(tmp_path / "root")
-    return open_storage(f"memory://conformance-{uuid.uuid4().hex}")
+    if request.param == "memory":
+        return open_storage(f"memory://conformance-{uuid.uuid4().hex}")
+    server = request.getfixturevalue(request.param)      # a real S3 server (tests/s3_servers.py)
+    return open_storage(server.fresh_root(), server.storage_options())
 
 
 def test_backend_selection(tmp_path):

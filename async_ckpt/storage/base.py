@@ -61,7 +61,9 @@ class Storage(Protocol):
         """Remove one object; a missing one is fine."""
 
     def delete_dir(self, path: str) -> None:
-        """Remove a folder and everything under it; a missing one is fine."""
+        """Remove a folder and everything under it (on S3 also aborting unfinished multipart
+        uploads there); a missing one is fine. Best effort: never raises; what could not be
+        removed is logged and stays as garbage for the next cleanup."""
 
     def child_url(self, path: str) -> str:
         """A URL for `path` under the root, for messages and CheckpointInfo.url."""

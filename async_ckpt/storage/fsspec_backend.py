@@ -1,8 +1,11 @@
 """Any fsspec filesystem (memory://, s3://, gcs://, ...). Objects appear when their write closes."""
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
+
+log = logging.getLogger("async_ckpt.storage")
 
 
 class _FsspecWriter:
@@ -96,6 +99,9 @@ class FsspecStorage:
             self.fs.rm(self._p(path), recursive=True)
         except FileNotFoundError:
             pass
+        except Exception as exc:  # noqa: BLE001 - best effort, as the protocol says
+            log.warning("could not remove everything under %s (%s); the next cleanup retries",
+                        self.child_url(path), exc)
 
     def child_url(self, path: str) -> str:
         return f"{self.url}/{path}" if path else self.url
