@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import random
 import warnings
+from typing import Mapping
 
 import torch
+
+from .errors import InvalidArgumentError
+
+
+def _own(state: torch.Tensor) -> torch.Tensor:
+    """A copy with its own storage. Loaded tensors can be views into one shared read buffer, and
+    torch's Generator.set_state reads from the start of the storage, ignoring the view's offset
+    (torch 2.13: "Invalid mt19937 state", or a crash for other generator kinds)."""
+    return state.detach().to("cpu", torch.uint8).clone(memory_format=torch.contiguous_format)
 
 
 def _cuda_count() -> int:
@@ -27,7 +37,19 @@ class RNGState:
     Restoring on a machine with fewer (or no) GPUs than the one that saved restores the devices
     that exist and warns (the other devices' streams are lost, so GPU-side randomness will not
     repeat the saved run); it never fails for that reason.
+
+    `generators` adds private ``torch.Generator`` objects by name, e.g. the one given to a
+    DataLoader as ``generator=`` (a DataLoader without one draws a seed from the global torch
+    stream every time an iterator is created, which a resumed run does at a different step).
     """
+
+    def __init__(self, generators: Mapping[str, torch.Generator] | None = None) -> None:
+        self.generators = dict(generators or {})
+        for name, gen in self.generators.items():
+            if not isinstance(name, str) or not isinstance(gen, torch.Generator):
+                raise InvalidArgumentError(
+                    f"RNGState generators must map names (str) to torch.Generator objects; got "
+                    f"{name!r}: {type(gen).__name__}")
 
     def state_dict(self) -> dict:
         """The current state of every generator of this process."""
@@ -38,6 +60,8 @@ class RNGState:
         }
         if _cuda_count():
             state["torch_cuda"] = list(torch.cuda.get_rng_state_all())
+        if self.generators:
+            state["generators"] = {name: gen.get_state() for name, gen in self.generators.items()}
         try:
             import numpy as np
         except ImportError:
@@ -49,10 +73,17 @@ class RNGState:
 
     def load_state_dict(self, state: dict) -> None:
         """Set every generator present in `state`; warn about streams that cannot be restored."""
-        torch.set_rng_state(state["torch_cpu"])
+        torch.set_rng_state(_own(state["torch_cpu"]))
         py = state["python"]
         random.setstate((py["version"], tuple(int(x) for x in py["mt"].tolist()), py["gauss"]))
         self._load_cuda(list(state.get("torch_cuda") or []))
+        saved_gens = state.get("generators") or {}
+        for name, gen in self.generators.items():
+            if name in saved_gens:
+                gen.set_state(_own(saved_gens[name]))
+            else:
+                warnings.warn(f"RNGState: generator {name!r} is not in the checkpoint; it keeps its "
+                              "current state (register it before saving to restore it)", stacklevel=2)
         if "numpy" in state:
             self._load_numpy(state["numpy"])
 
@@ -60,7 +91,7 @@ class RNGState:
     def _load_cuda(saved: list) -> None:
         present = _cuda_count()
         for device, cuda_state in enumerate(saved[:present]):
-            torch.cuda.set_rng_state(cuda_state, device)
+            torch.cuda.set_rng_state(_own(cuda_state), device)
         if present < len(saved):
             warnings.warn(
                 f"RNGState: the checkpoint holds the RNG state of {len(saved)} CUDA device(s) but "
