@@ -11,3 +11,5 @@ from .checkpointer import AsyncCheckpointer  # noqa: E402
 __all__ = ["AsyncCheckpointer", "StateComponent", "SharingPattern", "ValidationLevel", "SaveHandle",
            "CheckpointInfo", "RNGState", "CheckpointError", "CheckpointNotFoundError",
            "CorruptCheckpointError", "ReplicationError", "SaveFailedError", "InvalidArgumentError"]
+from .sampler import ResumableSampler  # noqa: E402
+__all__ += ["ResumableSampler"]
