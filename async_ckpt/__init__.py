@@ -13,3 +13,6 @@ __all__ = ["AsyncCheckpointer", "StateComponent", "SharingPattern", "ValidationL
            "CorruptCheckpointError", "ReplicationError", "SaveFailedError", "InvalidArgumentError"]
 from .sampler import ResumableSampler  # noqa: E402
 __all__ += ["ResumableSampler"]
+from .detectors import EMADetector, WindowDetector  # noqa: E402
+from .divergence import DivergenceEvent, DivergenceMonitor  # noqa: E402
+__all__ += ["EMADetector", "WindowDetector", "DivergenceEvent", "DivergenceMonitor"]
