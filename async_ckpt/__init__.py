@@ -16,3 +16,5 @@ __all__ += ["ResumableSampler"]
 from .detectors import EMADetector, WindowDetector  # noqa: E402
 from .divergence import DivergenceEvent, DivergenceMonitor  # noqa: E402
 __all__ += ["EMADetector", "WindowDetector", "DivergenceEvent", "DivergenceMonitor"]
+from .schedule import Due, PeriodicTrigger, TrainingSchedule  # noqa: E402
+__all__ += ["Due", "PeriodicTrigger", "TrainingSchedule"]
