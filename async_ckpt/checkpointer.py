@@ -69,7 +69,7 @@ class AsyncCheckpointer:
     if and only if its manifest does. Options beyond the named ones: ``allow_pickle`` (False: refuse
     non-JSON leaves on save and pickled leaves on load), ``verify`` (True: check hashes on load),
     ``compression_level`` (zstd level, 1), ``overlap_staging`` (False: with CUDA state, save()
-    returns before the D2H copy lands; call ``SaveHandle.wait_staged()`` before mutating), and
+    returns before the D2H copy lands; call ``SaveHandle.wait_staged()`` before mutating),
     ``encode_threads`` (2: zstd threads) and ``keep_every`` (None; N: retention keeps every step
     that is a multiple of N for good, in addition to keep_last/keep_best).
     """
