@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import CheckpointNotFoundError, InvalidArgumentError
-from .layout import committed_steps, manifest_path, step_dir
+from .layout import manifest_path, step_dir
 from .retention import best_steps
 from .types import CheckpointInfo
 
@@ -147,12 +147,17 @@ class DivergenceMonitor:
         ckpt = self.checkpointer
         ckpt.wait()                      # a save still in flight would commit after the discard
         target = self.choose_target(step)
-        discarded = tuple(s for s in committed_steps(ckpt.storage) if s > target.step)
-        if ckpt.topo.rank == 0:
-            for s in discarded:          # uncommit first, then free the data (as retention does)
+        discarded = tuple(i.step for i in ckpt.list_checkpoints() if i.step > target.step)
+        rank, world = _rank_and_world()
+        if rank == 0:
+            # No public delete in the checkpointer API yet: uncommit first, then free the data,
+            # exactly as retention does (the writer is idle after wait()).
+            for s in discarded:
                 ckpt.storage.delete(manifest_path(s))
                 ckpt.storage.delete_dir(step_dir(s))
-        _barrier_if_distributed(ckpt.topo.world_size)
+        if world > 1:                    # no rank may load or save before the discard is done
+            import torch.distributed as dist
+            dist.barrier()
         self._loaded = False
         rollbacks = self.rollbacks + 1
         info = ckpt.load(target.step)
@@ -176,11 +181,9 @@ class DivergenceMonitor:
         self._loaded = True
 
 
-def _barrier_if_distributed(world_size: int) -> None:
-    """Rank 0 discards; no rank may load or save before that is done."""
-    if world_size <= 1:
-        return
+def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
