@@ -116,7 +116,8 @@ class DivergenceMonitor:
         return self._record(DivergenceEvent(step, value, reason, "rollback", restored, discarded))
 
     def _record(self, event: DivergenceEvent) -> DivergenceEvent:
-        entry = {"step": event.step, "value": event.value if math.isfinite(event.value) else str(event.value),
+        entry = {"n": self.events[-1]["n"] + 1 if self.events else 1, "step": event.step,
+                 "value": event.value if math.isfinite(event.value) else str(event.value),
                  "reason": event.reason, "action": event.action,
                  "restored": event.restored.step if event.restored else None}
         self.events = (self.events + [entry])[-16:]
@@ -177,7 +178,10 @@ class DivergenceMonitor:
         # The rollback count only grows: restoring an older checkpoint during a rollback must not
         # give the run its rollbacks back (that would allow an endless spike/rollback loop).
         self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))
-        self.events = list(state.get("events", []))
+        # Events only grow too: a rollback restores an older list, the newer events stay known.
+        known = {e.get("n") for e in self.events}
+        merged = self.events + [e for e in state.get("events", []) if e.get("n") not in known]
+        self.events = sorted(merged, key=lambda e: e.get("n", 0))[-16:]
         self._loaded = True
 
 
