@@ -11,3 +11,10 @@ from .checkpointer import AsyncCheckpointer  # noqa: E402
 __all__ = ["AsyncCheckpointer", "StateComponent", "SharingPattern", "ValidationLevel", "SaveHandle",
            "CheckpointInfo", "RNGState", "CheckpointError", "CheckpointNotFoundError",
            "CorruptCheckpointError", "ReplicationError", "SaveFailedError", "InvalidArgumentError"]
+from .sampler import ResumableSampler  # noqa: E402
+__all__ += ["ResumableSampler"]
+from .detectors import EMADetector, WindowDetector  # noqa: E402
+from .divergence import DivergenceEvent, DivergenceMonitor  # noqa: E402
+__all__ += ["EMADetector", "WindowDetector", "DivergenceEvent", "DivergenceMonitor"]
+from .schedule import Due, PeriodicTrigger, TrainingSchedule  # noqa: E402
+__all__ += ["Due", "PeriodicTrigger", "TrainingSchedule"]

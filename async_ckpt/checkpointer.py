@@ -39,7 +39,7 @@ from .writer import ComponentInfo, NodeWriter, SaveJob
 log = logging.getLogger("async_ckpt")
 
 _OPTIONS = {"allow_pickle": False, "verify": True, "compression_level": 1,
-            "overlap_staging": False, "encode_threads": 2, "timeout_s": 600.0}
+            "overlap_staging": False, "encode_threads": 2, "timeout_s": 600.0, "keep_every": None}
 
 
 def _close_at_exit(ref: "weakref.ref[AsyncCheckpointer]") -> None:
@@ -73,10 +73,11 @@ class AsyncCheckpointer:
     if and only if its manifest does. Options beyond the named ones: ``allow_pickle`` (False: refuse
     non-JSON leaves on save and pickled leaves on load), ``verify`` (True: check hashes on load),
     ``compression_level`` (zstd level, 1), ``overlap_staging`` (False: with CUDA state, save()
-    returns before the D2H copy lands; call ``SaveHandle.wait_staged()`` before mutating), and
-    ``encode_threads`` (2: zstd threads) and ``timeout_s`` (600: the longest a multi-rank save
-    waits for another rank or node at each hand-over; a handle fails after at most about twice
-    this when a peer crashed).
+    returns before the D2H copy lands; call ``SaveHandle.wait_staged()`` before mutating),
+    ``encode_threads`` (2: zstd threads), ``keep_every`` (None; N: retention keeps every step
+    that is a multiple of N for good, in addition to keep_last/keep_best) and ``timeout_s`` (600:
+    the longest a multi-rank save waits for another rank or node at each hand-over; a handle
+    fails after at most about twice this when a peer crashed).
 
     With several ranks (torch.distributed initialised), every rank constructs its checkpointer
     with the same root and components, in the same order, and calls ``save``/``load`` for the
@@ -99,6 +100,7 @@ class AsyncCheckpointer:
         _check_int("max_pending", max_pending, 1)
         _check_int("compression_level", self.options["compression_level"], 1)
         _check_int("encode_threads", self.options["encode_threads"], 1)
+        _check_int("keep_every", self.options["keep_every"], 1, allow_none=True)
         if keep_best and not best_metric:
             raise InvalidArgumentError("keep_best > 0 needs best_metric, the metric name to rank by")
         self.keep_last, self.keep_best, self.best_metric = keep_last, keep_best, best_metric
@@ -330,6 +332,9 @@ class AsyncCheckpointer:
         return self._metrics_cache[step]
 
     def _retain(self, committed_step: int) -> None:
+        # A step can be committed anew after its folder was removed (e.g. a divergence rollback
+        # discarded it): never rank it by the metrics cached for the old checkpoint.
+        self._metrics_cache.pop(committed_step, None)
         folders = step_dirs(self.storage)
         committed = committed_steps(self.storage, folders)
         if self._link is None:
@@ -348,7 +353,8 @@ class AsyncCheckpointer:
             return
         metrics = {s: self._metrics_of(s) for s in committed} if self.keep_best else {}
         keep = steps_to_keep(committed, metrics, keep_last=self.keep_last, keep_best=self.keep_best,
-                             best_metric=self.best_metric, greater_is_better=self.greater_is_better)
+                             best_metric=self.best_metric, greater_is_better=self.greater_is_better,
+                             keep_every=self.options["keep_every"])
         for step in committed:
             if step not in keep:
                 self.storage.delete(manifest_path(step))   # uncommit first, then free the data
