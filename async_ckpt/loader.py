@@ -15,6 +15,7 @@ from .storage import Storage
 from .tree import dtype_from_name, unflatten
 
 _MAX_GAP = 1 << 20   # read through gaps up to this size rather than issue another request
+_OWN_STORAGE_BELOW = 1 << 16   # records smaller than this get their own storage (cheap)
 
 
 def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Manifest:
@@ -82,7 +83,9 @@ def read_tensors(storage: Storage, folder: str, shard: ShardEntry, where: str,
             dtype = dtype_from_name(entry.dtype, what)
             if entry.codec == "raw":
                 raw = block[rel:rel + entry.length]
-                if rel % 64 and entry.nbytes:   # not aligned for the dtype: copy out
+                # Unaligned records must be copied out; small ones are too, because some torch
+                # consumers (Generator.set_state) read a tensor's storage from its start.
+                if entry.nbytes and (rel % 64 or entry.nbytes < _OWN_STORAGE_BELOW):
                     raw = raw.clone()
             else:
                 raw = torch.empty(entry.nbytes, dtype=torch.uint8)

@@ -85,14 +85,18 @@ class NodeWriter:
 
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
-            if isinstance(job, SaveJob) and self.link is not None:
+            if isinstance(job, SaveJob):
                 try:
-                    node_save(self, job)
+                    node_save(self, job) if self.link is not None else self._save(job)
+                except BaseException as exc:  # noqa: BLE001 - the thread must outlive any one job
+                    log.exception("[rank %d step %d] node writer failed", self.topo.rank, job.step)
+                    if self.link is None and not job.handle.done():
+                        job.handle._fail(SaveFailedError(
+                            f"saving step {job.step} failed on rank {self.topo.rank}: {exc!r}",
+                            {self.topo.rank: exc}))
                 finally:
                     job.written.set()
                     job.retained.set()
-            elif isinstance(job, SaveJob):
-                self._save(job)
             else:
                 try:
                     job()
@@ -138,7 +142,11 @@ class NodeWriter:
             if buffer is not None:
                 self.pool.release(buffer)
             if not manifest_written:
-                self.storage.delete_dir(folder)
+                try:
+                    self.storage.delete_dir(folder)
+                except Exception:  # noqa: BLE001 - storage may be down; the next commit cleans up
+                    log.warning("[rank %d step %d] could not remove %s; a later commit will",
+                                self.topo.rank, job.step, folder)
             log.error("[rank %d step %d] save failed: %r", self.topo.rank, job.step, exc)
             err = SaveFailedError(
                 f"saving step {job.step} to {self.storage.child_url(folder)} failed on rank "
