@@ -22,7 +22,7 @@ from .handle import SaveHandle
 from .layout import committed_steps, manifest_path, step_dir, step_dirs
 from .components import group_members, resolve_pattern, validate_components
 from .loader import read_manifest
-from .link import StoreLink, namespace
+from .link import Heartbeat, StoreLink, namespace
 from .manifest import MANIFEST_NAME
 from .node_save import describe_job
 from .plan import Planner, layout_key
@@ -76,8 +76,9 @@ class AsyncCheckpointer:
     returns before the D2H copy lands; call ``SaveHandle.wait_staged()`` before mutating),
     ``encode_threads`` (2: zstd threads), ``keep_every`` (None; N: retention keeps every step
     that is a multiple of N for good, in addition to keep_last/keep_best) and ``timeout_s`` (600:
-    the longest a multi-rank save waits for another rank or node at each hand-over; a handle
-    fails after at most about twice this when a peer crashed).
+    the longest a multi-rank save waits for another rank or node to reach the save; once there,
+    a peer may work as long as it needs while its heartbeat goes on, and a dead one is noticed
+    within min(timeout_s, 30) s).
 
     With several ranks (torch.distributed initialised), every rank constructs its checkpointer
     with the same root and components, in the same order, and calls ``save``/``load`` for the
@@ -122,6 +123,7 @@ class AsyncCheckpointer:
             validate_components(components)
         self._link = (StoreLink.from_default_group(namespace(self.storage.url), float(timeout))
                       if self.topo.world_size > 1 else None)
+        self._heartbeat = Heartbeat(self._link, self.topo.rank) if self._link is not None else None
         # Other local ranks hand their buffers to the node writer through shared memory.
         self._pool = BufferPool(pin=torch.cuda.is_available(), shared=not self.topo.is_node_writer)
         self._planner = Planner(self.topo)
@@ -308,6 +310,8 @@ class AsyncCheckpointer:
                 self._writer.stop()
             if self._worker is not None:
                 self._worker.stop()
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
             self._pool.close()
 
     def __enter__(self) -> "AsyncCheckpointer":

@@ -105,14 +105,34 @@ class StoreLink:
             return {}
         return {r: self.get(seq, f"err/{r}") for r in ranks if self.has(seq, f"err/{r}")}
 
+    # -- liveness -----------------------------------------------------------------------------
+    def beat(self, rank: int) -> None:
+        self._client().add(f"{self.ns}/hb/{rank}", 1)
+
+    def heartbeat_of(self, rank: int) -> int:
+        return self._client().add(f"{self.ns}/hb/{rank}", 0)
+
+    @property
+    def liveness_s(self) -> float:
+        """How long a rank's heartbeat may stand still before it counts as dead."""
+        return min(self.timeout_s, 30.0)
+
     # -- waiting ------------------------------------------------------------------------------
     def gather(self, seq: int, names: dict[Any, str], what: str, world: range,
-               deadline: float | None = None, stop_on_outcome: bool = True) -> dict[Any, Any]:
-        """Wait until every key in `names` exists and return their values. Raise RemoteFailure
-        as soon as any rank of `world` reports an error (or a failed outcome is published), and
-        LinkTimeout naming the missing ones when the deadline passes."""
-        deadline = time.monotonic() + self.timeout_s if deadline is None else deadline
+               deadline: float | None = None, stop_on_outcome: bool = True,
+               alive: dict[Any, int] | None = None, forever: bool = False) -> dict[Any, Any]:
+        """Wait until every key in `names` exists and return their values.
+
+        Raise RemoteFailure as soon as any rank of `world` reports an error (or a failed outcome
+        is published); LinkTimeout naming the missing ones when the deadline (default: timeout_s
+        from now; `forever`: none) passes, or when the rank expected to post a key (`alive`:
+        ident -> rank) stops beating for liveness_s: it died. A legitimately long wait (a node
+        writing a huge state) is therefore bounded by liveness, not by a guess of its duration.
+        """
+        start = time.monotonic()
+        deadline = start + self.timeout_s if deadline is None else deadline
         found: dict[Any, Any] = {}
+        beats: dict[int, tuple[int, float]] = {}
         pause = 0.002
         while True:
             for ident, name in names.items():
@@ -128,7 +148,18 @@ class StoreLink:
                 if not outcome.get("ok"):
                     raise RemoteFailure({int(r): m for r, m in outcome.get("causes", {}).items()}
                                         or {-1: outcome.get("message", "save failed")})
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            for ident, rank in (alive or {}).items():
+                if ident in found:
+                    continue
+                count = self.heartbeat_of(rank)
+                if rank not in beats or beats[rank][0] != count:
+                    beats[rank] = (count, now)
+                elif now - beats[rank][1] > self.liveness_s:
+                    raise LinkTimeout(f"rank {rank} stopped answering (no heartbeat for "
+                                      f"{self.liveness_s:g} s) while {what} {ident} was awaited: "
+                                      "it died or hangs", [ident])
+            if not forever and now > deadline:
                 missing = sorted(i for i in names if i not in found)
                 raise LinkTimeout(
                     f"{what} {', '.join(map(str, missing))} did not answer within "
@@ -137,3 +168,25 @@ class StoreLink:
                     missing)
             time.sleep(pause)
             pause = min(pause * 1.5, 0.01)
+
+
+class Heartbeat:
+    """Bumps this rank's heartbeat counter in the Store twice a second from a daemon thread, so
+    peers can tell a rank that is slow from one that is gone."""
+
+    def __init__(self, link: StoreLink, rank: int):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(link, rank),
+                                        name="ckpt-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self, link: StoreLink, rank: int) -> None:
+        while not self._stop.is_set():
+            try:
+                link.beat(rank)
+            except Exception:  # noqa: BLE001 - the Store went away; waiters notice on their own
+                return
+            self._stop.wait(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -73,10 +73,13 @@ def write_node(writer: "NodeWriter", job: "SaveJob") -> dict:
     link, topo, storage = writer.link, writer.topo, writer.storage
     folder, seq, world = step_dir(job.step), job.seq, range(topo.world_size)
     try:
+        if topo.rank != 0:
+            link.post(seq, f"begun/{topo.node}", 1)   # the coordinator's hand-over deadline ends
         peers = [r for r in topo.node_ranks() if r != topo.rank]
         descs = [describe_job(job, topo.rank)]
         if peers:
-            got = link.gather(seq, {r: f"job/{r}" for r in peers}, "rank(s)", world)
+            got = link.gather(seq, {r: f"job/{r}" for r in peers}, "rank(s)", world,
+                              alive={r: r for r in peers})
             descs += [got[r] for r in peers]
         job.buffer.wait_copied()
         buffers = {topo.rank: job.buffer.tensor}
@@ -187,9 +190,14 @@ def coordinate(writer: "NodeWriter", job: "SaveJob", own: dict) -> None:
     try:
         if "causes" in own:
             raise RemoteFailure(own["causes"])
+        nodes = range(1, topo.num_nodes)
+        writers = {n: topo.node_writer_of(n) for n in nodes}
         try:
-            others = link.gather(seq, {n: f"node/{n}" for n in range(1, topo.num_nodes)},
-                                 "node(s)", world)
+            # Every node writer must start this save within timeout_s; after that it may write
+            # for as long as it needs, as long as its process is alive.
+            link.gather(seq, {n: f"begun/{n}" for n in nodes}, "node(s)", world, alive=writers)
+            others = link.gather(seq, {n: f"node/{n}" for n in nodes}, "node(s)", world,
+                                 alive=writers, forever=True)
         except LinkTimeout as exc:
             exc.missing = [topo.node_writer_of(n) for n in exc.missing]
             raise
@@ -197,8 +205,10 @@ def coordinate(writer: "NodeWriter", job: "SaveJob", own: dict) -> None:
         causes = {int(r): c for rep in reports for r, c in rep.get("causes", {}).items()}
         if causes:
             raise RemoteFailure(causes)
-        announces = link.gather(seq, {r: f"vh/{r}" for r in world}, "rank(s)", world)
+        announces = link.gather(seq, {r: f"vh/{r}" for r in world}, "rank(s)", world,
+                                alive={r: r for r in world})
         link.delete(seq - 1, ["outcome", "nerr", "fullreq"])   # every rank has read them by now
+        link.delete(seq, [f"begun/{n}" for n in nodes])
         disagreement = check_agreement(announces)
         if disagreement:
             raise CheckpointError(disagreement)

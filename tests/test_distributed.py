@@ -170,3 +170,12 @@ def test_rank_killed_mid_save_fails_survivors_within_deadline(tmp_path, victim):
         assert res["causes"], res
         assert res["steps"] == [1]
     assert not (tmp_path / "ckpt" / "step-0000000002" / "manifest.json").exists()
+
+
+def test_a_slow_but_alive_node_writer_is_waited_for(tmp_path):
+    """Deadlines bound hand-overs; a write may take as long as it needs while its process lives."""
+    timeout, delay = 3.0, 2 * 3.0 + 8
+    results = run("slow", tmp_path / "ckpt", tmp_path / "out", args=(str(timeout), str(delay)))
+    for rank, res in results.items():
+        assert not res["failed"], res
+        assert res["seconds"] > delay and res["steps"] == [1]

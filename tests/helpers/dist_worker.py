@@ -256,8 +256,29 @@ def scenario_kill(rank, world, local_world, node, groups):
     os._exit(0)   # the dead rank's process group cannot be torn down cleanly
 
 
+def scenario_slow(rank, world, local_world, node, groups):
+    """Node 1's writer takes far longer than timeout_s to write: alive and busy is not dead, so
+    the save must commit on every rank."""
+    timeout, delay = float(ARGS[0]), float(ARGS[1])
+    comps = [StateComponent("big", Holder({"w": torch.full((1 << 16,), float(rank))}), SharingPattern.PER_RANK)]
+    ckpt = AsyncCheckpointer(ROOT, comps, timeout_s=timeout)
+    if rank == 2:
+        real_open_writer = ckpt.storage.open_writer
+
+        def slow_open_writer(path):
+            time.sleep(delay)
+            return real_open_writer(path)
+        ckpt.storage.open_writer = slow_open_writer
+    started = time.monotonic()
+    result = _failed_save(ckpt, 1)
+    result["steps"] = [i.step for i in ckpt.list_checkpoints()]
+    result["seconds"] = time.monotonic() - started
+    ckpt.close()
+    write(result, rank)
+
+
 if __name__ == "__main__":
     ctx = setup()
     {"save": scenario_save, "load": scenario_load, "resize": scenario_resize,
-     "replicas": scenario_replicas, "kill": scenario_kill}[SCENARIO](*ctx)
+     "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow}[SCENARIO](*ctx)
     dist.destroy_process_group()
