@@ -254,3 +254,24 @@ def test_grouping_compresses_bf16_weights_better_than_plain_zstd(tmp_path):
     save_load(tmp_path, {"w": w})
     (entry,) = tensors(manifest(tmp_path))
     assert entry["codec"] == "zstd-shuffle2" and entry["nbytes"] / entry["length"] >= 1.4
+
+
+@pytest.mark.timeout(900)
+def test_two_nodes_save_grouped_records_and_reload_them(tmp_path):
+    """The node writers' path (node_save.py): 4 ranks on 2 nodes, compression="zstd"."""
+    from dist_support import run
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # This checkout's package in the workers, whatever an installed copy says.
+    env = {"DIST_TEST_COMPRESSION": "zstd",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    before = run("save", tmp_path / "ckpt", tmp_path / "out-save", env=env)
+    after = run("load", tmp_path / "ckpt", tmp_path / "out-load", env=env)
+    for rank, res in after.items():
+        assert res["step"] == 2 and res["model"] == before[rank]["model"]
+        assert res["per_rank"] == {"v": [float(rank)] * 5, "name": f"rank{rank}"}
+    doc = json.loads((tmp_path / "ckpt" / "step-0000000002" / "manifest.json").read_text())
+    by_dtype = {(t["dtype"], t["codec"]) for c in doc["components"].values()
+                for s in c["shards"].values() for t in s["tensors"]}
+    assert ("float32", "zstd-shuffle4") in by_dtype and ("float32", "zstd") not in by_dtype
+    assert all(codec == codec_for(getattr(torch, d), True) for d, codec in by_dtype)
+    assert {d for d, codec in by_dtype if codec == "zstd"}, "integer state (RNG, steps) stays zstd"
