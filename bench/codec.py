@@ -1,11 +1,12 @@
 """Codec micro-benchmark: plain zstd vs byte-grouped (shuffle) + zstd on checkpoint-like tensors.
 
-    python -m bench.codec [--mib 256] [--repeats 5] [--quick]
+    python -m bench.codec [--mib 128] [--repeats 5] [--quick]
 
 For each data set it reports the compression ratio and the encode (the checkpointer's pool of
 `--threads` threads over 16 MiB pieces, as on save) and decode (codec.decompress_frames: pieces in
-parallel, as on load; and one thread, as before) throughput in GB/s of raw bytes, medians over
-repeats, all rows side by side in one run. Results: bench/results/codec.{md,json}.
+parallel, as on load; and one thread, as before) throughput in GB/s of raw bytes per wall second
+and per CPU second, medians over rounds in which the methods run interleaved, all rows side by
+side in one run. Results: bench/results/codec.{md,json}.
 """
 from __future__ import annotations
 
@@ -73,13 +74,11 @@ def _encode(pool: ThreadPoolExecutor, compress, pieces, width) -> list[bytes]:
     return list(pool.map(lambda p: compress(p, width), pieces))
 
 
-def _timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _measure(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of every thread of this process) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _plane_ratios(view: memoryview, width: int, compressor: Compressor) -> list[float]:
@@ -104,60 +103,77 @@ def run(mib: int, repeats: int, threads: int, level: int) -> dict:
                ("shuffle + zstd (async_ckpt)", compressor.compress, True)]
     rows, planes = [], {}
     load0 = os.getloadavg()[0]
-    with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(1) as one:
+    with ThreadPoolExecutor(threads) as pool:
         for name, make in DATASETS.items():
             data = make(mib * MIB, gen).contiguous()
             view = memoryview(data.view(torch.uint8).numpy())
             pieces, width = _pieces(view), shuffle_width(data.dtype)
             planes[name] = _plane_ratios(view, width, compressor)
-            shuffle_s = _timed(lambda: [shuffle(p, width) for p in pieces], repeats)
-            rows.append({"data": name, "method": f"shuffle only ({width} planes, 1 thread)",
-                         "ratio": None, "encode_s": shuffle_s, "decode_s": None, "decode_1t_s": None})
+            out = torch.empty(len(view), dtype=torch.uint8)
+            ov = memoryview(out.numpy())
+            cases = []
             for method, compress, grouped in methods:
                 w = width if grouped else 0
                 frames = _encode(pool, compress, pieces, w)
-                stored = b"".join(frames)
+                stored = memoryview(b"".join(frames))
                 sizes = [len(f) for f in frames]
-                out = torch.empty(len(view), dtype=torch.uint8)
-                ov = memoryview(out.numpy())
-                enc = _timed(lambda: _encode(pool, compress, pieces, w), repeats)
-                enc1 = _timed(lambda: _encode(one, compress, pieces, w), max(1, repeats // 2))
-                dec = _timed(lambda: decompress_frames(memoryview(stored), sizes, ov, name, w), repeats)
-                dec1 = _timed(lambda: decompress_frames(memoryview(stored), sizes, ov, name, w,
-                                                          parallel=False), repeats)
+                decompress_frames(stored, sizes, ov, name, w)
                 assert bytes(ov) == bytes(view), f"{method} did not round-trip {name}"
-                rows.append({"data": name, "method": method, "ratio": len(view) / len(stored),
-                             "encode_s": enc, "encode_1t_s": enc1, "decode_s": dec, "decode_1t_s": dec1})
-            del data, view, pieces
-    for r in rows:
-        for k in ("encode_s", "encode_1t_s", "decode_s", "decode_1t_s"):
-            if r.get(k):
-                r[k.replace("_s", "_gbps")] = mib * MIB / statistics.median(r[k]) / 1e9
+                cases.append({"method": method, "ratio": len(view) / len(stored), "w": w,
+                              "compress": compress, "stored": stored, "sizes": sizes,
+                              "encode": [], "decode": [], "decode_1t": []})
+            shuffle_only = {"method": f"byte grouping only ({width} planes, 1 thread)",
+                            "ratio": None, "encode": [], "decode": [], "decode_1t": []}
+            for rnd in range(repeats):
+                # Methods interleaved, order rotated each round, so background load hits all alike.
+                order = cases[rnd % len(cases):] + cases[:rnd % len(cases)]
+                for c in order:
+                    w, comp, st, sz = c["w"], c["compress"], c["stored"], c["sizes"]
+                    c["encode"].append(_measure(lambda: _encode(pool, comp, pieces, w)))
+                    c["decode"].append(_measure(lambda: decompress_frames(st, sz, ov, name, w)))
+                    c["decode_1t"].append(_measure(
+                        lambda: decompress_frames(st, sz, ov, name, w, parallel=False)))
+                shuffle_only["encode"].append(_measure(lambda: [shuffle(p, width) for p in pieces]))
+            for c in [shuffle_only] + cases:
+                row = {"data": name, "method": c["method"], "ratio": c["ratio"]}
+                for k in ("encode", "decode", "decode_1t"):
+                    if c[k]:
+                        wall = statistics.median(x[0] for x in c[k])
+                        cpu = statistics.median(x[1] for x in c[k])
+                        row[f"{k}_wall_s"] = [x[0] for x in c[k]]
+                        row[f"{k}_cpu_s"] = [x[1] for x in c[k]]
+                        row[f"{k}_gbps"] = len(view) / wall / 1e9
+                        row[f"{k}_gbps_per_cpu_s"] = len(view) / cpu / 1e9
+                rows.append(row)
+            del data, view, pieces, cases, out, ov
     return {"mib_per_dataset": mib, "repeats": repeats, "encode_threads": threads, "level": level,
             "decode_threads": min(4, os.cpu_count() or 1), "rows": rows, "plane_ratios": planes,
             "load_avg_start_end": [load0, os.getloadavg()[0]], "machine": machine_info(RESULTS)}
 
 
 def markdown(res: dict) -> str:
-    m = res["machine"]
+    m, cores = res["machine"], res["machine"]["cpu_affinity"]
     lines = [f"### Codec micro-benchmark: {res['mib_per_dataset']} MiB per data set, zstd level "
-             f"{res['level']}, 16 MiB pieces, median of {res['repeats']} "
-             f"({m['cpu_affinity']} CPUs, {m['cpu_model']})", "",
-             f"Encode: {res['encode_threads']} threads over the pieces (as the checkpointer's "
-             "encode pool); 1-thread encode is a median of fewer repeats. Decode: "
-             f"`decompress_frames`, pieces in parallel on {res['decode_threads']} threads (as load "
-             "now does) and on 1 thread (as load did before). GB/s of raw bytes. Load average "
-             "start/end: {:.2f}/{:.2f}; other work on the machine makes absolute GB/s noisy, "
-             "compare rows of this run.".format(*res["load_avg_start_end"]), "",
-             "| data | method | ratio | encode GB/s | encode 1-thread GB/s | decode GB/s | "
-             "decode 1-thread GB/s |", "|---|---|---:|---:|---:|---:|---:|"]
+             f"{res['level']}, 16 MiB pieces, median of {res['repeats']} rounds "
+             f"({cores} CPUs, {m['cpu_model']})", "",
+             f"Encode: {res['encode_threads']} threads over the pieces (the checkpointer's encode "
+             f"pool). Decode: `decompress_frames`, pieces in parallel on {res['decode_threads']} "
+             "threads (as load now does) and on 1 thread (as load did before). GB/s of raw bytes "
+             "per wall second, and per CPU second (process CPU time, all threads): other work on "
+             "the machine steals wall time but not CPU time, so `GB/s per CPU-s x cores` is what "
+             "the pieces would reach on idle cores. Methods run interleaved, order rotated each "
+             "round. Load average start/end: {:.2f}/{:.2f}.".format(*res["load_avg_start_end"]), "",
+             "| data | method | ratio | encode GB/s | encode GB/s per CPU-s | decode GB/s | "
+             "decode GB/s per CPU-s | decode 1-thread GB/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def f(v, fmt="{:.2f}"):
         return fmt.format(v) if v is not None else ""
     for r in res["rows"]:
         lines.append(f"| {r['data']} | {r['method']} | {f(r['ratio'], '{:.3f}x')} | "
-                     f"{f(r.get('encode_gbps'))} | {f(r.get('encode_1t_gbps'))} | "
-                     f"{f(r.get('decode_gbps'))} | {f(r.get('decode_1t_gbps'))} |")
+                     f"{f(r.get('encode_gbps'))} | {f(r.get('encode_gbps_per_cpu_s'))} | "
+                     f"{f(r.get('decode_gbps'))} | {f(r.get('decode_gbps_per_cpu_s'))} | "
+                     f"{f(r.get('decode_1t_gbps'))} |")
     lines += ["", "Per-plane ratios of the first 16 MiB piece (plane 0 = lowest byte):", ""]
     for name, ratios in res["plane_ratios"].items():
         lines.append(f"- {name}: " + ", ".join(f"{r:.2f}x" for r in ratios))
@@ -166,15 +182,15 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mib", type=int, default=256, help="raw MiB per data set")
+    ap.add_argument("--mib", type=int, default=128, help="raw MiB per data set")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="encode threads (the checkpointer's "
                     "encode_threads option)")
     ap.add_argument("--level", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="32 MiB, 2 repeats (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="32 MiB, 1 round (smoke test)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
-    mib, repeats = (32, 2) if args.quick else (args.mib, args.repeats)
+    mib, repeats = (32, 1) if args.quick else (args.mib, args.repeats)
     res = run(mib, repeats, args.threads, args.level)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "codec.json"), "w") as fh:
