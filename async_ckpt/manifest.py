@@ -123,8 +123,11 @@ def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
         length=_int(doc.get("length"), f"{what}.length"), nbytes=_int(doc.get("nbytes"), f"{what}.nbytes"),
         codec=_get(doc, "codec", str, what), hash=_get(doc, "hash", str, what),
         frames=tuple(_int(f, f"{what}.frames", 1) for f in doc.get("frames", [])))
-    if entry.codec not in CODECS or not _HASH_RE.match(entry.hash):
-        raise ValueError(f"{what} has an unknown codec or malformed hash")
+    if entry.codec not in CODECS:
+        raise ValueError(f"{what} has unknown codec {entry.codec!r}; this release reads {CODECS} "
+                         "(upgrade async_ckpt if a newer release wrote it)")
+    if not _HASH_RE.match(entry.hash):
+        raise ValueError(f"{what} has a malformed hash")
     if entry.nbytes != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
         raise ValueError(f"{what}: nbytes {entry.nbytes} does not match {entry.dtype}{list(shape)}")
     if entry.codec == "raw" and entry.length != entry.nbytes:
