@@ -218,6 +218,13 @@ def test_parallel_decode_fails_when_one_piece_is_wrong_and_succeeds_when_all_are
                           memoryview(out), "t", 2)
     decompress_frames(memoryview(b"".join(frames)), [len(f) for f in frames], memoryview(out), "t", 2)
     assert bytes(out) == src
+    # A truncated frame fails on this thread's reused decoder, which then still decodes good data.
+    cut = frames[1][:-10]
+    tail = bytearray(len(src) - PIECE)
+    with pytest.raises(zstandard.ZstdError):
+        decompress_frames(memoryview(cut), [len(cut)], memoryview(tail), "t", 2, parallel=False)
+    decompress_frames(memoryview(frames[1]), [len(frames[1])], memoryview(tail), "t", 2, parallel=False)
+    assert bytes(tail) == src[PIECE:]
 
 
 def test_checked_in_fixture_of_the_grouped_codec_loads_bit_exact():
