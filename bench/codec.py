@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,8 +93,12 @@ def run(mib: int, repeats: int, threads: int, level: int) -> dict:
     compressor = Compressor(level)
     default_planes = zstandard.ZstdCompressionParameters.from_level(level, write_content_size=True)
 
+    local = threading.local()
+
     def shuffle_default(piece, width):   # the level's own parameters on the grouped planes
-        return zstandard.ZstdCompressor(compression_params=default_planes).compress(shuffle(piece, width))
+        if not hasattr(local, "ctx"):     # one context per thread, as Compressor keeps
+            local.ctx = zstandard.ZstdCompressor(compression_params=default_planes)
+        return local.ctx.compress(shuffle(piece, width))
 
     fast = Compressor(-1)     # negative levels turn off zstd's Huffman coding of literals
     methods = [("zstd", compressor.compress, False),
