@@ -1,16 +1,30 @@
-"""Hashing and compression of stored bytes, and zero-copy byte views of host tensors."""
+"""Hashing and compression of stored bytes, and zero-copy byte views of host tensors.
+
+Codecs (the manifest's per-tensor `codec`):
+  raw              the tensor's bytes
+  zstd             one zstd frame per 16 MiB piece
+  zstd-shuffle<W>  each 16 MiB piece byte-grouped into W planes (see shuffle.py), then one zstd
+                   frame; W in 2, 4, 8. Written for floating-point and complex tensors.
+"""
 from __future__ import annotations
 
 import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 import xxhash
 import zstandard
 
+from .shuffle import WIDTHS, shuffle, shuffle_width, unshuffle
+
 HASH_ALGO = "xxh3-128"
-CODECS = ("raw", "zstd")
+SHUFFLE_PREFIX = "zstd-shuffle"
+CODECS = ("raw", "zstd") + tuple(f"{SHUFFLE_PREFIX}{w}" for w in WIDTHS)
 ALIGN = 64             # staging offsets and file records start on this boundary
 PIECE = 16 << 20       # raw bytes per zstd frame / pipeline piece
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def new_hasher() -> "xxhash.xxh3_128":
@@ -37,29 +51,110 @@ def byte_view(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_uint8 * nbytes).from_address(t.data_ptr())).cast("B")
 
 
+def codec_width(codec: str) -> int:
+    """The byte-grouping width of a codec name (0: none); ValueError for names we do not know."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r} (this release knows {CODECS}); "
+                         "the checkpoint is corrupt or needs a newer async_ckpt")
+    return int(codec[len(SHUFFLE_PREFIX):]) if codec.startswith(SHUFFLE_PREFIX) else 0
+
+
+def codec_for(dtype: torch.dtype, compressed: bool) -> str:
+    """The codec a writer uses for a tensor of `dtype`."""
+    if not compressed:
+        return "raw"
+    width = shuffle_width(dtype)
+    return f"{SHUFFLE_PREFIX}{width}" if width else "zstd"
+
+
+def piece_sizes(nbytes: int) -> list[int]:
+    """Raw bytes of each piece of a record (an empty record still has one, empty, piece)."""
+    return [min(PIECE, nbytes - i) for i in range(0, nbytes, PIECE)] or [0]
+
+
 class Compressor:
     """zstd, one independent frame per piece so pieces can be compressed in parallel."""
 
     def __init__(self, level: int = 1):
         self.level = level
         self._params = zstandard.ZstdCompressionParameters.from_level(level, write_content_size=True)
+        # Grouped planes: at level 1 a 128 KiB window and a 1 Ki-entry hash table measured both
+        # faster (0.25 vs 0.20 GB/s on the exponent plane) and denser (3.0x vs 2.7x) than the
+        # level's defaults, because the plane's repeats are short and local.
+        self.plane_params = (zstandard.ZstdCompressionParameters.from_level(
+            level, write_content_size=True, window_log=17, hash_log=10, chain_log=6, search_log=1,
+            min_match=7) if level == 1 else self._params)
+        self._local = threading.local()
 
-    def compress(self, piece: memoryview) -> bytes:
-        # A compressor object is not thread-safe; they are cheap, so make one per call.
-        return zstandard.ZstdCompressor(compression_params=self._params).compress(piece)
+    def _zstd(self, grouped: bool) -> zstandard.ZstdCompressor:
+        # A zstd context is not thread-safe, so each encode thread keeps its own two; reusing
+        # them measured 5-10% less CPU per 16 MiB piece than a fresh context per call.
+        ctxs = getattr(self._local, "ctxs", None)
+        if ctxs is None:
+            ctxs = self._local.ctxs = (zstandard.ZstdCompressor(compression_params=self._params),
+                                       zstandard.ZstdCompressor(compression_params=self.plane_params))
+        return ctxs[grouped]
+
+    def compress(self, piece: memoryview, width: int = 0) -> bytes:
+        """One frame holding `piece`, byte-grouped first when `width` is not 0."""
+        if not width:
+            return self._zstd(False).compress(piece)
+        return self._zstd(True).compress(shuffle(piece, width))
 
 
-def decompress_frames(stored: memoryview, frames: list[int], out: memoryview, where: str) -> None:
-    """Decode the concatenated frames in `stored` into `out`; ValueError on any mismatch."""
-    dctx = zstandard.ZstdDecompressor()
-    pos = filled = 0
-    for length in frames:
-        frame = stored[pos:pos + length]
-        if not 0 <= zstandard.frame_content_size(frame) <= PIECE:
-            raise ValueError(f"{where}: a zstd frame declares an impossible size")
-        raw = dctx.decompress(frame, max_output_size=PIECE)
-        out[filled:filled + len(raw)] = raw
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_decoders = threading.local()
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="ckpt-unzstd")
+        return _pool
+
+
+def _decode_one(frame: memoryview, out: memoryview, width: int, where: str) -> None:
+    # Guard before allocating: the header's size must be exactly this piece's size.
+    if zstandard.frame_content_size(frame) != len(out):
+        raise ValueError(f"{where}: a zstd frame declares a size other than its piece's "
+                         f"{len(out)} bytes")
+    dctx = getattr(_decoders, "dctx", None)
+    if dctx is None:
+        dctx = _decoders.dctx = zstandard.ZstdDecompressor()   # one per thread, reused
+    raw = dctx.decompress(frame, max_output_size=max(len(out), 1))
+    if len(raw) != len(out):
+        raise ValueError(f"{where}: a zstd frame decodes to {len(raw)} bytes, expected {len(out)}")
+    if width:
+        unshuffle(raw, out, width)
+    else:
+        out[:] = raw
+
+
+def decompress_frames(stored: memoryview, frames: list[int], out: memoryview, where: str,
+                      width: int = 0, parallel: bool = True) -> None:
+    """Decode the concatenated frames in `stored` into `out`; ValueError on any mismatch.
+
+    Frame i holds piece i of `out` (PIECE bytes, the last one the rest). Pieces decode in
+    parallel (zstd and numpy release the GIL); the caller has verified `stored` already.
+    """
+    sizes = piece_sizes(len(out))
+    if len(frames) != len(sizes) or sum(frames) != len(stored):
+        raise ValueError(f"{where}: {len(frames)} zstd frames of {sum(frames)} bytes cannot hold "
+                         f"{len(out)} bytes stored in {len(stored)}")
+    if width and len(out) % width:
+        raise ValueError(f"{where}: {len(out)} bytes are not whole {width}-byte elements")
+    jobs, pos, filled = [], 0, 0
+    for length, size in zip(frames, sizes):
+        jobs.append((stored[pos:pos + length], out[filled:filled + size]))
         pos += length
-        filled += len(raw)
-    if pos != len(stored) or filled != len(out):
-        raise ValueError(f"{where}: frames decode to {filled} bytes, expected {len(out)}")
+        filled += size
+    if len(jobs) == 1 or not parallel:
+        for frame, piece in jobs:
+            _decode_one(frame, piece, width, where)
+        return
+    futures = [_decode_pool().submit(_decode_one, frame, piece, width, where) for frame, piece in jobs]
+    wait(futures)      # all of them, even after a failure: they write into `out`
+    for fut in futures:
+        fut.result()

@@ -1,6 +1,6 @@
 """Streaming one rank's staged tensors into one data file.
 
-Pipeline (all off the training thread): an encode pool compresses pieces (zstd only) ->
+Pipeline (all off the training thread): an encode pool compresses pieces (zstd codecs only) ->
 one hash thread, in file order, updates each record's hash and the whole file's hash ->
 the calling writer thread writes the pieces in order. Hashing and writing overlap, so hashing is
 nearly free next to the write. Records start on ALIGN boundaries so a reader can view them in place.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import collections
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from .codec import ALIGN, PIECE, Compressor, align_up, new_hasher
+from .codec import ALIGN, PIECE, Compressor, align_up, codec_width, new_hasher
 from .storage import StreamWriter
 
 _ZEROS = memoryview(bytes(ALIGN))
@@ -25,6 +25,7 @@ class RecordResult:
     length: int
     hash: str
     frames: tuple[int, ...]
+    codec: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -54,24 +55,39 @@ class DataFileWriter:
         if self._encode_pool:
             self._encode_pool.shutdown(wait=True)
 
-    def write_file(self, storage, path: str, records: Iterable[memoryview]) -> FileResult:
+    def write_file(self, storage, path: str, records: Iterable[memoryview],
+                   codecs: Sequence[str] | None = None) -> FileResult:
         """Stream `records` into a new file at `path`; it appears only if everything was written."""
         out = storage.open_writer(path)
         try:
-            result = self.write(out, records)
+            result = self.write(out, records, codecs)
             out.commit()
         except BaseException:
             out.abort()
             raise
         return result
 
-    def write(self, out: StreamWriter, records: Iterable[memoryview]) -> FileResult:
-        """Write each raw record (already staged) to `out`; return offsets, lengths and hashes."""
+    def _codec(self, record: memoryview, wanted: str | None) -> str:
+        """The codec a record is stored with: `wanted` (from its dtype, see codec.codec_for; None:
+        "zstd" with a compressor, else "raw"), but never a grouping its length cannot take."""
+        if wanted is None:
+            return "zstd" if self.compressor else "raw"
+        if wanted != "raw" and self.compressor is None:
+            raise ValueError(f"codec {wanted!r} needs a compressor; this writer only stores raw")
+        width = codec_width(wanted)
+        return "zstd" if width and len(record) % width else wanted
+
+    def write(self, out: StreamWriter, records: Iterable[memoryview],
+              codecs: Sequence[str] | None = None) -> FileResult:
+        """Write each raw record (already staged) to `out`; return offsets, lengths and hashes.
+
+        `codecs[i]` is the codec record i should get (None: "zstd" with a compressor, else "raw");
+        each RecordResult says the codec it got."""
         file_hasher = new_hasher()
         results: list[RecordResult] = []
         state = {"hasher": None, "frames": [], "length": 0}
 
-        def hash_piece(enc: Future, first: bool, last: bool):
+        def hash_piece(enc: Future, first: bool, last: bool, codec: str):
             data = enc.result()
             if first:
                 state["hasher"], state["frames"], state["length"] = new_hasher(), [], 0
@@ -84,7 +100,7 @@ class DataFileWriter:
                 pad = align_up(state["length"]) - state["length"]
                 if pad:
                     file_hasher.update(_ZEROS[:pad])
-                done = (state["length"], state["hasher"].hexdigest(), tuple(state["frames"]))
+                done = (state["length"], state["hasher"].hexdigest(), tuple(state["frames"]), codec)
                 return data, pad, done
             return data, pad, None
 
@@ -98,19 +114,22 @@ class DataFileWriter:
             if pad:
                 out.write(_ZEROS[:pad])
             if done is not None:
-                length, digest, frames = done
+                length, digest, frames, codec = done
                 start = offset - (length - len(data))
                 results.append(RecordResult(start, length, digest,
-                                            frames if self.compressor else ()))
+                                            frames if codec != "raw" else (), codec))
             offset += len(data) + pad
 
         try:
-            for record in records:
+            for n, record in enumerate(records):
+                codec = self._codec(record, codecs[n] if codecs is not None else None)
+                width = codec_width(codec)
                 pieces = [record[i:i + PIECE] for i in range(0, len(record), PIECE)] or [record]
                 for i, piece in enumerate(pieces):
-                    enc = (self._encode_pool.submit(self.compressor.compress, piece)
-                           if self._encode_pool else _done(piece))
-                    pending.append(self._hash_pool.submit(hash_piece, enc, i == 0, i == len(pieces) - 1))
+                    enc = (self._encode_pool.submit(self.compressor.compress, piece, width)
+                           if codec != "raw" else _done(piece))
+                    pending.append(self._hash_pool.submit(hash_piece, enc, i == 0,
+                                                          i == len(pieces) - 1, codec))
                     while len(pending) > _LOOKAHEAD:
                         drain_one()
             while pending:

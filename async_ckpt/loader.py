@@ -2,13 +2,14 @@
 
 Each rank reads only the shards it needs. Adjacent raw records are read with one ranged read into
 one aligned buffer and viewed in place (no second copy); every record's hash is checked before its
-bytes are used, and zstd records are verified before they are decompressed.
+bytes are used, and zstd records are verified before they are decompressed (the pieces of one
+record decompress in parallel, see codec.decompress_frames).
 """
 from __future__ import annotations
 
 import torch
 
-from .codec import byte_view, decompress_frames, hash_bytes
+from .codec import byte_view, codec_width, decompress_frames, hash_bytes
 from .errors import CorruptCheckpointError
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, TensorEntry, parse_manifest
 from .storage import Storage
@@ -90,7 +91,8 @@ def read_tensors(storage: Storage, folder: str, shard: ShardEntry, where: str,
             else:
                 raw = torch.empty(entry.nbytes, dtype=torch.uint8)
                 try:
-                    decompress_frames(stored, list(entry.frames), byte_view(raw), what)
+                    decompress_frames(stored, list(entry.frames), byte_view(raw), what,
+                                      codec_width(entry.codec))
                 except Exception as exc:  # noqa: BLE001 - zstd raises its own ZstdError
                     raise CorruptCheckpointError(f"cannot decompress {what}: {exc}") from exc
             out[index] = raw.view(dtype).view(entry.shape) if entry.nbytes else torch.empty(

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .codec import CODECS, HASH_ALGO, PIECE
+from .codec import CODECS, HASH_ALGO, PIECE, codec_width, piece_sizes
+from .shuffle import shuffle_width
 from .errors import CorruptCheckpointError
 from .tree import dtype_from_name
 from .types import SharingPattern
@@ -37,7 +38,7 @@ class TensorEntry:
     nbytes: int        # raw bytes
     codec: str
     hash: str          # of the stored bytes
-    frames: tuple[int, ...] = ()   # zstd: stored length of each frame
+    frames: tuple[int, ...] = ()   # zstd codecs: stored length of each frame (one per piece)
 
 
 @dataclass(frozen=True)
@@ -122,16 +123,23 @@ def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
         length=_int(doc.get("length"), f"{what}.length"), nbytes=_int(doc.get("nbytes"), f"{what}.nbytes"),
         codec=_get(doc, "codec", str, what), hash=_get(doc, "hash", str, what),
         frames=tuple(_int(f, f"{what}.frames", 1) for f in doc.get("frames", [])))
-    if entry.codec not in CODECS or not _HASH_RE.match(entry.hash):
-        raise ValueError(f"{what} has an unknown codec or malformed hash")
+    if entry.codec not in CODECS:
+        raise ValueError(f"{what} has unknown codec {entry.codec!r}; this release reads {CODECS} "
+                         "(upgrade async_ckpt if a newer release wrote it)")
+    if not _HASH_RE.match(entry.hash):
+        raise ValueError(f"{what} has a malformed hash")
     if entry.nbytes != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
         raise ValueError(f"{what}: nbytes {entry.nbytes} does not match {entry.dtype}{list(shape)}")
     if entry.codec == "raw" and entry.length != entry.nbytes:
         raise ValueError(f"{what}: raw record of {entry.length} bytes holds {entry.nbytes}")
-    if entry.codec == "zstd" and (sum(entry.frames) != entry.length
-                                  or entry.nbytes > len(entry.frames) * PIECE):
-        raise ValueError(f"{what}: zstd frames do not add up to the record length or cannot "
-                         f"hold {entry.nbytes} bytes")
+    if entry.codec != "raw" and (sum(entry.frames) != entry.length
+                                 or len(entry.frames) != len(piece_sizes(entry.nbytes))):
+        raise ValueError(f"{what}: zstd frames do not add up to the record length or are not "
+                         f"one per {PIECE >> 20} MiB piece of {entry.nbytes} bytes")
+    width = codec_width(entry.codec)
+    if width and width != shuffle_width(dtype):
+        raise ValueError(f"{what}: codec {entry.codec} groups {width}-byte elements, which "
+                         f"{entry.dtype} does not have")
     if entry.offset + entry.length > files[name].size:
         raise ValueError(f"{what} runs past the end of {name}")
     return entry

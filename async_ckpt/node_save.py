@@ -16,7 +16,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from .codec import byte_view
+from .codec import byte_view, codec_for
 from .errors import CheckpointError, ReplicationError
 from .layout import manifest_path, step_dir
 from .link import LinkTimeout, RemoteFailure
@@ -24,7 +24,7 @@ from .manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEnt
 from .metrics_store import encode
 from .replicas import check_agreement, describe, find_mismatches, tensor_paths
 from .staging import attach_shared
-from .tree import dtype_name
+from .tree import dtype_from_name, dtype_name
 
 if TYPE_CHECKING:
     from .writer import NodeWriter, SaveJob
@@ -85,13 +85,17 @@ def write_node(writer: "NodeWriter", job: "SaveJob") -> dict:
         buffers = {topo.rank: job.buffer.tensor}
         for desc in descs[1:]:
             buffers[desc["rank"]] = _attach(writer, desc["shm"], desc["capacity"])
-        records = [byte_view(buffers[d["rank"]][offset:offset + nbytes])
-                   for d in descs for sh in d["shards"] for _i, _dt, _sh, nbytes, offset in sh["slots"]]
+        slots = [(d["rank"], slot) for d in descs for sh in d["shards"] for slot in sh["slots"]]
+        records = [byte_view(buffers[rank][offset:offset + nbytes])
+                   for rank, (_i, _dt, _sh, nbytes, offset) in slots]
+        codecs = [codec_for(dtype_from_name(dt, "staged slot"), writer.codec != "raw")
+                  for _rank, (_i, dt, _sh, _n, _o) in slots]
+        del slots
         if errors := link.errors(seq, world):
             raise RemoteFailure(errors)             # no point writing a save that has failed
         t0 = time.perf_counter()
         name = f"data-n{topo.node:05d}-{os.urandom(4).hex()}.bin"
-        result = writer.datafile.write_file(storage, f"{folder}/{name}", records)
+        result = writer.datafile.write_file(storage, f"{folder}/{name}", records, codecs)
         del records
         storage.sync_dir(folder)
         results = iter(result.records)
@@ -102,7 +106,7 @@ def write_node(writer: "NodeWriter", job: "SaveJob") -> dict:
                 for index, dtype, shape, nbytes, _offset in sh.pop("slots"):
                     rec = next(results)
                     tensors.append([index, dtype, shape, rec.offset, rec.length, nbytes, rec.hash,
-                                    list(rec.frames)])
+                                    list(rec.frames), rec.codec])
                 shards.append({**sh, "rank": d["rank"], "tensors": tensors})
         return {"node": topo.node, "rank": topo.rank, "file": name, "size": result.size,
                 "hash": result.hash, "write_s": time.perf_counter() - t0, "shards": shards}
@@ -125,9 +129,9 @@ def build_manifest(writer: "NodeWriter", job: "SaveJob", reports: list[dict]
             if sh["tree_source"]:
                 part["tree"] = sh["tree"]
                 part["owners"].add(sh["rank"])
-            for index, dtype, shape, offset, length, nbytes, digest, frames in sh["tensors"]:
+            for index, dtype, shape, offset, length, nbytes, digest, frames, codec in sh["tensors"]:
                 part["tensors"][index] = (TensorEntry(dtype, tuple(shape), report["file"], offset, length,
-                                                      nbytes, writer.codec, digest, tuple(frames)),
+                                                      nbytes, codec, digest, tuple(frames)),
                                           sh["rank"])
                 part["owners"].add(sh["rank"])
     components: dict[str, ComponentEntry] = {}

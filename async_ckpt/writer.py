@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .codec import byte_view
+from .codec import byte_view, codec_for
 from .datafile import DataFileWriter
 from .errors import CheckpointError, SaveFailedError
 from .handle import SaveHandle
@@ -115,9 +115,10 @@ class NodeWriter:
             buffer.wait_copied()
             t0 = time.perf_counter()
             name = f"data-r{self.topo.rank:05d}-{os.urandom(4).hex()}.bin"
-            records = [byte_view(buffer.tensor[s.offset:s.offset + s.nbytes])
-                       for shard in job.plan.shards for s in shard.slots]
-            result = self.datafile.write_file(self.storage, f"{folder}/{name}", records)
+            slots = [s for shard in job.plan.shards for s in shard.slots]
+            records = [byte_view(buffer.tensor[s.offset:s.offset + s.nbytes]) for s in slots]
+            codecs = [codec_for(s.dtype, self.codec != "raw") for s in slots]
+            result = self.datafile.write_file(self.storage, f"{folder}/{name}", records, codecs)
             del records
             self.pool.release(buffer)
             buffer = None
@@ -169,7 +170,7 @@ class NodeWriter:
             for slot in shard.slots:
                 rec = next(records)
                 tensors.append(TensorEntry(dtype_name(slot.dtype), slot.shape, file_name, rec.offset,
-                                           rec.length, slot.nbytes, self.codec, rec.hash, rec.frames))
+                                           rec.length, slot.nbytes, rec.codec, rec.hash, rec.frames))
             entry = components.setdefault(comp.key, ComponentEntry(
                 shard.pattern.value, comp.required, comp.validation_level, comp.metadata, {}))
             entry.shards[shard.shard] = ShardEntry(tree, tuple(tensors), (self.topo.rank,),

@@ -83,7 +83,7 @@ def test_data_file_replaced_by_pickle_payload(saved, tmp_path, padded):
 
 def test_zstd_checkpoint_with_flipped_bit(saved_zstd):
     entry = saved_zstd.tensors("b")[0]
-    assert entry["codec"] == "zstd"
+    assert entry["codec"] == "zstd-shuffle4"   # float32: byte-grouped
     flip_bit(saved_zstd.data(), entry["offset"] + entry["length"] // 2)
     err = load_fails(saved_zstd)
     assert saved_zstd.data().name in str(err)
@@ -96,7 +96,7 @@ def test_zstd_manifest_tampering(saved_zstd, how):
     """Hashes still match the stored bytes, so decompression itself must catch the lie."""
     def change(doc):
         t = tensor0(doc)
-        assert t["codec"] == "zstd" and t["dtype"] == "float32"
+        assert t["codec"] == "zstd-shuffle4" and t["dtype"] == "float32"
         if how == "frames-shifted":
             assert len(t["frames"]) == 1 and t["frames"][0] > 8
             t["frames"] = [t["frames"][0] - 7, 7]

@@ -23,6 +23,7 @@ from async_ckpt import (AsyncCheckpointer, CheckpointError, RNGState, SaveFailed
                         StateComponent, ValidationLevel)
 
 SCENARIO, ROOT, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+COMPRESSION = os.environ.get("DIST_TEST_COMPRESSION") or None   # scenario_save's compression
 ARGS = sys.argv[4:]
 
 
@@ -128,7 +129,7 @@ def scenario_save(rank, world, local_world, node, groups):
     np.random.seed(2000 + rank)
     torch.manual_seed(3000 + rank)
     train(model, opt, 2)
-    with AsyncCheckpointer(ROOT, comps, keep_last=5, timeout_s=60) as ckpt:
+    with AsyncCheckpointer(ROOT, comps, keep_last=5, timeout_s=60, compression=COMPRESSION) as ckpt:
         first = ckpt.save(1).wait()
         train(model, opt, 1)
         DYNAMIC[0] = SharingPattern.PER_RANK
