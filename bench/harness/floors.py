@@ -19,21 +19,24 @@ from async_ckpt.storage.local import fsync_dir
 from ..common import PageCache
 
 ALIGN = 4096
+SLOT = 64
 CHUNK = 8 << 20       # O_DIRECT and read chunk: large enough to keep the disk streaming
 
 
 class Floors:
     def __init__(self, state: dict[str, torch.Tensor], folder: str, cache: PageCache):
         self.tensors = list(state.values())
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        # 64-byte aligned slots, as async_ckpt's staging plan lays them out (typed views need it)
+        offsets, off = [], 0
+        for t in self.tensors:
+            offsets.append(off)
+            off = -(-(off + t.numel() * t.element_size()) // SLOT) * SLOT
+        self.nbytes = off
         self.padded = -(-self.nbytes // ALIGN) * ALIGN
         self.buf = mmap.mmap(-1, self.padded)
         whole = torch.frombuffer(self.buf, dtype=torch.uint8)
-        self.views, off = [], 0
-        for t in self.tensors:
-            n = t.numel() * t.element_size()
-            self.views.append(whole[off:off + n].view(t.dtype))
-            off += n
+        self.views = [whole[o:o + t.numel() * t.element_size()].view(t.dtype)
+                      for o, t in zip(offsets, self.tensors)]
         self.folder, self.cache = os.path.join(folder, "floors"), cache
         os.makedirs(self.folder, exist_ok=True)
         self.raw_path = os.path.join(self.folder, "raw.bin")
