@@ -76,3 +76,21 @@ def write(doc: dict, text: str, stem: str) -> None:
     with open(DOC + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(DOC + ".tmp", DOC)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rebuild docs/benchmarks.md from a saved run: python -m bench.harness.docs_page RESULT.json"""
+    import json
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].endswith(".json"):
+        raise SystemExit("usage: python -m bench.harness.docs_page bench/results/harness-full.json")
+    with open(args[0]) as f:
+        doc = json.load(f)
+    write(doc, doc["markdown"], args[0][:-len(".json")])
+    print(f"wrote {DOC} from {args[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
