@@ -110,7 +110,7 @@ class Floors:
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        self.views = []
+        self.views = []     # the case's load target views go with the case
         try:
             self.buf.close()
         except BufferError:     # a view still alive: the mapping goes with the process

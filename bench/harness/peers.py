@@ -83,7 +83,6 @@ class Peer:
         k = next(iter(self.state))
         if not torch.equal(self.target[k], self.state[k]):
             raise RuntimeError(f"{self.label}: loaded tensor {k} differs from the saved one")
-        self.target[k].zero_()
 
 
 class AsyncCkptPeer(Peer):

@@ -48,7 +48,3 @@ def make_state(nbytes: int, mix: str, layers: int) -> dict[str, torch.Tensor]:
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
-
-def empty_like_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A touched, zeroed copy to load into (so page faults stay out of load timings)."""
-    return {k: torch.zeros_like(v) for k, v in state.items()}
