@@ -1,0 +1,385 @@
+"""Training-loop benchmark: what checkpointing every k steps costs a CPU training run.
+
+A residual MLP (sized by ``--size-mb``: fp32 parameters + AdamW's two moments, the bytes every
+checkpoint holds) is trained on CPU. Each round runs every method once for ``--steps`` steps,
+rotating the order so background load hits all of them alike:
+
+- ``none``: no checkpointing (the baseline of its round);
+- ``async_ckpt``: ``AsyncCheckpointer.save(step)`` every ``--every`` steps (``max_pending=1``);
+- ``dcp_default``: ``dcp.async_save`` with DCP's default (a fresh staging copy per call);
+- ``dcp_stager``: ``dcp.async_save`` with one reused ``DefaultStager`` (synchronous staging into
+  reused buffers: DCP's fastest setting on CPU, see bench/single_process.py).
+
+Both libraries get the same discipline: at most one save in flight (DCP's previous future is
+awaited before the next ``async_save``, which async_ckpt's ``max_pending=1`` does itself), saves at
+steps every, 2*every, ... < steps so the last one has ``every`` steps to finish in the background,
+and every method's first (buffer-allocating) save happens in an untimed warm-up. Figures per
+method: median step time of steps with and without a save, the slowdown per save (extra run time
+over the same round's ``none`` run, divided by the saves) and the total run-time overhead in %;
+medians over rounds with min/max. The final drain (waiting for the last save) is reported apart.
+
+    python -m bench.training_loop [--steps 60] [--every 10] [--repeats 3] [--size-mb 512]
+                                  [--threads 2] [--dir PATH] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent
+
+from .common import free_port, machine_info
+
+MIB = 1 << 20
+METHODS = ("none", "async_ckpt", "dcp_default", "dcp_stager")
+LABELS = {"none": "no checkpointing (baseline)",
+          "async_ckpt": "async_ckpt AsyncCheckpointer.save()",
+          "dcp_default": "DCP async_save (default: fresh staging copy)",
+          "dcp_stager": "DCP async_save (reused DefaultStager)"}
+
+
+# -- the model ----------------------------------------------------------------------------------
+class Model(torch.nn.Module):
+    """Residual MLP: wide enough that matmuls (not Python) set the step time."""
+
+    def __init__(self, width: int, layers: int):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.relu(block(x))
+        return x
+
+
+def build(size_mb: float, width: int, batch: int) -> tuple[Model, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    # 12 bytes per parameter are checkpointed: the fp32 weight and AdamW's exp_avg, exp_avg_sq.
+    per_layer = 12 * (width * width + width)
+    layers = max(1, round(size_mb * MIB / per_layer))
+    torch.manual_seed(0)
+    model = Model(width, layers)
+    # foreach=False: the default foreach path keeps a second copy of every moment alive during the
+    # step, which on this small machine is memory we would rather leave to the savers.
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    x = torch.randn(batch, width)
+    y = torch.randn(batch, width)
+    return model, optim, x, y
+
+
+def train_step(model: Model, optim: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    optim.zero_grad(set_to_none=False)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optim.step()
+
+
+def state_nbytes(model: Model, optim: torch.optim.Optimizer) -> int:
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for st in optim.state.values():
+        n += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    return n
+
+
+# -- the savers -----------------------------------------------------------------------------------
+class Saver:
+    """One checkpointing method: save(step) is called on the training thread at a save step;
+    drain() waits for everything in flight; clear() removes what was written (untimed)."""
+
+    def __init__(self, name: str, root: str):
+        self.name, self.root = name, root
+        os.makedirs(root, exist_ok=True)
+
+    def save(self, step: int) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        for entry in os.listdir(self.root):
+            shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncCkptSaver(Saver):
+    def __init__(self, root: str, model: Model, optim: torch.optim.Optimizer):
+        super().__init__("async_ckpt", root)
+        # keep_last=None: no retention deletes in the background, like DCP (clear() is untimed).
+        self.ck = AsyncCheckpointer(root, [StateComponent("model", model, SharingPattern.PER_RANK),
+                                           StateComponent("optim", optim, SharingPattern.PER_RANK)],
+                                    keep_last=None, max_pending=1)
+
+    def save(self, step: int) -> None:
+        self.ck.save(step)
+
+    def drain(self) -> None:
+        self.ck.wait()
+
+    def close(self) -> None:
+        self.ck.close()
+
+
+class DcpSaver(Saver):
+    def __init__(self, name: str, root: str, model: Model, optim: torch.optim.Optimizer, stager):
+        super().__init__(name, root)
+        self.model, self.optim, self.stager = model, optim, stager
+        self.pending = None
+
+    def _wait_pending(self) -> None:
+        fut, self.pending = self.pending, None
+        if fut is None:
+            return
+        # AsyncSaveResponse (an explicit stager) or a plain Future (the default path)
+        (fut.upload_completion if hasattr(fut, "upload_completion") else fut).result()
+
+    def save(self, step: int) -> None:
+        self._wait_pending()   # one save in flight, as DCP's docs recommend and max_pending=1 does
+        sd = {"model": self.model.state_dict(), "optim": self.optim.state_dict()}
+        self.pending = dcp.async_save(sd, checkpoint_id=os.path.join(self.root, f"step-{step:08d}"),
+                                      async_stager=self.stager)
+
+    def drain(self) -> None:
+        self._wait_pending()
+
+    def close(self) -> None:
+        self._wait_pending()
+        if self.stager is not None:
+            self.stager.close()
+
+
+# -- measurement ----------------------------------------------------------------------------------
+@dataclass
+class Run:
+    method: str
+    round: int
+    run_s: float
+    drain_s: float
+    save_steps_s: list[float] = field(default_factory=list)
+    plain_steps_s: list[float] = field(default_factory=list)
+
+
+def save_steps(steps: int, every: int) -> set[int]:
+    """Saves at every, 2*every, ... strictly before the last step, so each save has `every` steps
+    of training to finish behind (as it would in a long run); never at step 0."""
+    return {s for s in range(every, steps, every)}
+
+
+def timed_run(method: str, r: int, saver: Saver, step0: int, args, model, optim, x, y) -> Run:
+    due = save_steps(args.steps, args.every) if method != "none" else set()
+    os.sync()   # start every run with no dirty pages left by the previous one
+    gc.collect()
+    run = Run(method, r, 0.0, 0.0)
+    t_start = time.perf_counter()
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        train_step(model, optim, x, y)
+        if i in due:
+            saver.save(step0 + i)
+        dt = time.perf_counter() - t0
+        (run.save_steps_s if i in due else run.plain_steps_s).append(dt)
+    run.run_s = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    saver.drain()
+    run.drain_s = time.perf_counter() - t0
+    saver.clear()
+    return run
+
+
+def med(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": med(xs), "min": min(xs) if xs else None, "max": max(xs) if xs else None,
+            "samples": xs}
+
+
+def summarise(runs: list[Run], n_saves: int) -> dict:
+    base = {r.round: r.run_s for r in runs if r.method == "none"}
+    out = {}
+    for m in METHODS:
+        mine = [r for r in runs if r.method == m]
+        if not mine:
+            continue
+        per_save = [(r.run_s - base[r.round]) / n_saves for r in mine] if m != "none" and n_saves else []
+        overhead = [100.0 * (r.run_s - base[r.round]) / base[r.round] for r in mine] if m != "none" else []
+        out[m] = {"label": LABELS[m],
+                  "run_s": spread([r.run_s for r in mine]),
+                  # per round: the median of that run's steps; then the spread over rounds
+                  "plain_step_s": spread([med(r.plain_steps_s) for r in mine]),
+                  "save_step_s": spread([med(r.save_steps_s) for r in mine if r.save_steps_s]),
+                  "slowdown_per_save_s": spread(per_save),
+                  "overhead_pct": spread(overhead),
+                  "drain_s": spread([r.drain_s for r in mine])}
+    return out
+
+
+def fmt(x: float | None, unit: str = "", digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def markdown(summary: dict) -> str:
+    def cell(d: dict, scale: float = 1.0, digits: int = 3) -> str:
+        if d["median"] is None:
+            return "-"
+        return (f"{d['median'] * scale:.{digits}f} ({d['min'] * scale:.{digits}f}..{d['max'] * scale:.{digits}f})")
+    lines = ["| method | median step, no save (ms) | median step with save (ms) | slowdown per save (s) "
+             "| run-time overhead (%) | run (s) | final drain (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for m, s in summary.items():
+        lines.append(f"| {s['label']} | {cell(s['plain_step_s'], 1e3, 1)} | {cell(s['save_step_s'], 1e3, 1)} | "
+                     f"{cell(s['slowdown_per_save_s'])} | {cell(s['overhead_pct'], 1.0, 1)} | "
+                     f"{cell(s['run_s'], 1.0, 2)} | {cell(s['drain_s'], 1.0, 2)} |")
+    return "\n".join(lines)
+
+
+def ratios(summary: dict) -> list[str]:
+    ours = summary.get("async_ckpt")
+    out = []
+    if not ours or ours["slowdown_per_save_s"]["median"] is None:
+        return out
+    a = ours["slowdown_per_save_s"]["median"]
+    for m in ("dcp_default", "dcp_stager"):
+        if m in summary and summary[m]["slowdown_per_save_s"]["median"] is not None:
+            b = summary[m]["slowdown_per_save_s"]["median"]
+            verdict = "ahead" if a < b else "BEHIND"
+            out.append(f"- slowdown per save: async_ckpt {a:.3f} s vs {summary[m]['label']} {b:.3f} s: "
+                       f"{verdict} ({b / a:.2f}x)" if a > 0 else
+                       f"- slowdown per save: async_ckpt {a:.3f} s (no measurable cost) vs "
+                       f"{summary[m]['label']} {b:.3f} s")
+    return out
+
+
+# -- driver -----------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.training_loop", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
+    p.add_argument("--every", type=int, default=10, help="save every N steps (default 10)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--size-mb", type=float, default=512, help="checkpointed bytes: fp32 params + AdamW "
+                   "moments, in MiB (default 512)")
+    p.add_argument("--width", type=int, default=1024, help="MLP width (default 1024)")
+    p.add_argument("--batch", type=int, default=64, help="rows per step (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every method "
+                   "(default: the CPUs this process may use)")
+    p.add_argument("--dir", default=None, help="folder to write into (default: a new temp folder); a "
+                   "fresh subfolder is created inside and removed afterwards")
+    p.add_argument("--out", default="bench/results/training_loop.json", help="JSON results (the .md beside)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round: a sanity run in < 30 s")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.every, args.repeats, args.size_mb, args.width, args.batch = 8, 3, 1, 24, 256, 32
+    if args.steps < 2 or args.every < 1 or args.every >= args.steps or args.repeats < 1 or args.size_mb <= 0:
+        p.error("need --steps >= 2, 1 <= --every < --steps, --repeats >= 1 and --size-mb > 0")
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0))
+    return args
+
+
+def write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    t_all = time.perf_counter()
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="async_ckpt_loop-", dir=args.dir)
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True)   # DCP needs a process group
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    savers: dict[str, Saver] = {}
+    try:
+        model, optim, x, y = build(args.size_mb, args.width, args.batch)
+        for _ in range(3):              # AdamW allocates its moments on the first step
+            train_step(model, optim, x, y)
+        nbytes = state_nbytes(model, optim)
+        savers = {"none": Saver("none", os.path.join(folder, "none")),
+                  "async_ckpt": AsyncCkptSaver(os.path.join(folder, "async_ckpt"), model, optim),
+                  "dcp_default": DcpSaver("dcp_default", os.path.join(folder, "dcp_default"), model, optim, None),
+                  "dcp_stager": DcpSaver("dcp_stager", os.path.join(folder, "dcp_stager"), model, optim,
+                                         DefaultStager(StagingOptions(False, False, False, False)))}
+        next_step = {m: 1_000_000 for m in METHODS}
+        for m, saver in savers.items():   # untimed: first saves allocate buffers, start threads
+            saver.save(next_step[m])
+            saver.drain()
+            saver.clear()
+            next_step[m] += 1
+        print(f"model: {len(model.blocks)} x Linear({args.width}, {args.width}), state {nbytes / MIB:.0f} MiB "
+              f"(fp32 params + AdamW moments), batch {args.batch}, torch threads {args.threads}; "
+              f"{args.steps} steps, save every {args.every}; dir {folder}", file=sys.stderr, flush=True)
+        runs: list[Run] = []
+        order = list(METHODS)
+        for r in range(args.repeats):
+            shift = r % len(order)
+            for m in order[shift:] + order[:shift]:
+                runs.append(timed_run(m, r, savers[m], next_step[m], args, model, optim, x, y))
+                next_step[m] += args.steps
+            print(f"  round {r + 1}/{args.repeats} done ({time.perf_counter() - t_all:.0f} s)",
+                  file=sys.stderr, flush=True)
+        n_saves = len(save_steps(args.steps, args.every))
+        summary = summarise(runs, n_saves)
+        info = machine_info(folder)
+        info["loadavg_start"], info["loadavg_end"] = load_start, os.getloadavg()
+        table = markdown(summary)
+        verdicts = ratios(summary)
+        elapsed = time.perf_counter() - t_all
+        head = (f"### Training loop on CPU: {nbytes / MIB:.0f} MiB checkpointed state, save every {args.every} "
+                f"steps, {args.steps} steps/run, {args.repeats} interleaved rounds\n\n"
+                f"Model: residual MLP, {len(model.blocks)} x Linear({args.width}, {args.width}), batch {args.batch}, "
+                f"AdamW; torch.set_num_threads({args.threads}) for every method; {n_saves} saves per run. "
+                f"Machine: {info['cpu_count']} CPUs ({info['cpu_model']}), torch {torch.__version__}, "
+                f"{info['target_fs'].get('fstype', '?')} at {info['target_fs'].get('mount_point', '?')}; "
+                f"load average start/end {load_start[0]:.2f}/{info['loadavg_end'][0]:.2f}. Cells: median over "
+                f"rounds (min..max); slowdown per save and overhead are against the same round's baseline run.\n")
+        md = "\n".join([head, table, "", *verdicts, f"\n(total {elapsed:.0f} s)\n"])
+        print("\n" + md)
+        result = {"benchmark": "training_loop", "machine": info,
+                  "config": {"steps": args.steps, "every": args.every, "repeats": args.repeats,
+                             "size_mb": args.size_mb, "width": args.width, "layers": len(model.blocks),
+                             "batch": args.batch, "threads": args.threads, "quick": args.quick,
+                             "state_bytes": nbytes, "saves_per_run": n_saves,
+                             "save_steps": sorted(save_steps(args.steps, args.every)),
+                             "dcp_stager_options": "StagingOptions(pinned=False, shared=False, "
+                                                   "async_staging=False, non_blocking=False)"},
+                  "methods": summary, "verdicts": verdicts,
+                  "runs": [r.__dict__ for r in runs], "markdown": md, "elapsed_s": elapsed}
+        if args.out:
+            write(args.out, json.dumps(result, indent=1))
+            write(os.path.splitext(args.out)[0] + ".md", md)
+            print(f"wrote {args.out}", file=sys.stderr)
+    finally:
+        for saver in savers.values():
+            try:
+                saver.close()
+            except Exception as exc:  # noqa: BLE001 - cleanup must go on
+                print(f"warning: closing {saver.name} failed: {exc!r}", file=sys.stderr)
+        dist.destroy_process_group()
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
