@@ -18,7 +18,7 @@ method: median step time of steps with and without a save, the slowdown per save
 over the same round's ``none`` run, divided by the saves) and the total run-time overhead in %;
 medians over rounds with min/max. The final drain (waiting for the last save) is reported apart.
 
-    python -m bench.training_loop [--steps 60] [--every 10] [--repeats 3] [--size-mb 512]
+    python -m bench.training_loop [--steps 40] [--every 8] [--repeats 3] [--size-mb 256]
                                   [--threads 2] [--dir PATH] [--quick]
 """
 from __future__ import annotations
@@ -269,13 +269,13 @@ def ratios(summary: dict) -> list[str]:
 # -- driver -----------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.training_loop", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
-    p.add_argument("--every", type=int, default=10, help="save every N steps (default 10)")
+    p.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
+    p.add_argument("--every", type=int, default=8, help="save every N steps (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--size-mb", type=float, default=512, help="checkpointed bytes: fp32 params + AdamW "
-                   "moments, in MiB (default 512)")
+    p.add_argument("--size-mb", type=float, default=256, help="checkpointed bytes: fp32 params + AdamW "
+                   "moments, in MiB (default 256)")
     p.add_argument("--width", type=int, default=1024, help="MLP width (default 1024)")
-    p.add_argument("--batch", type=int, default=64, help="rows per step (default 64)")
+    p.add_argument("--batch", type=int, default=32, help="rows per step (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every method "
                    "(default: the CPUs this process may use)")
     p.add_argument("--dir", default=None, help="folder to write into (default: a new temp folder); a "
