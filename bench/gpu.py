@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import closing
 
 import torch
@@ -84,10 +85,23 @@ class Env:
                               use_async_staging=async_staging, use_non_blocking_copy=self.cuda)
 
 
-class Deadline:
+class Control:
+    """The time budget and the failures of one run. The script runs once, unattended, on a lent
+    machine: a method that fails is recorded and dropped, and everything else still runs."""
+
     def __init__(self, seconds: float):
         self.end = time.monotonic() + seconds
         self.skipped: list[str] = []
+        self.errors: list[str] = []
+
+    def attempt(self, what: str, fn, *args) -> tuple[bool, object]:
+        try:
+            return True, fn(*args)
+        except Exception as exc:  # noqa: BLE001 - recorded in the results, the run goes on
+            traceback.print_exc()
+            self.errors.append(f"{what}: {type(exc).__name__}: {exc}")
+            print(f"  {what} FAILED (recorded in the results; going on)", file=sys.stderr, flush=True)
+            return False, None
 
     def over(self, what: str, needs_s: float = 0.0) -> bool:
         """True (and noted) when `what`, expected to take `needs_s`, would end past the deadline."""
@@ -125,7 +139,7 @@ def dcp_parts(resp):
 
 # -- 1. staging and save() blocking time ----------------------------------------------------------
 class StagingBench:
-    def __init__(self, env: Env, args, folder: str, deadline: Deadline, have_ack: bool):
+    def __init__(self, env: Env, args, folder: str, deadline: Control, have_ack: bool):
         self.env, self.args, self.folder, self.deadline, self.have_ack = env, args, folder, deadline, have_ack
         self.ack_timings: dict[str, list] = {}   # async_ckpt's own per-phase timings of each save
         self.round_s_per_gb = 0.0                 # the last round's duration: estimates the next
@@ -156,36 +170,45 @@ class StagingBench:
         closers = []
         if self.have_ack:
             for overlap in (False, True):
-                run, close = self._ack(state, size_gb, overlap, add)
-                methods.append((f"ack_overlap{int(overlap)}", run))
-                closers.append(close)
+                ok, made = self.deadline.attempt(f"{size_gb:g} GB async_ckpt overlap_staging={overlap} setup",
+                                                 self._ack, state, size_gb, overlap, add)
+                if ok:
+                    methods.append((f"ack_overlap{int(overlap)}", made[0]))
+                    closers.append(made[1])
         methods.append(("dcp_default", self._dcp(state, None, "dcp_default",
                                                  "DCP async_save (default)", add)))
         from torch.distributed.checkpoint.staging import DefaultStager
         for async_staging in (False, True):
-            stager = DefaultStager(env.stager_options(async_staging))
-            closers.append(stager.close)
             key = f"dcp_stager_{'async' if async_staging else 'sync'}"
+            ok, stager = self.deadline.attempt(f"{size_gb:g} GB {key} setup", DefaultStager,
+                                               env.stager_options(async_staging))
+            if not ok:
+                continue
+            closers.append(stager.close)
             label = f"DCP async_save, reused DefaultStager ({'async' if async_staging else 'sync'} staging)"
             run = self._dcp(state, stager, key, label, add)
-            run(-1, first=True)   # allocates the stager's pinned buffers: reported apart
-            methods.append((key, run))
+            # the first call allocates the stager's pinned buffers: reported apart
+            if self.deadline.attempt(f"{size_gb:g} GB {key} first call", run, -1, True)[0]:
+                methods.append((key, run))
         try:
             for r in range(args.repeats):
                 if self.deadline.over(f"{size_gb:g} GB staging round {r + 1}", self.estimate_round_s(size_gb)):
                     break
                 t_round = time.perf_counter()
                 shift = r % len(methods)
+                failed = set()
                 for name, run in methods[shift:] + methods[:shift]:   # interleaved, rotating order
-                    run(r)
+                    if not self.deadline.attempt(f"{size_gb:g} GB {name} round {r + 1}", run, r)[0]:
+                        failed.add(name)
                     gc.collect()
+                methods = [m for m in methods if m[0] not in failed]
                 round_s = time.perf_counter() - t_round
                 self.round_s_per_gb = round_s / size_gb
                 print(f"  {size_gb:g} GB: round {r + 1}/{args.repeats} done ({round_s:.0f} s)",
                       file=sys.stderr, flush=True)
         finally:
             for close in closers:
-                close()
+                self.deadline.attempt(f"{size_gb:g} GB closing a saver", close)
         del dsts, state, methods, closers
         gc.collect()
         if env.cuda:
@@ -299,7 +322,7 @@ class OverlapBench:
               "dcp_stager_async": "DCP async_save, reused DefaultStager (async staging, "
                                   "staging_completion before optimizer.step())"}
 
-    def __init__(self, env: Env, args, folder: str, deadline: Deadline, have_ack: bool):
+    def __init__(self, env: Env, args, folder: str, deadline: Control, have_ack: bool):
         self.env, self.args, self.folder, self.deadline, self.have_ack = env, args, folder, deadline, have_ack
         width = args.width
         layers = max(1, round(args.overlap_gb * GB / (6 * width * width)))   # bf16 weight + 2 bf16 moments
@@ -367,9 +390,11 @@ class OverlapBench:
                 wait_staged(to_stage)
                 to_stage = None
             self.optim.step()
+            # The update must have landed before any saver reads the parameters: async_ckpt's side
+            # stream waits for the compute stream itself, DCP's async staging thread does not.
+            env.sync_compute()
             if i in due:
                 pending = to_stage = save(step0 + i)
-            env.sync_compute()
             times.append(time.perf_counter() - t0)
         if to_stage is not None:
             wait_staged(to_stage)
@@ -382,12 +407,19 @@ class OverlapBench:
 
     def run(self) -> dict:
         methods = [m for m in self.METHODS if self.have_ack or not m.startswith("ack")]
-        savers = {m: (self.saver(m) if m != "none" else None) for m in methods}
-        for m, s in savers.items():                   # warm-up save: buffers, threads (untimed)
-            if s is not None:
-                p = s[0](10 ** 6)
-                s[1](p)
-                s[2](p)
+        savers = {"none": None}
+
+        def warm_up(m: str):                          # first save: buffers, threads (untimed)
+            saver = self.saver(m)
+            p = saver[0](10 ** 6)
+            saver[1](p)
+            saver[2](p)
+            return saver
+        for m in methods[1:]:
+            ok, saver = self.deadline.attempt(f"overlap {m} setup", warm_up, m)
+            if ok:
+                savers[m] = saver
+        methods = [m for m in methods if m in savers]
         results = {m: [] for m in methods}
         step0 = {m: 2 * 10 ** 6 for m in methods}
         round_s = 0.0
@@ -398,15 +430,22 @@ class OverlapBench:
                 t_round = time.perf_counter()
                 shift = r % len(methods)
                 for m in methods[shift:] + methods[:shift]:
-                    results[m].append(self.run_method(m, savers[m], step0[m]))
+                    ok, res = self.deadline.attempt(f"overlap {m} round {r + 1}", self.run_method,
+                                                    m, savers[m], step0[m])
                     step0[m] += self.args.steps
+                    if ok:
+                        results[m].append(res)
+                    elif m == "none":
+                        raise RuntimeError("the baseline training run failed: nothing to compare against")
+                    else:
+                        methods = [x for x in methods if x != m]
                 round_s = time.perf_counter() - t_round
                 print(f"  overlap: round {r + 1}/{self.args.repeats} done ({round_s:.0f} s)",
                       file=sys.stderr, flush=True)
         finally:
-            for s in savers.values():
-                if s is not None:
-                    s[3]()
+            for m, saver in savers.items():
+                if saver is not None:
+                    self.deadline.attempt(f"overlap closing {m}", saver[3])
         base = [x["run_s"] for x in results.get("none", [])]
         n_saves = len(range(self.args.every, self.args.steps, self.args.every))
         out = {"state_bytes": self.nbytes, "width": self.args.width, "layers": self.layers,
@@ -461,6 +500,8 @@ def markdown(doc: dict) -> str:
         lines.append("")
     if doc["skipped"]:
         lines.append(f"Skipped (time budget): {', '.join(doc['skipped'])}.")
+    for err in doc["errors"]:
+        lines.append(f"FAILED: {err}")
     if doc["missing"]:
         lines.append(f"async_ckpt not measured: missing {', '.join(doc['missing'])} "
                      f"(pip install {' '.join(doc['missing'])}).")
@@ -503,7 +544,7 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="every code path on CPU at tiny sizes")
     args = p.parse_args(argv)
     if args.dry_run:
-        args.sizes_gb, args.tensors, args.repeats, args.overlap_gb = "0.004,0.008", 4, 1, 0.002
+        args.sizes_gb, args.tensors, args.repeats, args.overlap_gb = "0.004,0.008", 4, 1, 0.0005
         args.width, args.batch, args.steps, args.every = 64, 8, 6, 2
     try:
         args.sizes = [float(s) for s in args.sizes_gb.split(",") if s.strip()]
@@ -535,13 +576,14 @@ def main(argv=None) -> int:
               f"(async_ckpt/codec.py imports them). Install with: pip install {' '.join(missing)}\n"
               "Measuring the floors and DCP only.", file=sys.stderr, flush=True)
     import torch.distributed as dist
-    deadline = Deadline(args.budget_s)
+    deadline = Control(args.budget_s)
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="async_ckpt_gpu-", dir=args.dir)
     store = dist.TCPStore("127.0.0.1", free_port(), 1, True)   # DCP needs a process group (CPU: gloo)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     doc = {"benchmark": "gpu", "machine": machine(env), "missing": missing, "skipped": deadline.skipped,
+           "errors": deadline.errors,
            "config": {k: v for k, v in vars(args).items()}, "staging": [], "overlap": None,
            "note": ("returns: the save call; staged: safe to mutate (wait_staged / staging_completion); "
                     "durable: committed (fsync'd). Floor: raw pinned non-blocking copies + synchronize.")}
@@ -553,14 +595,18 @@ def main(argv=None) -> int:
         plan = [("staging", sizes[0]), ("overlap", None)] + [("staging", s) for s in sizes[1:]]
         for kind, size in plan:
             if kind == "staging":
-                if deadline.over(f"{size:g} GB staging", staging.estimate_round_s(size)):
+                # setup (first saves, allocations) costs about one round
+                if deadline.over(f"{size:g} GB staging", 2 * staging.estimate_round_s(size)):
                     continue
                 print(f"staging {size:g} GB ...", file=sys.stderr, flush=True)
-                doc["staging"].append(staging.run_size(size))
+                ok, sec = deadline.attempt(f"{size:g} GB staging", staging.run_size, size)
+                if ok:
+                    doc["staging"].append(sec)
                 doc["ack_timings"] = staging.ack_timings
             elif not deadline.over("overlap with training"):
                 print("overlap with training ...", file=sys.stderr, flush=True)
-                doc["overlap"] = OverlapBench(env, args, folder, deadline, not missing).run()
+                doc["overlap"] = deadline.attempt(
+                    "overlap with training", lambda: OverlapBench(env, args, folder, deadline, not missing).run())[1]
                 gc.collect()
                 if env.cuda:
                     torch.cuda.empty_cache()
@@ -572,6 +618,9 @@ def main(argv=None) -> int:
     finally:
         dist.destroy_process_group()
         shutil.rmtree(folder, ignore_errors=True)
+    if doc["errors"]:
+        print(f"{len(doc['errors'])} measurement(s) FAILED, see 'errors' in {args.out}", file=sys.stderr)
+        return 1
     if missing:
         print(f"async_ckpt was NOT measured: pip install {' '.join(missing)}, then run again.", file=sys.stderr)
         return 2

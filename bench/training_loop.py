@@ -1,25 +1,36 @@
 """Training-loop benchmark: what checkpointing every k steps costs a CPU training run.
 
 A residual MLP (sized by ``--size-mb``: fp32 parameters + AdamW's two moments, the bytes every
-checkpoint holds) is trained on CPU. Each round runs every method once for ``--steps`` steps,
-rotating the order so background load hits all of them alike:
+checkpoint holds) is trained on CPU with AdamW. The methods:
 
-- ``none``: no checkpointing (the baseline of its round);
-- ``async_ckpt``: ``AsyncCheckpointer.save(step)`` every ``--every`` steps (``max_pending=1``);
+- ``none``: no checkpointing (the baseline);
+- ``async_ckpt``: ``AsyncCheckpointer.save(step)`` (``max_pending=1``);
 - ``dcp_default``: ``dcp.async_save`` with DCP's default (a fresh staging copy per call);
 - ``dcp_stager``: ``dcp.async_save`` with one reused ``DefaultStager`` (synchronous staging into
   reused buffers: DCP's fastest setting on CPU, see bench/single_process.py).
 
-Both libraries get the same discipline: at most one save in flight (DCP's previous future is
-awaited before the next ``async_save``, which async_ckpt's ``max_pending=1`` does itself), saves at
-steps every, 2*every, ... < steps so the last one has ``every`` steps to finish in the background,
-and every method's first (buffer-allocating) save happens in an untimed warm-up. Figures per
-method: median step time of steps with and without a save, the slowdown per save (extra run time
-over the same round's ``none`` run, divided by the saves) and the total run-time overhead in %;
-medians over rounds with min/max. The final drain (waiting for the last save) is reported apart.
+The unit of measurement is a *save window*: ``--every`` training steps, the save called right
+after the first one, then waiting for that save to be durable (``drain``, timed). Its cost is the
+window's wall time including the drain, which is what a periodic run with one save in flight pays
+per save: a save that has not finished by the next one holds that one up. Windows are interleaved
+finely: a *cycle* runs one window of every method back to back (rotating the order), so the
+baseline it is compared with ran seconds earlier or later, on a machine whose load changes by the
+minute. A round is ``--steps / --every`` cycles; figures are per-round medians, reported as the
+median over ``--repeats`` rounds with min..max:
 
-    python -m bench.training_loop [--steps 40] [--every 8] [--repeats 3] [--size-mb 256]
-                                  [--threads 2] [--dir PATH] [--quick]
+- median step time of steps without a save and of steps with a save (the save call included);
+- slowdown per save: window cost minus the same cycle's baseline window;
+- overhead in %: that slowdown over the baseline window, i.e. the run-time overhead of a run that
+  saves every ``--every`` steps;
+- drain: how long the save still ran after the window's last step (0: it finished in time).
+
+Every method's first (buffer-allocating) save happens in an untimed warm-up; nobody deletes old
+checkpoints inside a timed window (async_ckpt runs with ``keep_last=None``; folders are cleared
+between windows, untimed). One ``torch.set_num_threads`` for all methods (``--threads``, default
+every CPU this process may use), so background saving competes with training for the same cores.
+
+    python -m bench.training_loop [--steps 30] [--every 6] [--repeats 3] [--size-mb 256]
+                                  [--threads N] [--dir PATH] [--quick]
 """
 from __future__ import annotations
 
@@ -32,8 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -165,40 +175,35 @@ class DcpSaver(Saver):
 
 # -- measurement ----------------------------------------------------------------------------------
 @dataclass
-class Run:
+class Window:
     method: str
     round: int
-    run_s: float
+    cycle: int
+    steps_s: list[float]
     drain_s: float
-    save_steps_s: list[float] = field(default_factory=list)
-    plain_steps_s: list[float] = field(default_factory=list)
+    saved: bool
+
+    @property
+    def cost_s(self) -> float:
+        return sum(self.steps_s) + self.drain_s
 
 
-def save_steps(steps: int, every: int) -> set[int]:
-    """Saves at every, 2*every, ... strictly before the last step, so each save has `every` steps
-    of training to finish behind (as it would in a long run); never at step 0."""
-    return {s for s in range(every, steps, every)}
-
-
-def timed_run(method: str, r: int, saver: Saver, step0: int, args, model, optim, x, y) -> Run:
-    due = save_steps(args.steps, args.every) if method != "none" else set()
-    os.sync()   # start every run with no dirty pages left by the previous one
+def timed_window(method: str, r: int, c: int, saver: Saver, step: int, args, model, optim, x, y) -> Window:
+    """`every` steps with one save after the first; then wait until the save is durable."""
+    os.sync()   # untimed: no dirty pages left over from the previous window
     gc.collect()
-    run = Run(method, r, 0.0, 0.0)
-    t_start = time.perf_counter()
-    for i in range(args.steps):
+    steps = []
+    for j in range(args.every):
         t0 = time.perf_counter()
         train_step(model, optim, x, y)
-        if i in due:
-            saver.save(step0 + i)
-        dt = time.perf_counter() - t0
-        (run.save_steps_s if i in due else run.plain_steps_s).append(dt)
-    run.run_s = time.perf_counter() - t_start
+        if j == 0:
+            saver.save(step)
+        steps.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     saver.drain()
-    run.drain_s = time.perf_counter() - t0
+    drain = time.perf_counter() - t0
     saver.clear()
-    return run
+    return Window(method, r, c, steps, drain, method != "none")
 
 
 def med(xs: list[float]) -> float | None:
@@ -206,27 +211,33 @@ def med(xs: list[float]) -> float | None:
 
 
 def spread(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
     return {"median": med(xs), "min": min(xs) if xs else None, "max": max(xs) if xs else None,
             "samples": xs}
 
 
-def summarise(runs: list[Run], n_saves: int) -> dict:
-    base = {r.round: r.run_s for r in runs if r.method == "none"}
+def summarise(windows: list[Window], rounds: int) -> dict:
+    base = {(w.round, w.cycle): w.cost_s for w in windows if w.method == "none"}
     out = {}
     for m in METHODS:
-        mine = [r for r in runs if r.method == m]
-        if not mine:
-            continue
-        per_save = [(r.run_s - base[r.round]) / n_saves for r in mine] if m != "none" and n_saves else []
-        overhead = [100.0 * (r.run_s - base[r.round]) / base[r.round] for r in mine] if m != "none" else []
-        out[m] = {"label": LABELS[m],
-                  "run_s": spread([r.run_s for r in mine]),
-                  # per round: the median of that run's steps; then the spread over rounds
-                  "plain_step_s": spread([med(r.plain_steps_s) for r in mine]),
-                  "save_step_s": spread([med(r.save_steps_s) for r in mine if r.save_steps_s]),
-                  "slowdown_per_save_s": spread(per_save),
-                  "overhead_pct": spread(overhead),
-                  "drain_s": spread([r.drain_s for r in mine])}
+        per_round = {k: [] for k in ("plain", "save", "slow", "pct", "drain", "cost")}
+        for r in range(rounds):
+            mine = [w for w in windows if w.method == m and w.round == r]
+            if not mine:
+                continue
+            per_round["plain"].append(med([s for w in mine for s in (w.steps_s[1:] if w.saved else w.steps_s)]))
+            per_round["save"].append(med([w.steps_s[0] for w in mine if w.saved]))
+            per_round["cost"].append(med([w.cost_s for w in mine]))
+            per_round["drain"].append(med([w.drain_s for w in mine]))
+            if m != "none":
+                slow = [w.cost_s - base[(w.round, w.cycle)] for w in mine]
+                per_round["slow"].append(med(slow))
+                per_round["pct"].append(med([100.0 * (w.cost_s - base[(w.round, w.cycle)]) / base[(w.round, w.cycle)]
+                                             for w in mine]))
+        out[m] = {"label": LABELS[m], "plain_step_s": spread(per_round["plain"]),
+                  "save_step_s": spread(per_round["save"]), "slowdown_per_save_s": spread(per_round["slow"]),
+                  "overhead_pct": spread(per_round["pct"]), "drain_s": spread(per_round["drain"]),
+                  "window_s": spread(per_round["cost"])}
     return out
 
 
@@ -240,12 +251,12 @@ def markdown(summary: dict) -> str:
             return "-"
         return (f"{d['median'] * scale:.{digits}f} ({d['min'] * scale:.{digits}f}..{d['max'] * scale:.{digits}f})")
     lines = ["| method | median step, no save (ms) | median step with save (ms) | slowdown per save (s) "
-             "| run-time overhead (%) | run (s) | final drain (s) |",
+             "| run-time overhead (%) | window incl. drain (s) | drain after window (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for m, s in summary.items():
         lines.append(f"| {s['label']} | {cell(s['plain_step_s'], 1e3, 1)} | {cell(s['save_step_s'], 1e3, 1)} | "
                      f"{cell(s['slowdown_per_save_s'])} | {cell(s['overhead_pct'], 1.0, 1)} | "
-                     f"{cell(s['run_s'], 1.0, 2)} | {cell(s['drain_s'], 1.0, 2)} |")
+                     f"{cell(s['window_s'], 1.0, 2)} | {cell(s['drain_s'], 1.0, 2)} |")
     return "\n".join(lines)
 
 
@@ -258,20 +269,22 @@ def ratios(summary: dict) -> list[str]:
     for m in ("dcp_default", "dcp_stager"):
         if m in summary and summary[m]["slowdown_per_save_s"]["median"] is not None:
             b = summary[m]["slowdown_per_save_s"]["median"]
-            verdict = "ahead" if a < b else "BEHIND"
-            out.append(f"- slowdown per save: async_ckpt {a:.3f} s vs {summary[m]['label']} {b:.3f} s: "
-                       f"{verdict} ({b / a:.2f}x)" if a > 0 else
-                       f"- slowdown per save: async_ckpt {a:.3f} s (no measurable cost) vs "
-                       f"{summary[m]['label']} {b:.3f} s")
+            if a > 0:
+                out.append(f"- slowdown per save: async_ckpt {a:.3f} s vs {summary[m]['label']} {b:.3f} s: "
+                           f"{'ahead' if a < b else 'BEHIND'} ({b / a:.2f}x)")
+            else:
+                out.append(f"- slowdown per save: async_ckpt {a:.3f} s (within noise of the baseline) vs "
+                           f"{summary[m]['label']} {b:.3f} s")
     return out
 
 
 # -- driver -----------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.training_loop", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
-    p.add_argument("--every", type=int, default=8, help="save every N steps (default 8)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--steps", type=int, default=30, help="training steps per method and round, a "
+                   "multiple of --every (default 30)")
+    p.add_argument("--every", type=int, default=6, help="save every N steps: the window (default 6)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
     p.add_argument("--size-mb", type=float, default=256, help="checkpointed bytes: fp32 params + AdamW "
                    "moments, in MiB (default 256)")
     p.add_argument("--width", type=int, default=1024, help="MLP width (default 1024)")
@@ -284,9 +297,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round: a sanity run in < 30 s")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.every, args.repeats, args.size_mb, args.width, args.batch = 8, 3, 1, 24, 256, 32
-    if args.steps < 2 or args.every < 1 or args.every >= args.steps or args.repeats < 1 or args.size_mb <= 0:
-        p.error("need --steps >= 2, 1 <= --every < --steps, --repeats >= 1 and --size-mb > 0")
+        args.steps, args.every, args.repeats, args.size_mb, args.width, args.batch = 6, 3, 1, 24, 256, 32
+    if args.every < 2 or args.steps < args.every or args.steps % args.every or args.repeats < 1 \
+            or args.size_mb <= 0:
+        p.error("need --every >= 2, --steps a positive multiple of --every, --repeats >= 1 and --size-mb > 0")
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0))
     return args
@@ -330,42 +344,45 @@ def main(argv=None) -> int:
         print(f"model: {len(model.blocks)} x Linear({args.width}, {args.width}), state {nbytes / MIB:.0f} MiB "
               f"(fp32 params + AdamW moments), batch {args.batch}, torch threads {args.threads}; "
               f"{args.steps} steps, save every {args.every}; dir {folder}", file=sys.stderr, flush=True)
-        runs: list[Run] = []
+        windows: list[Window] = []
         order = list(METHODS)
+        cycles = args.steps // args.every
         for r in range(args.repeats):
-            shift = r % len(order)
-            for m in order[shift:] + order[:shift]:
-                runs.append(timed_run(m, r, savers[m], next_step[m], args, model, optim, x, y))
-                next_step[m] += args.steps
+            for c in range(cycles):
+                shift = (r * cycles + c) % len(order)
+                for m in order[shift:] + order[:shift]:
+                    windows.append(timed_window(m, r, c, savers[m], next_step[m], args, model, optim, x, y))
+                    next_step[m] += args.every
             print(f"  round {r + 1}/{args.repeats} done ({time.perf_counter() - t_all:.0f} s)",
                   file=sys.stderr, flush=True)
-        n_saves = len(save_steps(args.steps, args.every))
-        summary = summarise(runs, n_saves)
+        summary = summarise(windows, args.repeats)
         info = machine_info(folder)
         info["loadavg_start"], info["loadavg_end"] = load_start, os.getloadavg()
         table = markdown(summary)
         verdicts = ratios(summary)
         elapsed = time.perf_counter() - t_all
         head = (f"### Training loop on CPU: {nbytes / MIB:.0f} MiB checkpointed state, save every {args.every} "
-                f"steps, {args.steps} steps/run, {args.repeats} interleaved rounds\n\n"
+                f"steps, {cycles} cycles x {args.repeats} rounds\n\n"
                 f"Model: residual MLP, {len(model.blocks)} x Linear({args.width}, {args.width}), batch {args.batch}, "
-                f"AdamW; torch.set_num_threads({args.threads}) for every method; {n_saves} saves per run. "
+                f"AdamW; torch.set_num_threads({args.threads}) for every method. "
                 f"Machine: {info['cpu_count']} CPUs ({info['cpu_model']}), torch {torch.__version__}, "
                 f"{info['target_fs'].get('fstype', '?')} at {info['target_fs'].get('mount_point', '?')}; "
-                f"load average start/end {load_start[0]:.2f}/{info['loadavg_end'][0]:.2f}. Cells: median over "
-                f"rounds (min..max); slowdown per save and overhead are against the same round's baseline run.\n")
+                f"load average start/end {load_start[0]:.2f}/{info['loadavg_end'][0]:.2f}. A window is {args.every} "
+                f"steps with one save after the first, until that save is durable; a cycle runs one window "
+                f"per method back to back (rotating order). Slowdown per save and overhead: window minus the "
+                f"same cycle's baseline window. Cells: median over rounds of each round's median (min..max).\n")
         md = "\n".join([head, table, "", *verdicts, f"\n(total {elapsed:.0f} s)\n"])
         print("\n" + md)
         result = {"benchmark": "training_loop", "machine": info,
                   "config": {"steps": args.steps, "every": args.every, "repeats": args.repeats,
                              "size_mb": args.size_mb, "width": args.width, "layers": len(model.blocks),
                              "batch": args.batch, "threads": args.threads, "quick": args.quick,
-                             "state_bytes": nbytes, "saves_per_run": n_saves,
-                             "save_steps": sorted(save_steps(args.steps, args.every)),
+                             "state_bytes": nbytes, "cycles_per_round": cycles, "saves_per_window": 1,
                              "dcp_stager_options": "StagingOptions(pinned=False, shared=False, "
                                                    "async_staging=False, non_blocking=False)"},
                   "methods": summary, "verdicts": verdicts,
-                  "runs": [r.__dict__ for r in runs], "markdown": md, "elapsed_s": elapsed}
+                  "windows": [{**w.__dict__, "cost_s": w.cost_s} for w in windows], "markdown": md,
+                  "elapsed_s": elapsed}
         if args.out:
             write(args.out, json.dumps(result, indent=1))
             write(os.path.splitext(args.out)[0] + ".md", md)

@@ -26,17 +26,20 @@ def test_training_loop_quick_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     cfg, methods = doc["config"], doc["methods"]
-    assert cfg["saves_per_run"] == len(cfg["save_steps"]) >= 2 and cfg["threads"] >= 1
+    assert cfg["cycles_per_round"] == cfg["steps"] // cfg["every"] >= 2 and cfg["threads"] >= 1
     assert set(methods) == {"none", *SAVERS}
     assert methods["none"]["plain_step_s"]["median"] > 0 and methods["none"]["save_step_s"]["median"] is None
     for m in SAVERS:
         fig = methods[m]
         assert fig["plain_step_s"]["median"] > 0 and fig["save_step_s"]["median"] > 0, m
-        for key in ("slowdown_per_save_s", "overhead_pct", "drain_s", "run_s"):
+        for key in ("slowdown_per_save_s", "overhead_pct", "drain_s", "window_s"):
             assert fig[key]["median"] is not None and len(fig[key]["samples"]) == cfg["repeats"], (m, key)
-    # one run per method and round, the baseline in every round
-    assert sorted((r["method"], r["round"]) for r in doc["runs"]) == sorted(
-        (m, r) for m in methods for r in range(cfg["repeats"]))
+    # every cycle ran one window of every method, each window `every` steps long
+    cycles = {(w["round"], w["cycle"]) for w in doc["windows"]}
+    assert len(cycles) == cfg["repeats"] * cfg["cycles_per_round"]
+    assert sorted((w["method"], w["round"], w["cycle"]) for w in doc["windows"]) == sorted(
+        (m, r, c) for m in methods for r, c in cycles)
+    assert all(len(w["steps_s"]) == cfg["every"] and w["saved"] == (w["method"] != "none") for w in doc["windows"])
     md = (tmp_path / "loop.md").read_text()
     for m in methods.values():
         assert f"| {m['label']} |" in md
@@ -44,10 +47,15 @@ def test_training_loop_quick_writes_every_figure(tmp_path):
     assert not any(p.name.startswith("async_ckpt_loop-") for p in tmp_path.iterdir()), "bench folder left"
 
 
-def test_save_steps_leave_the_last_save_time_to_finish():
-    from bench.training_loop import save_steps
-    assert save_steps(60, 10) == {10, 20, 30, 40, 50}
-    assert save_steps(8, 3) == {3, 6}
+def test_training_loop_refuses_steps_that_are_not_whole_windows(capsys):
+    from bench.training_loop import parse_args
+    try:
+        parse_args(["--steps", "10", "--every", "4"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--steps 10 --every 4 was accepted")
+    assert "multiple of --every" in capsys.readouterr().err
 
 
 def check_gpu_doc(doc, with_ack: bool) -> None:
@@ -66,7 +74,7 @@ def check_gpu_doc(doc, with_ack: bool) -> None:
     for m in want[1:]:
         assert methods[m]["exposed_per_save"]["median_s"] is not None, m
         assert methods[m]["run_overhead_per_save"]["median_s"] is not None, m
-    assert doc["skipped"] == []
+    assert doc["skipped"] == [] and doc["errors"] == []
 
 
 def test_gpu_dry_run_on_cpu_writes_every_figure(tmp_path):
@@ -99,3 +107,24 @@ def test_gpu_without_cuda_measures_nothing_and_exits_0(monkeypatch, capsys, tmp_
     assert gpu.main(["--out", str(tmp_path / "g.json")]) == 0
     assert "no CUDA device: nothing measured" in capsys.readouterr().out
     assert not (tmp_path / "g.json").exists()
+
+
+def test_gpu_records_a_failing_method_and_measures_the_rest(monkeypatch, tmp_path):
+    """The script runs once, unattended, on a lent machine: one broken method must not cost the
+    other figures."""
+    from bench import gpu
+
+    def broken(self, state, add):
+        def run(r):
+            raise RuntimeError("simulated copy failure")
+        return run
+    monkeypatch.setattr(gpu.StagingBench, "_pageable", broken)
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--dry-run", "--out", str(out), "--dir", str(tmp_path)]) == 1
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == [f"{size:g} GB pageable round 1: RuntimeError: simulated copy failure"
+                             for size in (0.004, 0.008)]
+    for sec in doc["staging"]:
+        assert "pageable" not in sec["rows"] and sec["rows"]["ack_overlap0"]["staged"]["median_s"] > 0
+    assert doc["overlap"]["methods"]["ack_overlap"]["exposed_per_save"]["median_s"] is not None
+    assert "FAILED: 0.004 GB pageable round 1" in (tmp_path / "gpu.md").read_text()
