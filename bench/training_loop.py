@@ -38,6 +38,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -182,6 +183,8 @@ class Window:
     steps_s: list[float]
     drain_s: float
     saved: bool
+    save_call_s: float      # the save() / async_save() call alone: what the training thread waits
+    cpu_s: float            # CPU seconds of the whole process (every thread) over the window
 
     @property
     def cost_s(self) -> float:
@@ -192,18 +195,29 @@ def timed_window(method: str, r: int, c: int, saver: Saver, step: int, args, mod
     """`every` steps with one save after the first; then wait until the save is durable."""
     os.sync()   # untimed: no dirty pages left over from the previous window
     gc.collect()
-    steps = []
+    steps, call = [], 0.0
+    cpu0 = cpu_seconds()
     for j in range(args.every):
         t0 = time.perf_counter()
         train_step(model, optim, x, y)
         if j == 0:
+            t1 = time.perf_counter()
             saver.save(step)
+            call = time.perf_counter() - t1
         steps.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     saver.drain()
     drain = time.perf_counter() - t0
+    cpu = cpu_seconds() - cpu0
     saver.clear()
-    return Window(method, r, c, steps, drain, method != "none")
+    return Window(method, r, c, steps, drain, method != "none", call, cpu)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads. Unlike wall time it barely moves with
+    other processes' load, so the extra CPU a save costs stays measurable on a busy machine."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def med(xs: list[float]) -> float | None:
@@ -218,9 +232,10 @@ def spread(xs: list[float]) -> dict:
 
 def summarise(windows: list[Window], rounds: int) -> dict:
     base = {(w.round, w.cycle): w.cost_s for w in windows if w.method == "none"}
+    base_cpu = {(w.round, w.cycle): w.cpu_s for w in windows if w.method == "none"}
     out = {}
     for m in METHODS:
-        per_round = {k: [] for k in ("plain", "save", "slow", "pct", "drain", "cost")}
+        per_round = {k: [] for k in ("plain", "save", "slow", "pct", "drain", "cost", "call", "cpu")}
         for r in range(rounds):
             mine = [w for w in windows if w.method == m and w.round == r]
             if not mine:
@@ -230,6 +245,8 @@ def summarise(windows: list[Window], rounds: int) -> dict:
             per_round["cost"].append(med([w.cost_s for w in mine]))
             per_round["drain"].append(med([w.drain_s for w in mine]))
             if m != "none":
+                per_round["call"].append(med([w.save_call_s for w in mine]))
+                per_round["cpu"].append(med([w.cpu_s - base_cpu[(w.round, w.cycle)] for w in mine]))
                 slow = [w.cost_s - base[(w.round, w.cycle)] for w in mine]
                 per_round["slow"].append(med(slow))
                 per_round["pct"].append(med([100.0 * (w.cost_s - base[(w.round, w.cycle)]) / base[(w.round, w.cycle)]
@@ -237,8 +254,19 @@ def summarise(windows: list[Window], rounds: int) -> dict:
         out[m] = {"label": LABELS[m], "plain_step_s": spread(per_round["plain"]),
                   "save_step_s": spread(per_round["save"]), "slowdown_per_save_s": spread(per_round["slow"]),
                   "overhead_pct": spread(per_round["pct"]), "drain_s": spread(per_round["drain"]),
-                  "window_s": spread(per_round["cost"])}
+                  "window_s": spread(per_round["cost"]), "save_call_s": spread(per_round["call"]),
+                  "extra_cpu_per_save_s": spread(per_round["cpu"]),
+                  # every window of every round pooled: the paired differences themselves
+                  "slowdown_per_save_pooled": quartiles([w.cost_s - base[(w.round, w.cycle)]
+                                                         for w in windows if w.method == m] if m != "none" else [])}
     return out
+
+
+def quartiles(xs: list[float]) -> dict:
+    if len(xs) < 2:
+        return {"median": med(xs), "q1": None, "q3": None, "n": len(xs)}
+    q1, q2, q3 = statistics.quantiles(xs, n=4)
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "n": len(xs)}
 
 
 def fmt(x: float | None, unit: str = "", digits: int = 3) -> str:
@@ -250,11 +278,12 @@ def markdown(summary: dict) -> str:
         if d["median"] is None:
             return "-"
         return (f"{d['median'] * scale:.{digits}f} ({d['min'] * scale:.{digits}f}..{d['max'] * scale:.{digits}f})")
-    lines = ["| method | median step, no save (ms) | median step with save (ms) | slowdown per save (s) "
-             "| run-time overhead (%) | window incl. drain (s) | drain after window (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | save() call (ms) | extra CPU per save (s) | median step, no save (ms) | median step with "
+             "save (ms) | slowdown per save (s) | run-time overhead (%) | window incl. drain (s) | drain (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, s in summary.items():
-        lines.append(f"| {s['label']} | {cell(s['plain_step_s'], 1e3, 1)} | {cell(s['save_step_s'], 1e3, 1)} | "
+        lines.append(f"| {s['label']} | {cell(s['save_call_s'], 1e3, 1)} | {cell(s['extra_cpu_per_save_s'])} | "
+                     f"{cell(s['plain_step_s'], 1e3, 1)} | {cell(s['save_step_s'], 1e3, 1)} | "
                      f"{cell(s['slowdown_per_save_s'])} | {cell(s['overhead_pct'], 1.0, 1)} | "
                      f"{cell(s['window_s'], 1.0, 2)} | {cell(s['drain_s'], 1.0, 2)} |")
     return "\n".join(lines)
@@ -265,6 +294,13 @@ def ratios(summary: dict) -> list[str]:
     out = []
     if not ours or ours["slowdown_per_save_s"]["median"] is None:
         return out
+    for key, what in (("save_call_s", "save() call"), ("extra_cpu_per_save_s", "extra CPU per save")):
+        a = ours[key]["median"]
+        for m in ("dcp_default", "dcp_stager"):
+            b = summary.get(m, {}).get(key, {}).get("median")
+            if a and b and a > 0:
+                out.append(f"- {what}: async_ckpt {a:.3f} s vs {summary[m]['label']} {b:.3f} s: "
+                           f"{'ahead' if a < b else 'BEHIND'} ({b / a:.2f}x)")
     a = ours["slowdown_per_save_s"]["median"]
     for m in ("dcp_default", "dcp_stager"):
         if m in summary and summary[m]["slowdown_per_save_s"]["median"] is not None:
