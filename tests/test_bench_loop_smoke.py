@@ -32,18 +32,22 @@ def test_training_loop_quick_writes_every_figure(tmp_path):
     for m in SAVERS:
         fig = methods[m]
         assert fig["plain_step_s"]["median"] > 0 and fig["save_step_s"]["median"] > 0, m
-        for key in ("slowdown_per_save_s", "overhead_pct", "drain_s", "window_s"):
+        assert fig["save_call_s"]["median"] > 0, m
+        assert fig["slowdown_per_save_pooled"]["n"] == cfg["repeats"] * cfg["cycles_per_round"], m
+        for key in ("slowdown_per_save_s", "overhead_pct", "drain_s", "window_s", "extra_cpu_per_save_s"):
             assert fig[key]["median"] is not None and len(fig[key]["samples"]) == cfg["repeats"], (m, key)
     # every cycle ran one window of every method, each window `every` steps long
     cycles = {(w["round"], w["cycle"]) for w in doc["windows"]}
     assert len(cycles) == cfg["repeats"] * cfg["cycles_per_round"]
     assert sorted((w["method"], w["round"], w["cycle"]) for w in doc["windows"]) == sorted(
         (m, r, c) for m in methods for r, c in cycles)
-    assert all(len(w["steps_s"]) == cfg["every"] and w["saved"] == (w["method"] != "none") for w in doc["windows"])
+    assert all(len(w["steps_s"]) == cfg["every"] and w["saved"] == (w["method"] != "none") and w["cpu_s"] > 0
+               for w in doc["windows"])
     md = (tmp_path / "loop.md").read_text()
     for m in methods.values():
         assert f"| {m['label']} |" in md
-    assert sum(line.startswith("- slowdown per save: async_ckpt") for line in md.splitlines()) == 2
+    for what in ("save() call", "extra CPU per save", "slowdown per save"):
+        assert sum(line.startswith(f"- {what}: async_ckpt") for line in md.splitlines()) == 2, what
     assert not any(p.name.startswith("async_ckpt_loop-") for p in tmp_path.iterdir()), "bench folder left"
 
 
