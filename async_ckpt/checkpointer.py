@@ -72,8 +72,9 @@ class AsyncCheckpointer:
     writer makes it durable and commits ``step-<N>/manifest.json`` atomically. A checkpoint exists
     if and only if its manifest does. Options beyond the named ones: ``allow_pickle`` (False: refuse
     non-JSON leaves on save and pickled leaves on load), ``verify`` (True: check hashes on load),
-    ``compression_level`` (zstd level, 1), ``overlap_staging`` (False: with CUDA state, save()
-    returns before the D2H copy lands; call ``SaveHandle.wait_staged()`` before mutating),
+    ``compression_level`` (zstd level, 1), ``overlap_staging`` (False; True: with CUDA state,
+    save() returns before the D2H copy lands, and ``SaveHandle.wait_staged()`` must return before
+    the state is mutated),
     ``encode_threads`` (2: zstd threads), ``keep_every`` (None; N: retention keeps every step
     that is a multiple of N for good, in addition to keep_last/keep_best) and ``timeout_s`` (600:
     the longest a multi-rank save waits for another rank or node to reach the save; once there,

@@ -12,12 +12,28 @@ import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
 import torch
 import xxhash
-import zstandard
 
+from .errors import CheckpointError
 from .shuffle import WIDTHS, shuffle, shuffle_width, unshuffle
+
+if TYPE_CHECKING:
+    import zstandard
+
+
+def _zstandard():
+    """zstandard is needed only for compressed checkpoints, so plain ones work without it
+    (a stock CUDA image then needs only xxhash added)."""
+    try:
+        import zstandard
+    except ImportError as exc:
+        raise CheckpointError("compression='zstd' (or loading a compressed checkpoint) needs the "
+                              "zstandard package: pip install zstandard") from exc
+    return zstandard
+
 
 HASH_ALGO = "xxh3-128"
 SHUFFLE_PREFIX = "zstd-shuffle"
@@ -77,6 +93,7 @@ class Compressor:
 
     def __init__(self, level: int = 1):
         self.level = level
+        zstandard = _zstandard()
         self._params = zstandard.ZstdCompressionParameters.from_level(level, write_content_size=True)
         # Grouped planes: at level 1 a 128 KiB window and a 1 Ki-entry hash table measured both
         # faster (0.25 vs 0.20 GB/s on the exponent plane) and denser (3.0x vs 2.7x) than the
@@ -91,6 +108,7 @@ class Compressor:
         # them measured 5-10% less CPU per 16 MiB piece than a fresh context per call.
         ctxs = getattr(self._local, "ctxs", None)
         if ctxs is None:
+            zstandard = _zstandard()
             ctxs = self._local.ctxs = (zstandard.ZstdCompressor(compression_params=self._params),
                                        zstandard.ZstdCompressor(compression_params=self.plane_params))
         return ctxs[grouped]
@@ -117,12 +135,12 @@ def _decode_pool() -> ThreadPoolExecutor:
 
 def _decode_one(frame: memoryview, out: memoryview, width: int, where: str) -> None:
     # Guard before allocating: the header's size must be exactly this piece's size.
-    if zstandard.frame_content_size(frame) != len(out):
+    if _zstandard().frame_content_size(frame) != len(out):
         raise ValueError(f"{where}: a zstd frame declares a size other than its piece's "
                          f"{len(out)} bytes")
     dctx = getattr(_decoders, "dctx", None)
     if dctx is None:
-        dctx = _decoders.dctx = zstandard.ZstdDecompressor()   # one per thread, reused
+        dctx = _decoders.dctx = _zstandard().ZstdDecompressor()   # one per thread, reused
     raw = dctx.decompress(frame, max_output_size=max(len(out), 1))
     if len(raw) != len(out):
         raise ValueError(f"{where}: a zstd frame decodes to {len(raw)} bytes, expected {len(out)}")

@@ -101,8 +101,10 @@ def main() -> None:
             rows["ack_commit"].append(t2 - t0)
             if rank == 0:
                 doc = json.load(open(os.path.join(info.url, "manifest.json")))
-                for name, f in doc["files"].items():
-                    node_bytes[name[:11]] = f["size"]
+                sizes: dict[str, int] = {}
+                for name, f in doc["files"].items():     # one file per rank: sum per node
+                    sizes[name[:11]] = sizes.get(name[:11], 0) + f["size"]
+                node_bytes.update(sizes)
 
         def run_dcp_async(i: int) -> None:
             path = os.path.join(folder, f"dcp-async-{case}-{i}")

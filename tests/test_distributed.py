@@ -47,8 +47,9 @@ def test_manifest_owners_follow_the_patterns(saved):
     files_of = {sid: {t["file"] for t in shard["tensors"]} for sid, shard in comps["per_node"]["shards"].items()}
     assert all(name.startswith("data-n00000-") for name in files_of["node0"])
     assert all(name.startswith("data-n00001-") for name in files_of["node1"])
-    # ...one data file per node...
-    assert sorted(name[:12] for name in doc["files"]) == ["data-n00000-", "data-n00001-"]
+    # ...one data file per rank, written by its node's writer...
+    assert sorted(name[:19] for name in doc["files"]) == [
+        "data-n00000-r00000-", "data-n00000-r00001-", "data-n00001-r00002-", "data-n00001-r00003-"]
     # PER_GROUP: one copy per disjoint group, written by one of its members, who reload it.
     groups = comps["per_group"]["shards"]
     assert sorted(groups) == ["group0", "group1"]
@@ -65,12 +66,12 @@ def test_manifest_owners_follow_the_patterns(saved):
 
 def test_replicated_bytes_are_spread_over_nodes(saved):
     doc = manifest(saved[0], 2)
-    per_file: dict[str, int] = {}
+    per_node: dict[str, int] = {}
     for key in ("model", "optim"):
         for t in doc["components"][key]["shards"]["replicated"]["tensors"]:
-            per_file[t["file"]] = per_file.get(t["file"], 0) + t["nbytes"]
-    total = sum(per_file.values())
-    assert len(per_file) == 2 and max(per_file.values()) < 0.75 * total, per_file
+            per_node[t["file"][:12]] = per_node.get(t["file"][:12], 0) + t["nbytes"]
+    total = sum(per_node.values())
+    assert len(per_node) == 2 and max(per_node.values()) < 0.75 * total, per_node
 
 
 def test_dynamic_pattern_is_resolved_at_each_save(saved):

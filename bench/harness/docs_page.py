@@ -56,13 +56,11 @@ LIMITS = """\
   bytes cross memory three times where the floor crosses once. Reaching the target needs the
   loader to read straight into the destination tensors when they are contiguous CPU tensors of
   the stored dtype and shape (or into a reused pool), with hashing overlapped chunk by chunk.
-- **zstd cold load**: 4x slower than uncompressed. Timed phases of a cold 256 MiB fp32 zstd load:
-  read 0.30-0.36 s, verify 0.05 s, `decompress_frames` 1.20-1.23 s, copy 0.20-0.22 s (of 1.8-1.9 s).
-  `async_ckpt/codec.py` `decompress_frames` decodes the 16 MiB frames one after another on the
-  loading thread, each into a new bytes object that is then copied into `out`; zstd level 1 on
-  fp32 noise decodes at about 0.46 GiB/s on one core here. Decoding frames in parallel (zstd
-  releases the GIL) straight into `out` would cut it; the byte-shuffle filter changes the ratio
-  and speed again (see the codec results).
+- **zstd cold load** (measured before the byte-grouping codec landed): 4x slower than
+  uncompressed; `decompress_frames` decoded the 16 MiB frames one after another on the loading
+  thread (1.2 of 1.85 s for 256 MiB). The pieces of a record are now decoded on a small thread
+  pool straight into the output (`bench/results/codec.md` has the per-piece decode speeds); the
+  next full run will show the new ratio.
 - **Committed vs raw write on small states**: a commit adds a manifest (temp file, fsync, link)
   and two folder fsyncs: fixed costs of tens of ms that dominate below ~64 MiB and vanish at
   256 MiB and above (the target is set at 1 GiB).
