@@ -13,6 +13,21 @@ import async_ckpt
 GIB = 1 << 30
 
 
+class TensorState:
+    """A minimal Stateful over a dict of tensors (what AsyncCheckpointer and DCP both accept); load
+    copies into the existing tensors, so every peer restores into preallocated memory."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, sd) -> None:
+        for k, v in sd.items():
+            self.tensors[k].copy_(v)
+
+
 class PageCache:
     """sync + drop_caches before each timed write, when this process may drop caches."""
 

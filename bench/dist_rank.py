@@ -24,21 +24,9 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent  # noqa: E402
 from async_ckpt.plan import replica_owners  # noqa: E402
 from async_ckpt.topology import current_topology  # noqa: E402
-from bench.common import GIB, PageCache  # noqa: E402
+from bench.common import GIB, PageCache, TensorState  # noqa: E402
 
 TENSORS = 16
-
-
-class TensorState:
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd) -> None:
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
 
 
 def make_case(case: str, size_gib: float, rank: int, world: int) -> dict[str, torch.Tensor]:

@@ -41,27 +41,12 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from async_ckpt.storage.local import fsync_dir
 
-from .common import GIB, PageCache, free_port, machine_info, tree_bytes
+from .common import GIB, PageCache, TensorState, free_port, machine_info, tree_bytes
 from .report import markdown, summarise
 from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent
 
 
-
 # -- the state --------------------------------------------------------------------------------
-class TensorState:
-    """A minimal Stateful over a dict of tensors (what AsyncCheckpointer and DCP both accept)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
-
-
 def make_state(size_gib: float, n: int) -> dict[str, torch.Tensor]:
     numel = max(1, int(size_gib * GIB) // 4 // n)
     gen = torch.Generator().manual_seed(0)

@@ -9,22 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..common import TensorState  # noqa: F401 - re-exported for the harness modules
+
 DTYPE_MIXES = ("fp32", "bf16_adam")
-
-
-class TensorState:
-    """A minimal Stateful over a dict of tensors; load copies into the existing tensors, so every
-    peer restores into preallocated memory (the same work for all)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd) -> None:
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
 
 
 def make_state(nbytes: int, mix: str, layers: int) -> dict[str, torch.Tensor]:
