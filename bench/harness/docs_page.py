@@ -31,7 +31,8 @@ METHOD = """\
   plus the largest RSS rise during one save, sampled every 2 ms. RSS only sees *new* pages: a
   peer that reuses memory the allocator already holds shows less than it allocates. The target
   for async_ckpt is staged bytes + the pool budget of docs/design.md ("Staging and memory":
-  `max_pending` x staged bytes, plus 6 x 16 MiB in-flight compressed pieces with zstd) + 32 MiB
+  `max_pending` x staged bytes, plus 7 x 16 MiB in-flight compressed pieces and zstd's working
+  memory with zstd) + 32 MiB
   of allocator noise.
 - **bg CPU** = process CPU time minus the calling thread's, from `save()` to committed: what the
   writer, hash and zstd threads (or DCP's executor) burn beside training.
@@ -65,7 +66,8 @@ LIMITS = """\
   and two folder fsyncs: fixed costs of tens of ms that dominate below ~64 MiB and vanish at
   256 MiB and above (the target is set at 1 GiB).
 - **Extra host memory with zstd**: the pool (staged bytes) plus in-flight compressed pieces and
-  zstd contexts sits close to the documented budget (staged + 6 x 16 MiB).
+  zstd contexts sits close to the documented budget (staged + 7 x 16 MiB + zstd working memory);
+  runs before this budget was corrected (it used to say 6 pieces) show it 2-20 MiB over.
 """
 
 

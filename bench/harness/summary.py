@@ -10,8 +10,9 @@ TARGET_BLOCKING = 1.25   # x memcpy floor
 TARGET_COMMIT = 1.15     # x raw write + fsync
 TARGET_LOAD = 1.15       # x raw cold read (and no slower than dcp.load)
 # the documented pool budget on top of the staged bytes (docs/design.md, "Staging and memory"):
-# with zstd at most 6 in-flight compressed pieces of 16 MiB; none without compression
-POOL_BUDGET = {"async_ckpt_none": 0, "async_ckpt_zstd": 6 * (16 << 20)}
+# with zstd at most 7 compressed pieces of 16 MiB in flight (look-ahead 6 + the one being written)
+# plus zstd's working memory (2 MiB per encode thread); none without compression
+POOL_BUDGET = {"async_ckpt_none": 0, "async_ckpt_zstd": 7 * (16 << 20) + 2 * (2 << 20)}
 RSS_SLACK = 32 << 20     # allocator and thread-stack noise allowed on top
 
 LABELS = {
