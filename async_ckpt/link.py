@@ -184,8 +184,8 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 link.beat(rank)
-            except Exception:  # noqa: BLE001 - the Store went away; waiters notice on their own
-                return
+            except Exception:  # noqa: BLE001 - a hiccup must not silence us for good; if the
+                pass           # Store is gone for good, waiters notice on their own
             self._stop.wait(0.5)
 
     def stop(self) -> None:

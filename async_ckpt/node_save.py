@@ -224,8 +224,11 @@ def coordinate(writer: "NodeWriter", job: "SaveJob", own: dict) -> None:
             raise RemoteFailure(causes)
         announces = link.gather(seq, {r: f"vh/{r}" for r in world}, "rank(s)", world,
                                 alive={r: r for r in world})
-        link.delete(seq - 1, ["outcome", "nerr", "fullreq"])   # every rank has read them by now
-        link.delete(seq, [f"begun/{n}" for n in nodes])
+        # Every rank announced this save, so every worker and node writer is done with the
+        # previous one: only now may its keys go (deleting earlier races a reader's get()).
+        link.delete(seq - 1, ["outcome", "nerr", "fullreq"] + [f"begun/{n}" for n in nodes]
+                    + [f"node/{n}" for n in nodes]
+                    + [f"{kind}/{r}" for r in world for kind in ("job", "vh", "err", "full")])
         disagreement = check_agreement(announces)
         if disagreement:
             raise CheckpointError(disagreement)

@@ -153,5 +153,3 @@ class RankWorker:
             if outcome.get("replication"):
                 err.__cause__ = ReplicationError(outcome["message"])
             job.handle._fail(err)
-        link.delete(seq, [f"job/{rank}", f"vh/{rank}", f"err/{rank}", f"full/{rank}"] +
-                    ([f"node/{self.topo.node}"] if self.topo.is_node_writer and rank else []))
