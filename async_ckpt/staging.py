@@ -8,6 +8,7 @@ the Store, never a copy. The pool holds at most the buffers of the saves in flig
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import tempfile
@@ -18,6 +19,7 @@ import torch
 from .plan import RankPlan
 
 SHM_PREFIX = "async_ckpt-"
+log = logging.getLogger("async_ckpt")
 
 
 def _shm_dir() -> str:
@@ -37,6 +39,7 @@ class HostBuffer:
         self.capacity = nbytes
         self.name: str | None = None
         self._mmap = None
+        self._registered = False
         if shared:
             HostBuffer._counter += 1
             self.name = os.path.join(_shm_dir(), f"{SHM_PREFIX}{os.getpid()}-{HostBuffer._counter}-"
@@ -48,6 +51,8 @@ class HostBuffer:
             finally:
                 os.close(fd)
             self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            if pin:
+                self._registered = _host_register(self.tensor)
         else:
             self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
         self._views: tuple[RankPlan, list[list[torch.Tensor]]] | None = None
@@ -65,11 +70,47 @@ class HostBuffer:
             self.event.synchronize()
 
     def unlink(self) -> None:
+        if self._registered:
+            _host_unregister(self.tensor)
+            self._registered = False
         if self.name is not None:
             try:
                 os.unlink(self.name)
             except FileNotFoundError:
                 pass
+
+
+_register_warned = False
+
+
+def _host_register(t: torch.Tensor) -> bool:
+    """Page-lock a shared-memory buffer for CUDA: a D2H copy into pageable memory is synchronous
+    and goes through the driver's bounce buffer (several times slower). Failure only costs speed."""
+    global _register_warned
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
+        ok = int(err) == 0
+    except Exception as exc:  # noqa: BLE001 - an old or CPU-only torch: stay pageable
+        ok, err = False, exc
+    if not ok and not _register_warned:
+        _register_warned = True
+        log.warning(
+            "could not page-lock a shared staging buffer (%s); device-to-host staging on this rank "
+            "uses pageable memory and is slower. Raise the locked-memory limit (ulimit -l) to fix it.",
+            err)
+    return ok
+
+
+def _host_unregister(t: torch.Tensor) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+def is_page_locked(t: torch.Tensor) -> bool:
+    """Pinned by torch's allocator or registered with cudaHostRegister."""
+    return bool(torch.cuda.is_available() and t.is_pinned())
 
 
 def attach_shared(name: str, nbytes: int, unlink: bool = True) -> torch.Tensor:
