@@ -43,7 +43,7 @@ from contextlib import closing
 
 import torch
 
-from .gpu_common import (GB, Control, Env, TensorState, dcp_parts,  # noqa: F401
+from .gpu_common import (GB, Control, Env, TensorState, dcp_parts, reusable_stager,  # noqa: F401
                          missing_deps, stats)
 from .gpu_overlap import OverlapBench
 
@@ -88,14 +88,13 @@ class StagingBench:
                     closers.append(made[1])
         methods.append(("dcp_default", self._dcp(state, None, "dcp_default",
                                                  "DCP async_save (default)", add)))
-        from torch.distributed.checkpoint.staging import DefaultStager
         for async_staging in (False, True):
             key = f"dcp_stager_{'async' if async_staging else 'sync'}"
-            ok, stager = self.deadline.attempt(f"{size_gb:g} GB {key} setup", DefaultStager,
+            ok, stager = self.deadline.attempt(f"{size_gb:g} GB {key} setup", reusable_stager,
                                                env.stager_options(async_staging))
             if not ok:
                 continue
-            closers.append(stager.close)
+            closers.append(stager.release)
             label = f"DCP async_save, reused DefaultStager ({'async' if async_staging else 'sync'} staging)"
             run = self._dcp(state, stager, key, label, add)
             # the first call allocates the stager's pinned buffers: reported apart

@@ -97,6 +97,31 @@ class TensorState:
             self.tensors[k].copy_(v)
 
 
+def reusable_stager(options):
+    """A DefaultStager that can be passed to `dcp.async_save` again and again; `.release()` closes it.
+
+    torch 2.11 (seen on the GPU image) closes the stager's inner StateDictStager at the end of every
+    stage: that drops its cached pinned buffers and clears its copy dispatch table, so the second
+    save fails with ``KeyError: <class 'type'>`` (later releases no longer close it there). Reuse
+    with cached pinned buffers is DCP's best setting, so the inner close is deferred to release().
+    """
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    stager = DefaultStager(options)
+    inner = getattr(stager, "_state_dict_stager", None)
+    if inner is not None and callable(getattr(inner, "close", None)):
+        real_close = inner.close
+        inner.close = lambda: None
+
+        def release() -> None:
+            inner.close = real_close
+            stager.close()
+        stager.release = release
+    else:
+        stager.release = stager.close
+    return stager
+
+
 def dcp_parts(resp):
     """(staged future or None, durable future) of whatever dcp.async_save returned."""
     return getattr(resp, "staging_completion", None), getattr(resp, "upload_completion", resp)

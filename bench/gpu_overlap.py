@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .gpu_common import GB, Control, Env, dcp_parts, stats  # noqa: F401
+from .gpu_common import GB, Control, Env, dcp_parts, reusable_stager, stats  # noqa: F401
 
 
 # -- 2. overlap of staging with forward/backward --------------------------------------------------
@@ -61,13 +61,12 @@ class OverlapBench:
     def saver(self, method: str):
         """(save(step) -> pending, wait_staged(pending), wait_durable(pending), close)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.staging import DefaultStager
         if method.startswith("ack"):
             from async_ckpt import AsyncCheckpointer
             ck = AsyncCheckpointer(os.path.join(self.folder, f"loop-{method}"), self.components(),
                                    keep_last=1, overlap_staging=(method == "ack_overlap"))
             return ck.save, (lambda h: h.wait_staged()), (lambda h: (h.wait(), ck.wait())), ck.close
-        stager = DefaultStager(self.env.stager_options(method == "dcp_stager_async"))
+        stager = reusable_stager(self.env.stager_options(method == "dcp_stager_async"))
 
         def save(step: int):
             sd = {"model": self.model.state_dict(), "optim": self.optim.state_dict()}
@@ -82,7 +81,7 @@ class OverlapBench:
         def durable(p) -> None:
             dcp_parts(p[1])[1].result()
             shutil.rmtree(p[0], ignore_errors=True)
-        return save, staged, durable, stager.close
+        return save, staged, durable, stager.release
 
     def run_method(self, method: str, saver, step0: int) -> dict:
         args, env = self.args, self.env

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -142,3 +143,41 @@ def test_gpu_records_a_failing_method_and_measures_the_rest(monkeypatch, tmp_pat
         assert "pageable" not in sec["rows"] and sec["rows"]["ack_overlap0"]["staged"]["median_s"] > 0
     assert doc["overlap"]["methods"]["ack_overlap"]["exposed_per_save"]["median_s"] is not None
     assert "FAILED: 0.004 GB pageable round 1" in (tmp_path / "gpu.md").read_text()
+
+
+def test_reused_dcp_stager_survives_a_release_that_closes_it_after_each_stage(tmp_path, monkeypatch):
+    """torch 2.11's DefaultStager._stage closes its inner StateDictStager after every stage, so a
+    reused stager fails on the second save; bench.gpu_common.reusable_stager must keep DCP's best
+    setting working there. The 2.11 behaviour is reproduced by patching _stage."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import staging
+
+    from bench.gpu_common import dcp_parts, reusable_stager
+
+    original = staging.DefaultStager._stage
+
+    def closing_stage(self, state_dict, **kwargs):
+        out = original(self, state_dict, **kwargs)
+        self._state_dict_stager.close()
+        return out
+
+    monkeypatch.setattr(staging.DefaultStager, "_stage", closing_stage)
+    options = staging.StagingOptions(False, False, False, False)
+    state = {"w": torch.randn(1000)}
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", 0, 1, True), rank=0, world_size=1)
+    try:
+        plain = staging.DefaultStager(options)
+        dcp_parts(dcp.async_save(state, checkpoint_id=str(tmp_path / "p0"), async_stager=plain))[1].result()
+        with pytest.raises(KeyError):    # the bug the wrapper exists for
+            dcp_parts(dcp.async_save(state, checkpoint_id=str(tmp_path / "p1"), async_stager=plain))[1].result()
+        kept = reusable_stager(options)
+        for i in range(3):
+            dcp_parts(dcp.async_save(state, checkpoint_id=str(tmp_path / f"k{i}"), async_stager=kept))[1].result()
+        kept.release()
+        loaded = {"w": torch.zeros(1000)}
+        dcp.load(loaded, checkpoint_id=str(tmp_path / "k2"))
+        assert torch.equal(loaded["w"], state["w"])
+    finally:
+        dist.destroy_process_group()
