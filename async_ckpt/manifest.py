@@ -133,7 +133,7 @@ def _check_frames(entry: TensorEntry, width: int, what: str) -> None:
     planar, pieces = isinstance(width, PlanesWidth), piece_sizes(entry.nbytes)
     for i, length in enumerate(entry.frames):
         if planar and length > pieces[i // per] // per:
-            raise ValueError(f"{what}: plane {i % per} of piece {i // per} stores {length} bytes, "
+            raise ValueError(f"{what}: plane {per - 1 - i % per} of piece {i // per} stores {length} bytes, "
                              f"more than its {pieces[i // per] // per}")
         if not planar and length < 1:
             raise ValueError(f"{what}: frame {i} is empty")

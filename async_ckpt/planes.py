@@ -1,9 +1,10 @@
 """The per-plane zstd codec `zstd-planes<W>`: each byte plane of a piece stored raw or as a zstd frame.
 
 A piece of `n` elements of `W` bytes is cut into `W` planes of `n` bytes (plane `k`: byte `k` of
-every element, memory order, as in shuffle.py) and each plane is stored, in plane order, either
-raw (exactly `n` bytes) or as one zstd frame of fewer than `n` bytes. The manifest lists the stored
-length of every plane, so "length == n" means raw and nothing else needs recording.
+every element, memory order, as in shuffle.py) and each plane is stored, from plane W-1 down to
+plane 0, either raw (exactly `n` bytes) or as one zstd frame of fewer than `n` bytes. The manifest
+lists the stored length of every plane in that order, so "length == n" means raw and nothing else
+needs recording.
 
 Why per plane: a float's low mantissa bytes are noise. Grouped into one frame with the exponent
 plane they still cost zstd a pass for nothing; here a 64 KiB sample decides, per piece and plane,
@@ -124,7 +125,7 @@ class PlaneEncoder:
         return ctxs[literal]
 
     def _scratch(self, name: str, size: int) -> np.ndarray:
-        # Reused per thread: a fresh 8 MiB array per piece would be faulted in again and again.
+        # Reused per thread: samples are taken for every plane of every piece.
         buf = getattr(self._local, name, None)
         if buf is None or len(buf) < size:
             buf = np.empty(size, dtype=np.uint8)
@@ -159,19 +160,22 @@ class PlaneEncoder:
                     return frame, (len(frame),)
             return piece, (n,)
         ctx = self._ctx(True)
+        # The stored planes go from the highest byte down, so the planes that pay (a float's
+        # sign/exponent byte is its highest) come first: a plane waits for zstd in the tail of the
+        # output while its frame is written at the front, and no per-thread scratch plane is needed.
         out = np.empty(len(src), dtype=np.uint8)
+        waiting, cap = out[len(src) - n:], int(n * KEEP)
         lengths, pos = [], 0
-        for k in range(width):
-            if not n or not self._pays(rows, k, ctx):
-                extract_plane(src, k, width, out[pos:pos + n])
-                lengths.append(n)
-            else:
-                plane = self._scratch("plane", n)
+        for k in reversed(range(width)):
+            size = 0
+            if n and self._pays(rows, k, ctx):
+                # Rare (a low plane pays after higher ones did not): no room before the tail.
+                plane = waiting if pos + cap <= len(src) - n else np.empty(n, dtype=np.uint8)
                 extract_plane(src, k, width, plane)
-                size = ctx.compress_into(plane, out[pos:pos + int(n * KEEP)])
-                if not size:
-                    out[pos:pos + n] = plane
-                lengths.append(size or n)
+                size = ctx.compress_into(plane, out[pos:pos + cap])
+            if not size:
+                extract_plane(src, k, width, out[pos:pos + n])
+            lengths.append(size or n)
             pos += lengths[-1]
         return memoryview(out)[:pos], tuple(lengths)
 
@@ -182,10 +186,10 @@ def decode_piece(stored: memoryview, lengths: list[int], out: memoryview, width:
     frame of exactly `size` bytes (raising on any other size)."""
     n = len(out) // width
     planes, pos = [], 0
-    for k, length in enumerate(lengths):
+    for i, length in enumerate(lengths):          # stored order: plane W-1 first
         blob = stored[pos:pos + length]
         pos += length
         if length > n:
-            raise ValueError(f"{where}: plane {k} stores {length} bytes for {n}")
+            raise ValueError(f"{where}: plane {width - 1 - i} stores {length} bytes for {n}")
         planes.append(np.frombuffer(blob if length == n else decode_frame(blob, n), dtype=np.uint8))
-    interleave(planes, np.frombuffer(out, dtype=np.uint8), width)
+    interleave(planes[::-1], np.frombuffer(out, dtype=np.uint8), width)

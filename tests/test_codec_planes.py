@@ -105,14 +105,14 @@ def test_each_plane_is_raw_or_a_frame_as_it_pays():
         "zero low, random high": (words(0, noise_bytes(n, 4), n), ("frame", "raw")),
     }
     for name, (t, want) in cases.items():
-        frames = roundtrip(t)
+        frames = roundtrip(t)[::-1]               # stored from the highest plane down
         got = tuple("raw" if f == n else "frame" for f in frames)
         assert got == want, (name, frames)
         assert all(f == n or f <= n * planes.KEEP for f in frames), name
     # fp32: only the sign/exponent plane pays; zeros make every plane a tiny frame.
     m = 2 * N_SAMPLED
     adam = torch.randn(m, generator=torch.Generator().manual_seed(5)) * 1e-3
-    assert roundtrip(adam)[:3] == (m, m, m) and roundtrip(adam)[3] < m / 2
+    assert roundtrip(adam)[1:] == (m, m, m) and roundtrip(adam)[0] < m / 2
     assert all(f < 100 for f in roundtrip(torch.zeros(m)))
     # One byte per element: the piece itself when it does not pay, plain zstd when it does.
     assert roundtrip(noise_bytes(n, 6).to(torch.uint8)) == (n,)
@@ -130,7 +130,8 @@ def test_decisions_differ_across_the_pieces_of_one_tensor(tmp_path):
     (e,) = tensors(manifest(tmp_path))
     f, tail = e["frames"], n // 3 + 1
     assert e["codec"] == "zstd-planes2" and len(f) == 6
-    assert f[:2] == [n, n] and f[2] == n and f[3] < n / 2 and f[4] < tail / 10 and f[5] < tail / 10
+    # Stored from the highest plane down: exponent frame first, then the raw mantissa plane.
+    assert f[:2] == [n, n] and f[2] < n / 2 and f[3] == n and f[4] < tail / 10 and f[5] < tail / 10
 
 
 def test_records_of_partial_elements_fall_back_to_one_plane():
@@ -164,15 +165,16 @@ def test_without_the_cffi_engine_or_at_other_levels_frames_are_the_same_format(m
     assert not comp.planes.native
     t = torch.cat([weights(N_SAMPLED * 2), torch.zeros(1000, dtype=torch.bfloat16)])
     frames = roundtrip(t, comp)
-    assert frames[0] == len(t) and frames[1] < len(t) / 2
+    assert frames[0] < len(t) / 2 and frames[1] == len(t)     # exponent frame, raw mantissa
     roundtrip(sample(torch.float64, 5000), comp)
     roundtrip(torch.arange(5000, dtype=torch.int64), comp)
 
 
 def test_frames_are_plain_zstd_frames_with_their_size():
     t = weights(N_SAMPLED * 2)
-    data, (lo, hi) = Compressor().encode(byte_view(t), "zstd-planes2")
-    frame = bytes(data)[lo:lo + hi]
+    data, (hi, lo) = Compressor().encode(byte_view(t), "zstd-planes2")
+    assert lo == len(t) and hi < lo / 2
+    frame = bytes(data)[:hi]
     assert zstandard.frame_content_size(frame) == len(t)
     plane = zstandard.ZstdDecompressor().decompress(frame)
     assert plane == bytes(t.view(torch.int16).numpy().view(np.uint8)[1::2])
@@ -203,15 +205,15 @@ def _swap(t, frames):
     (lambda t: t.update(codec="zstd-planes16"), "unknown codec"),
     (lambda t: t.update(frames=[t["length"]]), "2 per 16 MiB piece"),
     (lambda t: t.update(frames=t["frames"] + [0, 0]), "2 per 16 MiB piece"),
-    (lambda t: t.update(frames=[t["frames"][0] + 1, t["frames"][1] - 1]), "more than its"),
+    (lambda t: t.update(frames=[t["frames"][0] - 1, t["frames"][1] + 1]), "more than its"),
     (lambda t: t.update(frames=[t["length"], 0]), "more than its"),
     (lambda t: t.update(frames=[-1, t["frames"][1] + t["frames"][0] + 1]), ">= 0"),
     (lambda t: t.update(frames=[True, t["frames"][1] + t["frames"][0] - 1]), ">= 0"),
     (lambda t: t.update(frames={"0": 1}), "list of stored lengths"),
     (lambda t: t.pop("frames"), "2 per 16 MiB piece"),
     # Lengths that validate but lie about which plane is raw: decoding must catch them.
-    (lambda t: t.update(frames=[t["frames"][0] - 9, t["frames"][1] + 9]), "cannot decompress"),
-    (lambda t: t.update(frames=[t["frames"][0] - 1, t["frames"][1] + 1]), "cannot decompress"),
+    (lambda t: t.update(frames=[t["frames"][0] + 9, t["frames"][1] - 9]), "cannot decompress"),
+    (lambda t: t.update(frames=[t["frames"][0] + 1, t["frames"][1] - 1]), "cannot decompress"),
     (lambda t: t.update(codec="zstd-shuffle2", frames=[t["length"]]), "cannot decompress"),
 ])
 def test_hostile_plane_descriptions_are_corrupt(saved, change, match):
@@ -232,7 +234,7 @@ def _frame(content: bytes, **kw) -> bytes:
 def test_plane_frames_must_declare_exactly_their_plane(frame, why):
     n = 4096
     assert len(frame) < n
-    stored = memoryview(bytes(n) + frame)                 # plane 0 raw, plane 1 the frame
+    stored = memoryview(bytes(n) + frame)                 # plane 1 raw, plane 0 the frame
     out = bytearray(2 * n)
     with pytest.raises(ValueError, match=why):
         decompress_frames(stored, [n, len(frame)], memoryview(out), "t", codec_width("zstd-planes2"))
@@ -262,7 +264,7 @@ def test_parallel_decode_fails_on_one_bad_piece_and_succeeds_on_good_ones():
     decompress_frames(memoryview(stored), frames, byte_view(out), "t", width)
     assert torch.equal(out, t.view(torch.uint8))
     bad = bytearray(stored)
-    bad[frames[0] + 20] ^= 0xFF                      # inside piece 0's exponent frame
+    bad[20] ^= 0xFF                                  # inside piece 0's exponent frame (stored first)
     with pytest.raises((ValueError, zstandard.ZstdError)):
         decompress_frames(memoryview(bytes(bad)), frames, byte_view(out), "t", width)
 

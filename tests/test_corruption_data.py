@@ -99,13 +99,14 @@ def test_zstd_manifest_tampering(saved_zstd, how):
         t = tensor0(doc)
         assert t["codec"] == "zstd-planes4" and t["dtype"] == "float32"
         f = t["frames"]
-        assert len(f) == 4 and f[3] > 8
-        # arange * 0.25: planes 0, 1 and 3 are frames, plane 2 (mantissa noise) is raw.
-        assert f[2] == t["nbytes"] // 4 and max(f[0], f[1], f[3]) < f[2]
+        assert len(f) == 4 and f[0] > 8
+        # arange * 0.25, stored from plane 3 down: planes 3, 1 and 0 are frames, plane 2
+        # (mantissa noise) is raw.
+        assert f[1] == t["nbytes"] // 4 and max(f[0], f[2], f[3]) < f[1]
         if how == "frames-shifted":            # 7 bytes of plane 3's frame move to plane 1's
-            t["frames"] = [f[0], f[1] + 7, f[2], f[3] - 7]
+            t["frames"] = [f[0] - 7, f[1], f[2] + 7, f[3]]
         elif how == "raw-plane-called-a-frame":
-            t["frames"] = [f[0], f[1], f[2] - 1, f[3] + 1]
+            t["frames"] = [f[0] + 1, f[1] - 1, f[2], f[3]]
         elif how == "shape-shrunk":       # frame decodes to more bytes than the tensor holds
             t["shape"], t["nbytes"] = [t["shape"][0] - 16], t["nbytes"] - 64
         elif how == "shape-grown":        # frame decodes to fewer bytes than the tensor holds
