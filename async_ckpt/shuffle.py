@@ -38,12 +38,17 @@ def shuffle_width(dtype: torch.dtype) -> int:
 
 def extract_plane(src: np.ndarray, k: int, width: int, out: np.ndarray) -> None:
     """Byte `k` of every `width`-byte element of `src` (uint8, whole elements) into `out`."""
-    if _LITTLE and k == 0:
-        np.copyto(out, src.view(_UINT[width]), casting="unsafe")   # a truncating cast: 10 GB/s
-    elif _LITTLE:
-        # Shifting the word is one vectorised pass; the cast to uint8 keeps byte k. A strided
-        # uint8 copy measured 1.8 GB/s for width 2 where this runs at 2.8.
-        np.right_shift(src.view(_UINT[width]), 8 * k, out=out, casting="unsafe")
+    if _LITTLE:
+        # A truncating cast to uint8 keeps a word's lowest byte, and the words that start k bytes
+        # into the data have byte k of each element lowest (the last element has no such whole
+        # word). One vectorised pass: 10 GB/s of source, where shifting first ran at 7.6 and a
+        # strided uint8 copy at 1.8.
+        n = len(out)
+        if k == 0:
+            np.copyto(out, src.view(_UINT[width]), casting="unsafe")
+        elif n:
+            np.copyto(out[:-1], src[k:k + (n - 1) * width].view(_UINT[width]), casting="unsafe")
+            out[-1] = src[(n - 1) * width + k]
     else:
         np.copyto(out, src.reshape(-1, width)[:, k])
 
