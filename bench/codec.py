@@ -88,7 +88,8 @@ def _measure(fn) -> tuple[float, float]:
 def _plane_ratios(view: memoryview, width: int, compressor: Compressor) -> list[float]:
     """Per plane of the first piece: what zstd-planes stored (1.0: raw)."""
     _, lengths = compressor.encode(view[:PIECE], f"{planes_mod.PREFIX}{width}")
-    return [round(min(PIECE, len(view)) // width / n, 3) for n in lengths]
+    # Stored from the highest plane down; reported from plane 0 up.
+    return [round(min(PIECE, len(view)) // width / n, 3) for n in reversed(lengths)]
 
 
 def _frames_of(compress, width):
