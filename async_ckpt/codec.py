@@ -99,7 +99,8 @@ def piece_sizes(nbytes: int) -> list[int]:
 
 
 class Compressor:
-    """zstd, one independent frame per piece so pieces can be compressed in parallel."""
+    """zstd, independent frames per piece so pieces can be compressed in parallel: `encode` for
+    any codec (the writer's path), `compress` for the one-frame codecs (`zstd`, `zstd-shuffle<W>`)."""
 
     def __init__(self, level: int = 1, native: bool = True):
         """`native=False`: never use zstandard's cffi backend (what runs where it is missing)."""
