@@ -132,9 +132,11 @@ def _check_frames(entry: TensorEntry, width: int, what: str) -> None:
                          f"{entry.nbytes} bytes")
     planar, pieces = isinstance(width, PlanesWidth), piece_sizes(entry.nbytes)
     for i, length in enumerate(entry.frames):
-        if planar and length > pieces[i // per] // per:
-            raise ValueError(f"{what}: plane {per - 1 - i % per} of piece {i // per} stores {length} bytes, "
-                             f"more than its {pieces[i // per] // per}")
+        plane = pieces[i // per] // per
+        if planar and (length > plane or (plane and not length)):
+            raise ValueError(f"{what}: plane {per - 1 - i % per} of piece {i // per} stores "
+                             f"{length} bytes, " + ("more than its " if length else "none of its ")
+                             + str(plane))
         if not planar and length < 1:
             raise ValueError(f"{what}: frame {i} is empty")
 

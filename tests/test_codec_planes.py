@@ -78,6 +78,7 @@ def test_every_dtype_round_trips_with_the_codec_its_size_calls_for(tmp_path):
     for e in entries:
         width = int(e["codec"][len("zstd-planes"):])
         assert len(e["frames"]) == width and all(f <= e["nbytes"] // width for f in e["frames"])
+        assert all(f or not e["nbytes"] for f in e["frames"])
 
 
 @pytest.mark.parametrize("dtype", FLOATS + COMPLEX + [torch.int64, torch.int32, torch.int8])
@@ -207,6 +208,7 @@ def _swap(t, frames):
     (lambda t: t.update(frames=t["frames"] + [0, 0]), "2 per 16 MiB piece"),
     (lambda t: t.update(frames=[t["frames"][0] - 1, t["frames"][1] + 1]), "more than its"),
     (lambda t: t.update(frames=[t["length"], 0]), "more than its"),
+    (lambda t: t.update(frames=[0, t["length"]]), "none of its"),
     (lambda t: t.update(frames=[-1, t["frames"][1] + t["frames"][0] + 1]), ">= 0"),
     (lambda t: t.update(frames=[True, t["frames"][1] + t["frames"][0] - 1]), ">= 0"),
     (lambda t: t.update(frames={"0": 1}), "list of stored lengths"),
