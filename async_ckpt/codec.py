@@ -4,7 +4,9 @@ Codecs (the manifest's per-tensor `codec`):
   raw              the tensor's bytes
   zstd             one zstd frame per 16 MiB piece
   zstd-shuffle<W>  each 16 MiB piece byte-grouped into W planes (see shuffle.py), then one zstd
-                   frame; W in 2, 4, 8. Written for floating-point and complex tensors.
+                   frame; W in 2, 4, 8. Written for float and complex tensors before zstd-planes.
+  zstd-planes<W>   each 16 MiB piece cut into W byte planes, each stored raw or as its own zstd
+                   frame (see planes.py); W in 1, 2, 4, 8. What compression="zstd" writes now.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import torch
 import xxhash
 
 from .errors import CheckpointError
-from .shuffle import WIDTHS, shuffle, shuffle_width, unshuffle
+from . import planes
+from .planes import PlaneEncoder, PlanesWidth, planes_width
+from .shuffle import WIDTHS, shuffle, unshuffle
 
 if TYPE_CHECKING:
     import zstandard
@@ -37,7 +41,8 @@ def _zstandard():
 
 HASH_ALGO = "xxh3-128"
 SHUFFLE_PREFIX = "zstd-shuffle"
-CODECS = ("raw", "zstd") + tuple(f"{SHUFFLE_PREFIX}{w}" for w in WIDTHS)
+CODECS = (("raw", "zstd") + tuple(f"{SHUFFLE_PREFIX}{w}" for w in WIDTHS)
+          + tuple(f"{planes.PREFIX}{w}" for w in planes.WIDTHS))
 ALIGN = 64             # staging offsets and file records start on this boundary
 PIECE = 16 << 20       # raw bytes per zstd frame / pipeline piece
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -68,19 +73,24 @@ def byte_view(t: torch.Tensor) -> memoryview:
 
 
 def codec_width(codec: str) -> int:
-    """The byte-grouping width of a codec name (0: none); ValueError for names we do not know."""
+    """The byte-grouping width of a codec name (0: none; a `PlanesWidth` for `zstd-planes<W>`);
+    ValueError for names we do not know."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r} (this release knows {CODECS}); "
                          "the checkpoint is corrupt or needs a newer async_ckpt")
+    if codec.startswith(planes.PREFIX):
+        return PlanesWidth(codec[len(planes.PREFIX):])
     return int(codec[len(SHUFFLE_PREFIX):]) if codec.startswith(SHUFFLE_PREFIX) else 0
 
 
 def codec_for(dtype: torch.dtype, compressed: bool) -> str:
     """The codec a writer uses for a tensor of `dtype`."""
-    if not compressed:
-        return "raw"
-    width = shuffle_width(dtype)
-    return f"{SHUFFLE_PREFIX}{width}" if width else "zstd"
+    return f"{planes.PREFIX}{planes_width(dtype)}" if compressed else "raw"
+
+
+def frames_per_piece(width: int) -> int:
+    """Stored lengths the manifest lists per piece: one per plane for zstd-planes, else one."""
+    return int(width) if isinstance(width, PlanesWidth) else 1
 
 
 def piece_sizes(nbytes: int) -> list[int]:
@@ -89,9 +99,11 @@ def piece_sizes(nbytes: int) -> list[int]:
 
 
 class Compressor:
-    """zstd, one independent frame per piece so pieces can be compressed in parallel."""
+    """zstd, independent frames per piece so pieces can be compressed in parallel: `encode` for
+    any codec (the writer's path), `compress` for the one-frame codecs (`zstd`, `zstd-shuffle<W>`)."""
 
-    def __init__(self, level: int = 1):
+    def __init__(self, level: int = 1, native: bool = True):
+        """`native=False`: never use zstandard's cffi backend (what runs where it is missing)."""
         self.level = level
         zstandard = _zstandard()
         self._params = zstandard.ZstdCompressionParameters.from_level(level, write_content_size=True)
@@ -102,6 +114,7 @@ class Compressor:
             level, write_content_size=True, window_log=17, hash_log=10, chain_log=6, search_log=1,
             min_match=7) if level == 1 else self._params)
         self._local = threading.local()
+        self.planes = PlaneEncoder(level, self._params, self.plane_params, native)
 
     def _zstd(self, grouped: bool) -> zstandard.ZstdCompressor:
         # A zstd context is not thread-safe, so each encode thread keeps its own two; reusing
@@ -119,6 +132,16 @@ class Compressor:
             return self._zstd(False).compress(piece)
         return self._zstd(True).compress(shuffle(piece, width))
 
+    def encode(self, piece: memoryview, codec: str) -> tuple[memoryview | bytes, tuple[int, ...]]:
+        """(stored bytes, the lengths the manifest lists for them) of one piece under `codec`."""
+        width = codec_width(codec)
+        if isinstance(width, PlanesWidth):
+            return self.planes.encode(piece, width)
+        if codec == "raw":
+            return piece, ()
+        frame = self.compress(piece, width)
+        return frame, (len(frame),)
+
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -133,17 +156,28 @@ def _decode_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _decode_one(frame: memoryview, out: memoryview, width: int, where: str) -> None:
-    # Guard before allocating: the header's size must be exactly this piece's size.
-    if _zstandard().frame_content_size(frame) != len(out):
+def _decode_frame(frame: memoryview, size: int, where: str) -> bytes:
+    """One zstd frame that must hold exactly `size` bytes; never allocates more than that."""
+    # Guard before allocating: the header's size must be exactly this piece's (or plane's) size.
+    if _zstandard().frame_content_size(frame) != size:
         raise ValueError(f"{where}: a zstd frame declares a size other than its piece's "
-                         f"{len(out)} bytes")
+                         f"{size} bytes")
     dctx = getattr(_decoders, "dctx", None)
     if dctx is None:
         dctx = _decoders.dctx = _zstandard().ZstdDecompressor()   # one per thread, reused
-    raw = dctx.decompress(frame, max_output_size=max(len(out), 1))
-    if len(raw) != len(out):
-        raise ValueError(f"{where}: a zstd frame decodes to {len(raw)} bytes, expected {len(out)}")
+    raw = dctx.decompress(frame, max_output_size=max(size, 1))
+    if len(raw) != size:
+        raise ValueError(f"{where}: a zstd frame decodes to {len(raw)} bytes, expected {size}")
+    return raw
+
+
+def _decode_one(stored: memoryview, lengths: list[int], out: memoryview, width: int,
+                where: str) -> None:
+    if isinstance(width, PlanesWidth):
+        planes.decode_piece(stored, lengths, out, width, where,
+                            lambda frame, size: _decode_frame(frame, size, where))
+        return
+    raw = _decode_frame(stored, len(out), where)
     if width:
         unshuffle(raw, out, width)
     else:
@@ -154,25 +188,29 @@ def decompress_frames(stored: memoryview, frames: list[int], out: memoryview, wh
                       width: int = 0, parallel: bool = True) -> None:
     """Decode the concatenated frames in `stored` into `out`; ValueError on any mismatch.
 
-    Frame i holds piece i of `out` (PIECE bytes, the last one the rest). Pieces decode in
+    `width` is codec_width() of the record's codec. Piece i (PIECE bytes, the last one the rest)
+    is frames[i] (zstd-planes<W>: the W plane lengths frames[i*W:(i+1)*W]). Pieces decode in
     parallel (zstd and numpy release the GIL); the caller has verified `stored` already.
     """
     sizes = piece_sizes(len(out))
-    if len(frames) != len(sizes) or sum(frames) != len(stored):
+    per = frames_per_piece(width)
+    if len(frames) != len(sizes) * per or sum(frames) != len(stored):
         raise ValueError(f"{where}: {len(frames)} zstd frames of {sum(frames)} bytes cannot hold "
                          f"{len(out)} bytes stored in {len(stored)}")
     if width and len(out) % width:
         raise ValueError(f"{where}: {len(out)} bytes are not whole {width}-byte elements")
     jobs, pos, filled = [], 0, 0
-    for length, size in zip(frames, sizes):
-        jobs.append((stored[pos:pos + length], out[filled:filled + size]))
+    for i, size in enumerate(sizes):
+        lengths = frames[i * per:(i + 1) * per]
+        length = sum(lengths)
+        jobs.append((stored[pos:pos + length], lengths, out[filled:filled + size]))
         pos += length
         filled += size
     if len(jobs) == 1 or not parallel:
-        for frame, piece in jobs:
-            _decode_one(frame, piece, width, where)
+        for job in jobs:
+            _decode_one(*job, width, where)
         return
-    futures = [_decode_pool().submit(_decode_one, frame, piece, width, where) for frame, piece in jobs]
+    futures = [_decode_pool().submit(_decode_one, *job, width, where) for job in jobs]
     wait(futures)      # all of them, even after a failure: they write into `out`
     for fut in futures:
         fut.result()

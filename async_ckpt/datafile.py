@@ -1,6 +1,6 @@
 """Streaming one rank's staged tensors into one data file.
 
-Pipeline (all off the training thread): an encode pool compresses pieces (zstd codecs only) ->
+Pipeline (all off the training thread): an encode pool encodes pieces (zstd codecs only) ->
 one hash thread, in file order, updates each record's hash and the whole file's hash ->
 the calling writer thread writes the pieces in order. Hashing and writing overlap, so hashing is
 nearly free next to the write. Records start on ALIGN boundaries so a reader can view them in place.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .codec import ALIGN, PIECE, Compressor, align_up, codec_width, new_hasher
+from .planes import PREFIX as PLANES_PREFIX, PlanesWidth
 from .storage import StreamWriter
 
 _ZEROS = memoryview(bytes(ALIGN))
@@ -75,7 +76,9 @@ class DataFileWriter:
         if wanted != "raw" and self.compressor is None:
             raise ValueError(f"codec {wanted!r} needs a compressor; this writer only stores raw")
         width = codec_width(wanted)
-        return "zstd" if width and len(record) % width else wanted
+        if width and len(record) % width:
+            return f"{PLANES_PREFIX}1" if isinstance(width, PlanesWidth) else "zstd"
+        return wanted
 
     def write(self, out: StreamWriter, records: Iterable[memoryview],
               codecs: Sequence[str] | None = None) -> FileResult:
@@ -88,12 +91,12 @@ class DataFileWriter:
         state = {"hasher": None, "frames": [], "length": 0}
 
         def hash_piece(enc: Future, first: bool, last: bool, codec: str):
-            data = enc.result()
+            data, frames = enc.result()
             if first:
                 state["hasher"], state["frames"], state["length"] = new_hasher(), [], 0
             state["hasher"].update(data)
             file_hasher.update(data)
-            state["frames"].append(len(data))
+            state["frames"].extend(frames)
             state["length"] += len(data)
             pad = 0
             if last:
@@ -123,11 +126,10 @@ class DataFileWriter:
         try:
             for n, record in enumerate(records):
                 codec = self._codec(record, codecs[n] if codecs is not None else None)
-                width = codec_width(codec)
                 pieces = [record[i:i + PIECE] for i in range(0, len(record), PIECE)] or [record]
                 for i, piece in enumerate(pieces):
-                    enc = (self._encode_pool.submit(self.compressor.compress, piece, width)
-                           if codec != "raw" else _done(piece))
+                    enc = (self._encode_pool.submit(self.compressor.encode, piece, codec)
+                           if codec != "raw" else _done((piece, ())))
                     pending.append(self._hash_pool.submit(hash_piece, enc, i == 0,
                                                           i == len(pieces) - 1, codec))
                     while len(pending) > _LOOKAHEAD:

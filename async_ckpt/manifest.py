@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .codec import CODECS, HASH_ALGO, PIECE, codec_width, piece_sizes
+from .codec import CODECS, HASH_ALGO, PIECE, codec_width, frames_per_piece, piece_sizes
+from .planes import PlanesWidth, planes_width
 from .shuffle import shuffle_width
 from .errors import CorruptCheckpointError
 from .tree import dtype_from_name
@@ -38,7 +39,8 @@ class TensorEntry:
     nbytes: int        # raw bytes
     codec: str
     hash: str          # of the stored bytes
-    frames: tuple[int, ...] = ()   # zstd codecs: stored length of each frame (one per piece)
+    frames: tuple[int, ...] = ()   # zstd codecs: stored length of each frame (one per piece;
+    #                                zstd-planes<W>: of each plane, W per piece)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,33 @@ def _get(d: Any, key: str, kind: type | tuple, what: str) -> Any:
     return d[key]
 
 
+def _frames(doc: dict, what: str) -> list:
+    frames = doc.get("frames", [])
+    if not isinstance(frames, list):
+        raise ValueError(f"{what}.frames must be a list of stored lengths")
+    return frames
+
+
+def _check_frames(entry: TensorEntry, width: int, what: str) -> None:
+    """zstd: one frame (>= 1 byte) per piece. zstd-planes<W>: W lengths per piece, each at most
+    its plane's size (equal: stored raw, possibly empty; smaller: one zstd frame)."""
+    per, count = frames_per_piece(width), max(1, -(-entry.nbytes // PIECE))
+    # Counted before listing the pieces: a hostile nbytes must not make us build a huge list.
+    if sum(entry.frames) != entry.length or len(entry.frames) != count * per:
+        raise ValueError(f"{what}: zstd frames do not add up to the record length or are not "
+                         f"{'one' if per == 1 else per} per {PIECE >> 20} MiB piece of "
+                         f"{entry.nbytes} bytes")
+    planar, pieces = isinstance(width, PlanesWidth), piece_sizes(entry.nbytes)
+    for i, length in enumerate(entry.frames):
+        plane = pieces[i // per] // per
+        if planar and (length > plane or (plane and not length)):
+            raise ValueError(f"{what}: plane {per - 1 - i % per} of piece {i // per} stores "
+                             f"{length} bytes, " + ("more than its " if length else "none of its ")
+                             + str(plane))
+        if not planar and length < 1:
+            raise ValueError(f"{what}: frame {i} is empty")
+
+
 def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
     name = _get(doc, "file", str, what)
     if name not in files:
@@ -122,7 +151,7 @@ def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
         dtype=doc["dtype"], shape=shape, file=name, offset=_int(doc.get("offset"), f"{what}.offset"),
         length=_int(doc.get("length"), f"{what}.length"), nbytes=_int(doc.get("nbytes"), f"{what}.nbytes"),
         codec=_get(doc, "codec", str, what), hash=_get(doc, "hash", str, what),
-        frames=tuple(_int(f, f"{what}.frames", 1) for f in doc.get("frames", [])))
+        frames=tuple(_int(f, f"{what}.frames") for f in _frames(doc, what)))
     if entry.codec not in CODECS:
         raise ValueError(f"{what} has unknown codec {entry.codec!r}; this release reads {CODECS} "
                          "(upgrade async_ckpt if a newer release wrote it)")
@@ -130,16 +159,16 @@ def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
         raise ValueError(f"{what} has a malformed hash")
     if entry.nbytes != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
         raise ValueError(f"{what}: nbytes {entry.nbytes} does not match {entry.dtype}{list(shape)}")
-    if entry.codec == "raw" and entry.length != entry.nbytes:
-        raise ValueError(f"{what}: raw record of {entry.length} bytes holds {entry.nbytes}")
-    if entry.codec != "raw" and (sum(entry.frames) != entry.length
-                                 or len(entry.frames) != len(piece_sizes(entry.nbytes))):
-        raise ValueError(f"{what}: zstd frames do not add up to the record length or are not "
-                         f"one per {PIECE >> 20} MiB piece of {entry.nbytes} bytes")
+    if entry.codec == "raw" and (entry.length != entry.nbytes or entry.frames):
+        raise ValueError(f"{what}: raw record of {entry.length} bytes (frames {list(entry.frames)}) "
+                         f"holds {entry.nbytes}")
     width = codec_width(entry.codec)
-    if width and width != shuffle_width(dtype):
+    if width and width != (planes_width(dtype) if isinstance(width, PlanesWidth)
+                           else shuffle_width(dtype)):
         raise ValueError(f"{what}: codec {entry.codec} groups {width}-byte elements, which "
                          f"{entry.dtype} does not have")
+    if entry.codec != "raw":
+        _check_frames(entry, width, what)
     if entry.offset + entry.length > files[name].size:
         raise ValueError(f"{what} runs past the end of {name}")
     return entry

@@ -83,23 +83,30 @@ def test_data_file_replaced_by_pickle_payload(saved, tmp_path, padded):
 
 def test_zstd_checkpoint_with_flipped_bit(saved_zstd):
     entry = saved_zstd.tensors("b")[0]
-    assert entry["codec"] == "zstd-shuffle4"   # float32: byte-grouped
+    assert entry["codec"] == "zstd-planes4"   # float32: per-plane
     flip_bit(saved_zstd.data(), entry["offset"] + entry["length"] // 2)
     err = load_fails(saved_zstd)
     assert saved_zstd.data().name in str(err)
     load_ok(saved_zstd, 1)
 
 
-@pytest.mark.parametrize("how", ["frames-shifted", "shape-shrunk", "shape-grown", "shape-huge",
-                                 "codec-raw", "frames-missing"])
+@pytest.mark.parametrize("how", ["frames-shifted", "raw-plane-called-a-frame", "shape-shrunk",
+                                 "shape-grown", "shape-huge", "codec-raw", "frames-missing",
+                                 "codec-shuffle"])
 def test_zstd_manifest_tampering(saved_zstd, how):
     """Hashes still match the stored bytes, so decompression itself must catch the lie."""
     def change(doc):
         t = tensor0(doc)
-        assert t["codec"] == "zstd-shuffle4" and t["dtype"] == "float32"
-        if how == "frames-shifted":
-            assert len(t["frames"]) == 1 and t["frames"][0] > 8
-            t["frames"] = [t["frames"][0] - 7, 7]
+        assert t["codec"] == "zstd-planes4" and t["dtype"] == "float32"
+        f = t["frames"]
+        assert len(f) == 4 and f[0] > 8
+        # arange * 0.25, stored from plane 3 down: planes 3, 1 and 0 are frames, plane 2
+        # (mantissa noise) is raw.
+        assert f[1] == t["nbytes"] // 4 and max(f[0], f[2], f[3]) < f[1]
+        if how == "frames-shifted":            # 7 bytes of plane 3's frame move to plane 1's
+            t["frames"] = [f[0] - 7, f[1], f[2] + 7, f[3]]
+        elif how == "raw-plane-called-a-frame":
+            t["frames"] = [f[0] + 1, f[1] - 1, f[2], f[3]]
         elif how == "shape-shrunk":       # frame decodes to more bytes than the tensor holds
             t["shape"], t["nbytes"] = [t["shape"][0] - 16], t["nbytes"] - 64
         elif how == "shape-grown":        # frame decodes to fewer bytes than the tensor holds
@@ -108,6 +115,8 @@ def test_zstd_manifest_tampering(saved_zstd, how):
             t["shape"], t["nbytes"] = [2 ** 40], 2 ** 42
         elif how == "codec-raw":
             t["codec"] = "raw"
+        elif how == "codec-shuffle":      # the planes read as one grouped frame
+            t["codec"], t["frames"] = "zstd-shuffle4", [sum(f)]
         else:
             del t["frames"]
     edit_manifest(saved_zstd, change)
