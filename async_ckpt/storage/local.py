@@ -143,6 +143,10 @@ class LocalStorage:
                     raise EOFError(f"{self._p(path)} ends before offset {offset} + {len(out)}")
                 view = view[n:]
 
+    def local_path(self, path: str) -> str:
+        """The file's path on this machine, for readers that map it instead of reading it."""
+        return self._p(path)
+
     def size(self, path: str) -> int:
         return os.stat(self._p(path)).st_size
 
