@@ -12,7 +12,8 @@ import torch
 from .codec import byte_view, codec_width, decompress_frames, new_hasher
 from .errors import CorruptCheckpointError
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, TensorEntry, parse_manifest
-from .readbuf import CHUNK, Filled, ReadSession, map_range, mapping_supported, read_fresh
+from . import readbuf
+from .readbuf import Filled, ReadSession
 from .storage import Storage
 from .tree import dtype_from_name, unflatten
 
@@ -65,12 +66,12 @@ def _read_group(storage: Storage, path: str, start: int, end: int,
                 session: ReadSession | None) -> tuple[torch.Tensor, Filled]:
     """Bytes [start, end) of one file and the progress of their arrival (see readbuf)."""
     local_path = getattr(storage, "local_path", None)
-    if session is not None and local_path is not None and end > start and mapping_supported():
+    if session is not None and local_path is not None and end > start and readbuf.mapping_supported():
         try:
-            return map_range(local_path(path), start, end, session)
+            return readbuf.map_range(local_path(path), start, end, session)
         except (OSError, ValueError):   # a filesystem that cannot mmap: read it instead
             pass
-    return read_fresh(lambda off, view: storage.read_into(path, off, view), start, end,
+    return readbuf.read_fresh(lambda off, view: storage.read_into(path, off, view), start, end,
                       chunked=local_path is not None)
 
 
@@ -82,7 +83,7 @@ def _verify_group(view: memoryview, group: list[tuple[int, TensorEntry]], start:
         hasher, pos = new_hasher(), entry.offset - start
         stop = pos + entry.length
         while pos < stop:
-            step = min(stop, (pos // CHUNK + 1) * CHUNK)
+            step = min(stop, (pos // readbuf.CHUNK + 1) * readbuf.CHUNK)
             filled.wait(step)
             hasher.update(view[pos:step])
             pos = step
