@@ -1,9 +1,11 @@
 """Reading a committed checkpoint back: verified byte ranges -> tensors -> nested state.
 
-Each rank reads only the shards it needs. Adjacent raw records are read with one ranged read into
-one aligned buffer and viewed in place (no second copy); every record's hash is checked before its
-bytes are used, and zstd records are verified before they are decompressed (the pieces of one
-record decompress in parallel, see codec.decompress_frames).
+Each rank reads only the shards it needs. Adjacent records form one group, read as one byte range
+(through readbuf: a private mapping of a local file, else a fresh buffer) and viewed in place; every
+record's hash is checked chunk by chunk as the range arrives, before any of its bytes are used, and
+zstd records are verified before they are decompressed (the pieces of one record decompress in
+parallel, see codec.decompress_frames). Nothing here calls load_state_dict: restore.py does, after
+every shard of the load was read and verified.
 """
 from __future__ import annotations
 

@@ -177,9 +177,10 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a "
                    "temp folder under the current directory)")
     p.add_argument("--out", default=os.path.join("bench", "results", "load"))
+    p.add_argument("--no-drop-caches", action="store_true", help="only sync (cold loads are then warm)")
     args = p.parse_args(argv)
-    cache = PageCache(True)
-    if not cache.can_drop:
+    cache = PageCache(not args.no_drop_caches)
+    if not cache.can_drop and not args.no_drop_caches:
         print(f"warning: {cache.describe()}: cold loads will be warm", file=sys.stderr)
     folder = tempfile.mkdtemp(prefix="bench-load-", dir=args.dir or ".")
     t0 = time.perf_counter()
