@@ -67,14 +67,16 @@ def _groups(entries: list[tuple[int, TensorEntry]]) -> list[list[tuple[int, Tens
 def _read_group(storage: Storage, path: str, start: int, end: int,
                 session: ReadSession | None) -> tuple[torch.Tensor, Filled]:
     """Bytes [start, end) of one file and the progress of their arrival (see readbuf)."""
-    local_path = getattr(storage, "local_path", None)
-    if session is not None and local_path is not None and end > start and readbuf.mapping_supported():
+    map_private = getattr(storage, "map_private", None)
+    if session is not None and map_private is not None and end > start and readbuf.mapping_supported():
         try:
-            return readbuf.map_range(local_path(path), start, end, session)
+            m, lead = map_private(path, start, end - start)
         except (OSError, ValueError):   # a filesystem that cannot mmap: read it instead
             pass
+        else:
+            return readbuf.adopt_mapping(m, lead, end - start, session)
     return readbuf.read_fresh(lambda off, view: storage.read_into(path, off, view), start, end,
-                      chunked=local_path is not None)
+                              chunked=map_private is not None)
 
 
 def _verify_group(view: memoryview, group: list[tuple[int, TensorEntry]], start: int,

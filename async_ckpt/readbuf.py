@@ -5,7 +5,8 @@ MADV_POPULATE_READ, while the loader hashes each chunk as soon as it is in. The 
 page cache by DMA and are mapped, never copied, and no fresh anonymous memory has to be faulted
 in: on this VM faulting in fresh memory costs ~0.5 CPU-s per GiB, more than the disk takes to
 read it (numbers in docs/design.md, "Loading"). Other backends (and kernels without
-MADV_POPULATE_READ) read into fresh `torch.empty` buffers.
+MADV_POPULATE_READ) read into fresh `torch.empty` buffers. The mapping itself is made by
+the storage backend (`LocalStorage.map_private`), so reads stay observable at the storage layer.
 
 Ownership of a mapping. The tensors handed to `load_state_dict` view it; torch keeps the mmap
 object alive while any view does, and its dealloc unmaps it. A file-backed mapping must not outlive
@@ -136,19 +137,15 @@ def _populate(whole: torch.Tensor, lead: int, filled: Filled) -> None:
         filled.fail(exc)
 
 
-def map_range(path: str, start: int, end: int, session: "ReadSession") -> tuple[torch.Tensor, Filled]:
-    """Bytes [start, end) of a local file as a uint8 tensor over a private mapping, populated in
-    the background; registered with `session`. OSError where the file cannot be mapped."""
-    lead = start % _PAGE
-    with open(path, "rb", buffering=0) as f:
-        m = mmap.mmap(f.fileno(), end - start + lead, flags=mmap.MAP_PRIVATE,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start - lead)
+def adopt_mapping(m: mmap.mmap, lead: int, length: int,
+                  session: "ReadSession") -> tuple[torch.Tensor, Filled]:
+    """The `length` bytes after `lead` of a private file mapping (Storage.map_private) as a uint8
+    tensor, populated in the background; the mapping is registered with `session`."""
     whole = torch.frombuffer(m, dtype=torch.uint8)
     session.track(m, whole.data_ptr(), len(m))
-    del m       # from here on the views keep it alive, and nothing else
-    filled = Filled(end - start)
+    filled = Filled(length)
     _read_pool().submit(_populate, whole, lead, filled)
-    return whole[lead:], filled
+    return whole[lead:lead + length], filled
 
 
 def read_fresh(read_into, start: int, end: int, chunked: bool) -> tuple[torch.Tensor, Filled]:
@@ -162,7 +159,9 @@ def read_fresh(read_into, start: int, end: int, chunked: bool) -> tuple[torch.Te
         filled.advance(end - start)
         return block, filled
 
-    def job() -> None:
+    def job(block: torch.Tensor) -> None:
+        # `block` is held here so that a loader that gave up (hash mismatch) cannot free the
+        # memory the read in flight is still writing into.
         try:
             for pos in range(0, end - start, CHUNK):
                 if filled.cancelled:
@@ -172,15 +171,14 @@ def read_fresh(read_into, start: int, end: int, chunked: bool) -> tuple[torch.Te
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting loader
             filled.fail(exc)
 
-    _read_pool().submit(job)
+    _read_pool().submit(job, block)
     return block, filled
 
 
 def _copy_part(dst: int, src: int, n: int) -> None:
-    # Fault in the anonymous pages in one call (cheaper than on first write), then copy; both
-    # release the GIL, so two halves run on two cores.
-    if _libc.madvise(dst, n, _MADV_POPULATE_WRITE) != 0:
-        pass    # not supported: the copy faults them in
+    # Fault in the anonymous pages in one call (cheaper than on first write; where it fails the
+    # copy faults them in), then copy; both release the GIL, so two halves run on two cores.
+    _libc.madvise(dst, n, _MADV_POPULATE_WRITE)
     ctypes.memmove(dst, src, n)
 
 

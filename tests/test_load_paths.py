@@ -12,6 +12,7 @@ import torch
 
 from async_ckpt import (AsyncCheckpointer, CorruptCheckpointError, SharingPattern, StateComponent,
                         readbuf)
+from async_ckpt.storage import LocalStorage
 
 P = SharingPattern.PER_RANK
 PAGE = 4096
@@ -88,13 +89,13 @@ def small_chunks(monkeypatch):
 @pytest.fixture
 def spy_map(monkeypatch):
     calls = []
-    real = readbuf.map_range
+    real = LocalStorage.map_private
 
-    def spy(path, start, end, session):
-        calls.append((path, start, end))
-        return real(path, start, end, session)
+    def spy(self, path, offset, length):
+        calls.append((path, offset, length))
+        return real(self, path, offset, length)
 
-    monkeypatch.setattr(readbuf, "map_range", spy)
+    monkeypatch.setattr(LocalStorage, "map_private", spy)
     return calls
 
 
@@ -245,7 +246,6 @@ def test_chunked_read_error_is_a_corrupt_checkpoint(tmp_path, small_chunks, monk
     save(tmp_path, sd)
     monkeypatch.setattr(readbuf, "_populate_ok", False)
     calls = []
-    from async_ckpt.storage.local import LocalStorage
     real = LocalStorage.read_into
 
     def flaky(self, path, offset, out):
@@ -266,10 +266,10 @@ def test_unmappable_file_falls_back_to_reading(tmp_path, small_chunks, monkeypat
     sd = make_state(7)
     save(tmp_path, sd)
 
-    def refuse(path, start, end, session):
+    def refuse(self, path, offset, length):
         raise OSError(errno.ENODEV, "No such device")         # what mmap says on some filesystems
 
-    monkeypatch.setattr(readbuf, "map_range", refuse)
+    monkeypatch.setattr(LocalStorage, "map_private", refuse)
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()

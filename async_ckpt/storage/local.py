@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import shutil
 import uuid
@@ -143,9 +144,15 @@ class LocalStorage:
                     raise EOFError(f"{self._p(path)} ends before offset {offset} + {len(out)}")
                 view = view[n:]
 
-    def local_path(self, path: str) -> str:
-        """The file's path on this machine, for readers that map it instead of reading it."""
-        return self._p(path)
+    def map_private(self, path: str, offset: int, length: int) -> tuple[mmap.mmap, int]:
+        """`length` bytes at `offset` as a private (copy-on-write) mapping, and how many bytes
+        before `offset` it starts (mappings start on a page boundary). Pages are read on first
+        touch; writes never reach the file. OSError/ValueError where the file cannot be mapped."""
+        lead = offset % mmap.ALLOCATIONGRANULARITY
+        with open(self._p(path), "rb", buffering=0) as f:
+            m = mmap.mmap(f.fileno(), length + lead, flags=mmap.MAP_PRIVATE,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset - lead)
+        return m, lead
 
     def size(self, path: str) -> int:
         return os.stat(self._p(path)).st_size
