@@ -8,8 +8,8 @@ read it (numbers in docs/design.md, "Loading"). Other backends (and kernels with
 MADV_POPULATE_READ) read into fresh `torch.empty` buffers. The mapping itself is made by
 the storage backend (`LocalStorage.map_private`), so reads stay observable at the storage layer.
 
-Ownership of a mapping. The tensors handed to `load_state_dict` view it; torch keeps the mmap
-object alive while any view does, and its dealloc unmaps it. A file-backed mapping must not outlive
+Ownership of a mapping. The tensors handed to `load_state_dict` view it; torch keeps the mapping
+object alive while any view does, and freeing it unmaps it. A file-backed mapping must not outlive
 the load: it would pin a checkpoint that retention later deletes (its disk space is not freed while
 mapped), and truncating the file would make the pages raise SIGBUS. So `ReadSession.finish()`
 runs after every `load_state_dict`: a mapping nobody kept is gone already (a module copied out of
@@ -137,12 +137,13 @@ def _populate(whole: torch.Tensor, lead: int, filled: Filled) -> None:
         filled.fail(exc)
 
 
-def adopt_mapping(m: mmap.mmap, lead: int, length: int,
+def adopt_mapping(mapping, lead: int, length: int,
                   session: "ReadSession") -> tuple[torch.Tensor, Filled]:
-    """The `length` bytes after `lead` of a private file mapping (Storage.map_private) as a uint8
-    tensor, populated in the background; the mapping is registered with `session`."""
-    whole = torch.frombuffer(m, dtype=torch.uint8)
-    session.track(m, whole.data_ptr(), len(m))
+    """The `length` bytes after `lead` of a private file mapping (a buffer that unmaps itself
+    when freed, from Storage.map_private) as a uint8 tensor, populated in the background; the
+    mapping is registered with `session`."""
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    session.track(mapping, whole.data_ptr(), whole.numel())
     filled = Filled(length)
     _read_pool().submit(_populate, whole, lead, filled)
     return whole[lead:lead + length], filled
@@ -211,8 +212,8 @@ class ReadSession:
         self._maps: list[tuple[weakref.ref, int, int]] = []
         self.detached_bytes = 0
 
-    def track(self, m: mmap.mmap, addr: int, size: int) -> None:
-        self._maps.append((weakref.ref(m), addr, size))
+    def track(self, mapping, addr: int, size: int) -> None:
+        self._maps.append((weakref.ref(mapping), addr, size))
 
     def finish(self) -> None:
         maps, self._maps = self._maps, []

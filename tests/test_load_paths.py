@@ -69,8 +69,16 @@ def data_files(root) -> list[str]:
 
 
 def mapped_files() -> str:
+    """What this process maps, and the files it holds open: neither may name a checkpoint file
+    after a load (retention could not free a deleted one)."""
     with open("/proc/self/maps") as f:
-        return f.read()
+        text = f.read()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            text += "\n" + os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return text
 
 
 def assert_equal(got, want):
