@@ -1,17 +1,21 @@
 """Reading a committed checkpoint back: verified byte ranges -> tensors -> nested state.
 
-Each rank reads only the shards it needs. Adjacent raw records are read with one ranged read into
-one aligned buffer and viewed in place (no second copy); every record's hash is checked before its
-bytes are used, and zstd records are verified before they are decompressed (the pieces of one
-record decompress in parallel, see codec.decompress_frames).
+Each rank reads only the shards it needs. Adjacent records form one group, read as one byte range
+(through readbuf: a private mapping of a local file, else a fresh buffer) and viewed in place; every
+record's hash is checked chunk by chunk as the range arrives, before any of its bytes are used, and
+zstd records are verified before they are decompressed (the pieces of one record decompress in
+parallel, see codec.decompress_frames). Nothing here calls load_state_dict: restore.py does, after
+every shard of the load was read and verified.
 """
 from __future__ import annotations
 
 import torch
 
-from .codec import byte_view, codec_width, decompress_frames, hash_bytes
+from .codec import byte_view, codec_width, decompress_frames, new_hasher
 from .errors import CorruptCheckpointError
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, TensorEntry, parse_manifest
+from . import readbuf
+from .readbuf import Filled, ReadSession
 from .storage import Storage
 from .tree import dtype_from_name, unflatten
 
@@ -60,39 +64,79 @@ def _groups(entries: list[tuple[int, TensorEntry]]) -> list[list[tuple[int, Tens
     return groups
 
 
+def _read_group(storage: Storage, path: str, start: int, end: int,
+                session: ReadSession | None) -> tuple[torch.Tensor, Filled]:
+    """Bytes [start, end) of one file and the progress of their arrival (see readbuf)."""
+    map_private = getattr(storage, "map_private", None)
+    if session is not None and map_private is not None and end > start and readbuf.mapping_supported():
+        try:
+            m, lead = map_private(path, start, end - start)
+        except (OSError, ValueError):   # a filesystem that cannot mmap: read it instead
+            pass
+        else:
+            return readbuf.adopt_mapping(m, lead, end - start, session)
+    return readbuf.read_fresh(lambda off, view: storage.read_into(path, off, view), start, end,
+                              chunked=map_private is not None)
+
+
+def _verify_group(view: memoryview, group: list[tuple[int, TensorEntry]], start: int,
+                  filled: Filled, where: str) -> None:
+    """Check every record's hash, chunk by chunk as its bytes arrive (xxhash releases the GIL,
+    so this overlaps the read)."""
+    for index, entry in group:
+        hasher, pos = new_hasher(), entry.offset - start
+        stop = pos + entry.length
+        while pos < stop:
+            step = min(stop, (pos // readbuf.CHUNK + 1) * readbuf.CHUNK)
+            filled.wait(step)
+            hasher.update(view[pos:step])
+            pos = step
+        if hasher.hexdigest() != entry.hash:
+            raise CorruptCheckpointError(f"hash mismatch for {_what(where, index, entry)}: "
+                                         "the data is corrupt")
+
+
+def _what(where: str, index: int, entry: TensorEntry) -> str:
+    return f"{where} tensor #{index} ({entry.dtype}{list(entry.shape)} in {entry.file})"
+
+
 def read_tensors(storage: Storage, folder: str, shard: ShardEntry, where: str,
-                 verify: bool = True) -> list[torch.Tensor]:
-    """All tensors of one shard, in manifest order."""
+                 verify: bool = True, session: ReadSession | None = None) -> list[torch.Tensor]:
+    """All tensors of one shard, in manifest order. With a `session`, raw records of local files
+    may view a private mapping of the file: call `session.finish()` after loading them."""
     out: list[torch.Tensor | None] = [None] * len(shard.tensors)
     for group in _groups(list(enumerate(shard.tensors))):
         first, last = group[0][1], group[-1][1]
         start, end = first.offset, last.offset + last.length
-        block = torch.empty(end - start, dtype=torch.uint8)
         path = f"{folder}/{first.file}"
+        filled = None
         try:
-            storage.read_into(path, start, byte_view(block))
+            block, filled = _read_group(storage, path, start, end, session)
+            view = byte_view(block)
+            if verify:
+                _verify_group(view, group, start, filled, where)
+            filled.wait(end - start)
         except (OSError, EOFError) as exc:
             raise CorruptCheckpointError(
                 f"cannot read bytes {start}-{end} of {storage.child_url(path)}: {exc}") from exc
-        view = byte_view(block)
+        finally:
+            if filled is not None:
+                filled.cancel()
         for index, entry in group:
-            what = f"{where} tensor #{index} ({entry.dtype}{list(entry.shape)} in {entry.file})"
+            what = _what(where, index, entry)
             rel = entry.offset - start
-            stored = view[rel:rel + entry.length]
-            if verify and hash_bytes(stored) != entry.hash:
-                raise CorruptCheckpointError(f"hash mismatch for {what}: the data is corrupt")
             dtype = dtype_from_name(entry.dtype, what)
             if entry.codec == "raw":
                 raw = block[rel:rel + entry.length]
                 # Unaligned records must be copied out; small ones are too, because some torch
                 # consumers (Generator.set_state) read a tensor's storage from its start.
-                if entry.nbytes and (rel % 64 or entry.nbytes < _OWN_STORAGE_BELOW):
+                if entry.nbytes and ((block.data_ptr() + rel) % 64 or entry.nbytes < _OWN_STORAGE_BELOW):
                     raw = raw.clone()
             else:
                 raw = torch.empty(entry.nbytes, dtype=torch.uint8)
                 try:
-                    decompress_frames(stored, list(entry.frames), byte_view(raw), what,
-                                      codec_width(entry.codec))
+                    decompress_frames(view[rel:rel + entry.length], list(entry.frames),
+                                      byte_view(raw), what, codec_width(entry.codec))
                 except Exception as exc:  # noqa: BLE001 - zstd raises its own ZstdError
                     raise CorruptCheckpointError(f"cannot decompress {what}: {exc}") from exc
             out[index] = raw.view(dtype).view(entry.shape) if entry.nbytes else torch.empty(
@@ -101,10 +145,20 @@ def read_tensors(storage: Storage, folder: str, shard: ShardEntry, where: str,
 
 
 def load_shard(storage: Storage, folder: str, manifest: Manifest, component: str, shard_name: str,
-               allow_pickle: bool = False, verify: bool = True):
+               allow_pickle: bool = False, verify: bool = True, session: ReadSession | None = None):
     """Rebuild one component's state object from one of its shards."""
     shard = manifest.components[component].shards[shard_name]
     check_files(storage, folder, manifest, {t.file for t in shard.tensors})
     where = f"{storage.child_url(folder)} component {component!r} shard {shard_name!r}"
-    tensors = read_tensors(storage, folder, shard, where, verify)
-    return unflatten(shard.tree, tensors, where, allow_pickle)
+    tensors = read_tensors(storage, folder, shard, where, verify, session)
+    return unflatten_owned(shard.tree, tensors, where, allow_pickle)
+
+
+def unflatten_owned(skel, tensors: list[torch.Tensor], where: str, allow_pickle: bool):
+    """unflatten(), then empty `tensors`: unflatten's recursive closure is a reference cycle that
+    holds the list until the garbage collector runs, which would keep every loaded tensor (and a
+    mapped file, see readbuf.ReadSession) alive after load_state_dict let go of them."""
+    try:
+        return unflatten(skel, tensors, where, allow_pickle)
+    finally:
+        tensors.clear()

@@ -15,23 +15,25 @@ import torch
 from .codec import align_up
 from .errors import CorruptCheckpointError
 from .link import StoreLink
-from .loader import check_files, read_tensors
+from .loader import check_files, read_tensors, unflatten_owned
 from .manifest import Manifest
+from .readbuf import ReadSession
 from .staging import HostBuffer, attach_shared
 from .topology import Topology
-from .tree import dtype_from_name, unflatten
+from .tree import dtype_from_name
 
 
 def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str, str]],
                 topo: Topology, link: StoreLink | None, load_seq: int, allow_pickle: bool,
-                verify: bool) -> dict[tuple[str, str], object]:
+                verify: bool, session: ReadSession | None = None) -> dict[tuple[str, str], object]:
     """The states of the (component, shard) copies in `wanted`, read once on this node; empty
     when there is no other rank on this node to share with (the caller reads them itself)."""
     if link is None or topo.local_world_size == 1 or not wanted:
         return {}
     seq, key = f"load{load_seq}", f"shared/{topo.node}"
     if topo.is_node_writer:
-        return _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, allow_pickle, verify)
+        return _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, allow_pickle,
+                               verify, session)
     answer = link.gather(seq, {0: key}, f"node writer of node {topo.node}", range(0),
                          stop_on_outcome=False)[0]
     if "error" in answer:
@@ -47,8 +49,8 @@ def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str
                 tensors.append(mapped[offset:offset + nbytes].view(dt).view(shape).clone()
                                if nbytes else torch.empty(shape, dtype=dt))
             entry = manifest.components[comp].shards[shard]
-            states[(comp, shard)] = unflatten(entry.tree, tensors, f"{storage.child_url(folder)} "
-                                              f"component {comp!r}", allow_pickle)
+            states[(comp, shard)] = unflatten_owned(entry.tree, tensors, f"{storage.child_url(folder)} "
+                                                    f"component {comp!r}", allow_pickle)
     finally:
         del mapped
         # The last reader removes the buffer, so the node writer never waits for the others.
@@ -61,14 +63,16 @@ def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str
     return states
 
 
-def _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, allow_pickle, verify):
+def _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, allow_pickle, verify,
+                    session):
     try:
         read = {}
         for comp, shard in wanted:
             entry = manifest.components[comp].shards[shard]
             check_files(storage, folder, manifest, {t.file for t in entry.tensors})
             read[(comp, shard)] = read_tensors(storage, folder, entry,
-                                               f"{storage.child_url(folder)} component {comp!r}", verify)
+                                               f"{storage.child_url(folder)} component {comp!r}", verify,
+                                               session)
         offset, layout = 0, []
         for (comp, shard), tensors in read.items():
             metas = []
@@ -91,6 +95,6 @@ def _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, all
         link.post(seq, key, {"error": str(exc)})
         raise
     link.post(seq, key, {"shm": buf.name, "capacity": buf.capacity, "layout": layout})
-    return {ks: unflatten(manifest.components[ks[0]].shards[ks[1]].tree, tensors,
-                          f"{storage.child_url(folder)} component {ks[0]!r}", allow_pickle)
+    return {ks: unflatten_owned(manifest.components[ks[0]].shards[ks[1]].tree, tensors,
+                                f"{storage.child_url(folder)} component {ks[0]!r}", allow_pickle)
             for ks, tensors in read.items()}

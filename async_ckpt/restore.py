@@ -18,6 +18,7 @@ from .loader import load_shard, read_manifest
 from .manifest import ComponentEntry, Manifest
 from .node_read import read_shared
 from .plan import group_shard
+from .readbuf import ReadSession
 from .topology import Topology
 from .types import CheckpointInfo, SharingPattern, StateComponent
 
@@ -103,6 +104,16 @@ def _plan_reads(ckpt, manifest: Manifest, step: int, where: str, strict: bool
 
 def restore(ckpt, step: int, strict: bool, load_seq: int) -> CheckpointInfo:
     """The body of AsyncCheckpointer.load for one committed step."""
+    session = ReadSession()
+    try:
+        return _restore(ckpt, step, strict, load_seq, session)
+    finally:
+        # After _restore's frame (and its references to the loaded states) is gone: whatever a
+        # component kept is moved off the checkpoint's files (readbuf.ReadSession).
+        session.finish()
+
+
+def _restore(ckpt, step: int, strict: bool, load_seq: int, session: ReadSession) -> CheckpointInfo:
     storage, topo, options = ckpt.storage, ckpt.topo, ckpt.options
     folder = step_dir(step)
     try:
@@ -115,7 +126,7 @@ def restore(ckpt, step: int, strict: bool, load_seq: int) -> CheckpointInfo:
     shared = [(c.key, shard) for c, shard in plan if shard in ("global", "replicated")]
     try:
         states = read_shared(storage, folder, manifest, shared, topo, ckpt._link, load_seq,
-                             options["allow_pickle"], options["verify"])
+                             options["allow_pickle"], options["verify"], session)
     except CheckpointError as exc:   # each rank reads (and judges) its copies itself
         log.warning("[rank %d step %d] node-shared read failed, reading per rank: %s", topo.rank, step, exc)
         states = {}
@@ -123,7 +134,8 @@ def restore(ckpt, step: int, strict: bool, load_seq: int) -> CheckpointInfo:
     for c, shard in plan:
         try:
             state = states[(c.key, shard)] if (c.key, shard) in states else load_shard(
-                storage, folder, manifest, c.key, shard, options["allow_pickle"], options["verify"])
+                storage, folder, manifest, c.key, shard, options["allow_pickle"], options["verify"],
+                session)
             staged.append((c, state))
         except CheckpointError as exc:
             if c.required:

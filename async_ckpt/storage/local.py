@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import mmap
 import os
 import shutil
 import uuid
@@ -21,6 +23,35 @@ def _load_sync_file_range():
 
 _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_libc_mmap():
+    """libc's mmap/munmap, or None. Python's mmap object keeps a dup of the file's descriptor
+    open as long as it lives, which would pin a deleted checkpoint file for as long as a loaded
+    tensor does; a raw mapping holds the file only while it is mapped."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.mmap.restype = ctypes.c_void_p
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_libc = _load_libc_mmap()
+
+
+def _owned_mapping(addr: int, size: int):
+    """A ctypes byte array over [addr, addr + size) that munmaps it when it is freed (it supports
+    the buffer protocol, so torch.frombuffer views keep it alive)."""
+    munmap = _libc.munmap     # bound now: module globals may be gone when this runs at exit
+
+    def release(self) -> None:
+        munmap(ctypes.addressof(self), size)
+
+    return type("PrivateMapping", (ctypes.c_uint8 * size,), {"__del__": release}).from_address(addr)
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -142,6 +173,25 @@ class LocalStorage:
                 if not n:
                     raise EOFError(f"{self._p(path)} ends before offset {offset} + {len(out)}")
                 view = view[n:]
+
+    def map_private(self, path: str, offset: int, length: int):
+        """`length` bytes at `offset` as a private (copy-on-write) mapping: (a ctypes byte array
+        that unmaps itself when freed, how many bytes before `offset` it starts; mappings start
+        on a page boundary). Pages are read on first touch; writes never reach the file.
+        OSError where the file cannot be mapped."""
+        if _libc is None or not hasattr(mmap, "MAP_PRIVATE"):
+            raise OSError(errno.ENOSYS, "no mmap here")
+        lead = offset % mmap.ALLOCATIONGRANULARITY
+        fd = os.open(self._p(path), os.O_RDONLY)
+        try:
+            addr = _libc.mmap(None, length + lead, mmap.PROT_READ | mmap.PROT_WRITE,
+                              mmap.MAP_PRIVATE, fd, offset - lead)
+        finally:
+            os.close(fd)       # the mapping holds the file by itself
+        if addr in (None, ctypes.c_void_p(-1).value):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {self._p(path)}: {os.strerror(err)}")
+        return _owned_mapping(addr, length + lead), lead
 
     def size(self, path: str) -> int:
         return os.stat(self._p(path)).st_size

@@ -45,18 +45,13 @@ METHOD = """\
 LIMITS = """\
 ## What limits the missed targets (profiled)
 
-- **Cold load vs raw cold read (target <= 1.15x)**: async_ckpt loads at about dcp.load's speed,
-  but both take 3-4x the raw cold read. Timed phases of a cold 512 MiB fp32 load (this machine,
-  `LocalStorage.read_into`, `hash_bytes` and the component's `load_state_dict` wrapped with
-  timers; py-spy's sampled attribution of GIL-released calls was misleading here): read 0.47-1.0 s,
-  xxh3 verification 0.10-0.13 s, `load_state_dict` copy 0.42-0.49 s, of 1.0-1.6 s in all, against
-  0.2-0.25 s for the raw read into touched memory. The loader reads each
-  group of records into a freshly allocated `torch.empty` block (`async_ckpt/loader.py`,
-  `read_tensors`: page faults on first touch, the same 2-3x the staging pool avoids on save),
-  verifies, and hands new tensors to `load_state_dict`, which copies them into the model: the
-  bytes cross memory three times where the floor crosses once. Reaching the target needs the
-  loader to read straight into the destination tensors when they are contiguous CPU tensors of
-  the stored dtype and shape (or into a reused pool), with hashing overlapped chunk by chunk.
+- **Cold load vs raw cold read (target <= 1.15x)**: before the loader mapped local files it took
+  2.4-3.2x the raw read (a fresh `torch.empty` block per group: page faults on first touch cost
+  more than the disk, then hashing after the read, then the `load_state_dict` copy). Local files
+  are now mapped privately and hashed chunk by chunk as they are populated (docs/design.md,
+  "Loading"): reading and verifying 1 GiB takes about the raw read's time, and what remains above
+  it is the component's own `load_state_dict` copy (0.11-0.13 s per GiB here), which
+  verify-before-mutate keeps from overlapping the read. `python -m bench.load` measures just this.
 - **zstd cold load** (measured before the byte-grouping codec landed): 4x slower than
   uncompressed; `decompress_frames` decoded the 16 MiB frames one after another on the loading
   thread (1.2 of 1.85 s for 256 MiB). The pieces of a record are now decoded on a small thread

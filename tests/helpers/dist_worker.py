@@ -151,6 +151,12 @@ def scenario_load(rank, world, local_world, node, groups):
             reads.append([path.rsplit("/", 1)[-1], offset, offset + len(out)])
             return real_read_into(path, offset, out)
         ckpt.storage.read_into = counting_read_into
+        real_map_private = ckpt.storage.map_private   # local files are mapped, not read_into
+
+        def counting_map_private(path, offset, length):
+            reads.append([path.rsplit("/", 1)[-1], offset, offset + length])
+            return real_map_private(path, offset, length)
+        ckpt.storage.map_private = counting_map_private
         info = ckpt.load()
     write({"step": info.step, "model": digest(model), "draws": draws(), "reads": reads,
            "opt_steps": [int(s["step"]) for s in opt.state_dict()["state"].values()],
