@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import async_ckpt as ac
+from bench.common import TensorState
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HELPERS = Path(__file__).parent / "helpers"
@@ -113,7 +114,7 @@ def test_save_orders_its_copies_after_queued_work(tmp_path, device):
         want = want.mul(0.5).add(src)
     big, src_d = torch.zeros(src.shape, device=device), src.to(device)
     slow = torch.randn(2048, 2048, device=device)
-    comp = ac.StateComponent("t", _Tensors({"big": big}), ac.SharingPattern.GLOBAL)
+    comp = ac.StateComponent("t", TensorState({"big": big}), ac.SharingPattern.GLOBAL)
     with ac.AsyncCheckpointer(tmp_path, [comp], overlap_staging=True) as ck:
         ck.save(1).wait()                                 # buffers exist: the next save is fast
         for _ in range(8):                                # keep the compute stream busy ...
@@ -160,14 +161,3 @@ def test_two_ranks_share_one_device(tmp_path, device):
         assert r["step"] == 1 and r["on_device"], r
         assert r["equal"] and all(r["equal"].values()), r
 
-
-class _Tensors:
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def state_dict(self):
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd):
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)

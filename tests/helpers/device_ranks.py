@@ -18,6 +18,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from bench.common import TensorState
+
 WORLD = 2
 
 
@@ -32,18 +34,6 @@ def state_for(rank: int, device: str):
     return model, {"own": own}
 
 
-class Holder:
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def state_dict(self):
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd):
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
-
-
 def run(rank: int, root: str, out: str, mode: str, device: str, port: int) -> None:
     import async_ckpt as ac
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -52,7 +42,7 @@ def run(rank: int, root: str, out: str, mode: str, device: str, port: int) -> No
     model, own = state_for(rank, device)
     expected = {**{f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 **{f"own.{k}": v.cpu().clone() for k, v in own.items()}}
-    holder = Holder(own)
+    holder = TensorState(own)
     comps = [ac.StateComponent("model", model, ac.SharingPattern.REPLICATED,
                                validation_level=ac.ValidationLevel.TENSOR),
              ac.StateComponent("own", holder, ac.SharingPattern.PER_RANK)]
