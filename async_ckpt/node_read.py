@@ -8,6 +8,7 @@ per node, which matters on object stores. Every wait is bounded by the checkpoin
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -21,6 +22,8 @@ from .readbuf import ReadSession
 from .staging import HostBuffer, attach_shared
 from .topology import Topology
 from .tree import dtype_from_name
+
+log = logging.getLogger("async_ckpt")
 
 
 def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str, str]],
@@ -53,14 +56,29 @@ def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str
                                                     f"component {comp!r}", allow_pickle)
     finally:
         del mapped
-        # The last reader removes the buffer, so the node writer never waits for the others.
-        if link._client().add(f"{link.ns}/{seq}/ack/{topo.node}", 1) == topo.local_world_size - 1:
-            try:
-                os.unlink(answer["shm"])
-            except FileNotFoundError:
-                pass
-            link.delete(seq, [key, f"ack/{topo.node}"])
+        _acknowledge(link, seq, key, topo, answer["shm"])
     return states
+
+
+def _acknowledge(link: StoreLink, seq: str, key: str, topo: Topology, shm: str) -> None:
+    """The last reader removes the buffer, so the node writer never waits for the others. load()
+    has no collective, so the Store's host (rank 0) may already have exited: this rank's copy is
+    complete then, and the buffer (named after the dead creator) is swept when a node writer next starts on this machine."""
+    try:
+        last = link._client().add(f"{link.ns}/{seq}/ack/{topo.node}", 1) == topo.local_world_size - 1
+    except (RuntimeError, OSError) as exc:   # torch's DistNetworkError is a RuntimeError
+        log.debug("[rank %d] could not acknowledge the node-shared read (%s); leaving %s to the "
+                  "sweep", topo.rank, exc, shm)
+        return
+    if last:
+        try:
+            os.unlink(shm)
+        except FileNotFoundError:
+            pass
+        try:
+            link.delete(seq, [key, f"ack/{topo.node}"])
+        except (RuntimeError, OSError):
+            pass
 
 
 def _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, allow_pickle, verify,

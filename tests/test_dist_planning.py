@@ -136,3 +136,38 @@ def test_shared_buffers_are_handed_over_by_name_and_never_left_behind():
     open(dead, "wb").close()
     sweep_dead_buffers()
     assert not os.path.exists(dead)
+
+
+def test_a_node_shared_read_survives_the_store_host_leaving_first(tmp_path):
+    """load() has no collective: rank 0 (which may host the Store) can return and exit before a
+    peer acknowledges the shared buffer. The peer's copy is complete by then, so the failed
+    acknowledgement must not fail its load; with the Store up, the last reader removes the buffer."""
+    from async_ckpt.node_read import _acknowledge
+
+    class Gone:
+        ns = "ns"
+
+        def _client(self):
+            raise RuntimeError("Connection was likely closed. Did the remote server shutdown?")
+
+    class Up:
+        ns, count, deleted = "ns", 0, []
+
+        def _client(self):
+            return self
+
+        def add(self, key, n):
+            self.count += n
+            return self.count
+
+        def delete(self, seq, names):
+            self.deleted.extend(names)
+
+    shm = tmp_path / "buffer"
+    shm.write_bytes(b"x")
+    topo = Topology(rank=1, world_size=2, local_rank=1, local_world_size=2, node=0)
+    _acknowledge(Gone(), "load1", "shared/0", topo, str(shm))       # does not raise
+    assert shm.exists()                                               # left to the sweep
+    up = Up()
+    _acknowledge(up, "load1", "shared/0", topo, str(shm))
+    assert not shm.exists() and up.deleted == ["shared/0", "ack/0"]

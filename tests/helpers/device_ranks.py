@@ -66,6 +66,9 @@ def run(rank: int, root: str, out: str, mode: str, device: str, port: int) -> No
                           equal={k: bool(torch.equal(got[k].cpu(), v)) for k, v in expected.items()},
                           on_device=all(t.device.type == torch.device(device).type for t in got.values()))
     finally:
+        # rank 0 hosts the Store: it must not exit while rank 1 still reads the outcome of the
+        # save (load() has no collective either, so a rank may return before its peers)
+        dist.barrier()
         ck.close()
         dist.destroy_process_group()
     with open(f"{out}.rank{rank}", "w") as f:
