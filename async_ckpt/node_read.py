@@ -63,7 +63,8 @@ def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str
 def _acknowledge(link: StoreLink, seq: str, key: str, topo: Topology, shm: str) -> None:
     """The last reader removes the buffer, so the node writer never waits for the others. load()
     has no collective, so the Store's host (rank 0) may already have exited: this rank's copy is
-    complete then, and the buffer (named after the dead creator) is swept when a node writer next starts on this machine."""
+    complete then, and the buffer (named after its dead creator) is swept when a node writer next
+    starts on this machine."""
     try:
         last = link._client().add(f"{link.ns}/{seq}/ack/{topo.node}", 1) == topo.local_world_size - 1
     except (RuntimeError, OSError) as exc:   # torch's DistNetworkError is a RuntimeError

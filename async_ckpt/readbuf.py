@@ -21,13 +21,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import libc
 from .codec import byte_view
 
 log = logging.getLogger("async_ckpt")
@@ -39,26 +39,8 @@ _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _PAGE = mmap.ALLOCATIONGRANULARITY
 
 
-def _load_libc():
-    """libc's madvise/mmap/mremap/munmap with raw addresses (Python's mmap module cannot
-    populate a range or move memory over another mapping), or None off Linux."""
-    if not hasattr(mmap, "MAP_PRIVATE") or not hasattr(os, "sched_getaffinity"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        vp, size = ctypes.c_void_p, ctypes.c_size_t
-        libc.madvise.argtypes = [vp, size, ctypes.c_int]
-        libc.mmap.argtypes = [vp, size, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.mmap.restype = vp
-        libc.mremap.argtypes = [vp, size, size, ctypes.c_int, vp]
-        libc.mremap.restype = vp
-        libc.munmap.argtypes = [vp, size]
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_libc = _load_libc()
+_HAVE_LIBC = None not in (libc.mmap, libc.munmap, libc.madvise, libc.mremap) and hasattr(
+    mmap, "MAP_ANONYMOUS")
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _populate_ok: bool | None = None
@@ -73,9 +55,8 @@ def _read_pool() -> ThreadPoolExecutor:
 
 
 def _madvise(addr: int, length: int, advice: int) -> None:
-    if _libc.madvise(addr, length, advice) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"madvise({advice}): {os.strerror(err)}")
+    if libc.madvise(addr, length, advice) != 0:
+        raise libc.last_error(f"madvise({advice})")
 
 
 def mapping_supported() -> bool:
@@ -84,12 +65,12 @@ def mapping_supported() -> bool:
     global _populate_ok
     if _populate_ok is None:
         _populate_ok = False
-        if _libc is not None:
-            page = _libc.mmap(None, _PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
-                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-            if page not in (None, ctypes.c_void_p(-1).value):
-                _populate_ok = _libc.madvise(page, _PAGE, _MADV_POPULATE_READ) == 0
-                _libc.munmap(page, _PAGE)
+        if _HAVE_LIBC:
+            page = libc.mmap(None, _PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
+                             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            if page not in (None, libc.MAP_FAILED):
+                _populate_ok = libc.madvise(page, _PAGE, _MADV_POPULATE_READ) == 0
+                libc.munmap(page, _PAGE)
     return _populate_ok
 
 
@@ -179,16 +160,16 @@ def read_fresh(read_into, start: int, end: int, chunked: bool) -> tuple[torch.Te
 def _copy_part(dst: int, src: int, n: int) -> None:
     # Fault in the anonymous pages in one call (cheaper than on first write; where it fails the
     # copy faults them in), then copy; both release the GIL, so two halves run on two cores.
-    _libc.madvise(dst, n, _MADV_POPULATE_WRITE)
+    libc.madvise(dst, n, _MADV_POPULATE_WRITE)
     ctypes.memmove(dst, src, n)
 
 
 def _detach(addr: int, size: int) -> None:
     """Replace the file pages under [addr, addr + size) with anonymous copies of them."""
-    anon = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
-                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    if anon in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap of anonymous memory failed")
+    anon = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if anon in (None, libc.MAP_FAILED):
+        raise libc.last_error("mmap of anonymous memory")
     half = size // 2 // _PAGE * _PAGE
     parts = [(anon, addr, half), (anon + half, addr + half, size - half)] if half else \
         [(anon, addr, size)]
@@ -196,12 +177,12 @@ def _detach(addr: int, size: int) -> None:
         for fut in [_read_pool().submit(_copy_part, *p) for p in parts]:
             fut.result()
     except BaseException:
-        _libc.munmap(anon, size)
+        libc.munmap(anon, size)
         raise
-    if _libc.mremap(anon, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr) != addr:
-        err = ctypes.get_errno()
-        _libc.munmap(anon, size)
-        raise OSError(err, f"mremap: {os.strerror(err)}")
+    if libc.mremap(anon, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr) != addr:
+        error = libc.last_error("mremap")
+        libc.munmap(anon, size)
+        raise error
 
 
 class ReadSession:

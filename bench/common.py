@@ -8,8 +8,6 @@ import subprocess
 
 import torch
 
-import async_ckpt
-
 GIB = 1 << 30
 
 
@@ -65,6 +63,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _version() -> str:
+    import async_ckpt     # here, not at the top: bench.gpu imports this module without async_ckpt
+    return async_ckpt.__version__
+
+
 def machine_info(folder: str) -> dict:
     cpu_model = ""
     try:
@@ -100,6 +103,6 @@ def machine_info(folder: str) -> dict:
     return {"cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
             "cpu_model": cpu_model, "mem_total_bytes": mem_total, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(), "async_ckpt": async_ckpt.__version__,
+            "platform": platform.platform(), "async_ckpt": _version(),
             "git_commit": commit, "async_ckpt_dirty": dirty, "target_dir": folder,
             "target_fs": mount}

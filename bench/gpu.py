@@ -43,7 +43,8 @@ from contextlib import closing
 
 import torch
 
-from .gpu_common import (GB, Control, Env, TensorState, dcp_parts, reusable_stager,  # noqa: F401
+from .common import TensorState
+from .gpu_common import (GB, Control, Env, dcp_parts, reusable_stager,  # noqa: F401
                          missing_deps, stats)
 from .gpu_overlap import OverlapBench
 

@@ -1,5 +1,5 @@
-"""Shared pieces of `python -m bench.gpu`: environment probe, deadline control, statistics,
-the tensor state and DCP helpers."""
+"""Shared pieces of `python -m bench.gpu`: environment probe, deadline control, statistics
+and DCP helpers (the tensor state is bench.common's)."""
 from __future__ import annotations
 
 import importlib
@@ -81,20 +81,6 @@ def stats(xs: list[float]) -> dict:
     if not xs:
         return {"median_s": None, "min_s": None, "max_s": None, "n": 0, "samples_s": []}
     return {"median_s": statistics.median(xs), "min_s": min(xs), "max_s": max(xs), "n": len(xs), "samples_s": xs}
-
-
-class TensorState:
-    """A minimal Stateful over a dict of tensors (what AsyncCheckpointer and DCP both accept)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
 
 
 def reusable_stager(options):

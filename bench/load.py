@@ -85,20 +85,27 @@ class MixBench:
                 view = view[f.readinto(view[:1 << 30]):]
         self.samples.setdefault("raw/warm", []).append(time.perf_counter() - t0)
 
+    def _cold_and_warm(self, key: str, load, loaded, after=lambda: None) -> None:
+        """Time `load()` into zeroed targets with the page cache dropped, then again warm;
+        `loaded()` returns what the load filled, for the check; `after()` runs untimed."""
+        for temp in ("cold", "warm"):
+            for t in self.target.values():
+                t.zero_()
+            if temp == "cold":
+                self.cache.settle()
+            gc.collect()
+            t0 = time.perf_counter()
+            load()
+            self.samples.setdefault(f"{key}/{temp}", []).append(time.perf_counter() - t0)
+            self.check(loaded())
+            after()
+
     def _async(self, key: str, stateful, result) -> None:
         ck = _ck(self.root, stateful)
         try:
-            for temp in ("cold", "warm"):
-                for t in self.target.values():
-                    t.zero_()
-                if temp == "cold":
-                    self.cache.settle()
-                gc.collect()
-                t0 = time.perf_counter()
-                ck.load(0)
-                self.samples.setdefault(f"{key}/{temp}", []).append(time.perf_counter() - t0)
-                self.check(result(stateful))
-                stateful.kept = None
+            def drop_kept() -> None:
+                stateful.kept = None     # a KeepState lets go of what it kept, untimed
+            self._cold_and_warm(key, lambda: ck.load(0), lambda: result(stateful), drop_kept)
         finally:
             ck.close()
 
@@ -116,16 +123,8 @@ class MixBench:
         self._async("async_ckpt_kept", KeepState({}), lambda s: s.kept)
 
     def dcp(self) -> None:
-        for temp in ("cold", "warm"):
-            for t in self.target.values():
-                t.zero_()
-            if temp == "cold":
-                self.cache.settle()
-            gc.collect()
-            t0 = time.perf_counter()
-            dcp.load(self.target, checkpoint_id=self.dcp_path)
-            self.samples.setdefault(f"dcp/{temp}", []).append(time.perf_counter() - t0)
-            self.check(self.target)
+        self._cold_and_warm("dcp", lambda: dcp.load(self.target, checkpoint_id=self.dcp_path),
+                            lambda: self.target)
 
     def run(self, repeats: int, methods: list[str], log) -> None:
         fns = [getattr(self, m) for m in methods]

@@ -8,45 +8,18 @@ import os
 import shutil
 import uuid
 
+from .. import libc
+
 _WRITEBACK_EVERY = 8 << 20
 
 
-def _load_sync_file_range():
-    """libc's sync_file_range (Linux), or None. Python's os module does not expose it."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_libc_mmap():
-    """libc's mmap/munmap, or None. Python's mmap object keeps a dup of the file's descriptor
-    open as long as it lives, which would pin a deleted checkpoint file for as long as a loaded
-    tensor does; a raw mapping holds the file only while it is mapped."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
-        libc.mmap.restype = ctypes.c_void_p
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_libc = _load_libc_mmap()
 
 
 def _owned_mapping(addr: int, size: int):
     """A ctypes byte array over [addr, addr + size) that munmaps it when it is freed (it supports
     the buffer protocol, so torch.frombuffer views keep it alive)."""
-    munmap = _libc.munmap     # bound now: module globals may be gone when this runs at exit
+    munmap = libc.munmap     # bound now: module globals may be gone when this runs at exit
 
     def release(self) -> None:
         munmap(ctypes.addressof(self), size)
@@ -79,10 +52,10 @@ class _LocalWriter:
         assert self._fd is not None, "write after commit/abort"
         _write_all(self._fd, memoryview(data))
         self._written += len(data)
-        if _sync_file_range is not None and self._written - self._flushed >= _WRITEBACK_EVERY:
+        if libc.sync_file_range is not None and self._written - self._flushed >= _WRITEBACK_EVERY:
             # Start writeback now instead of leaving it all to the final fsync: the disk works
             # while we keep copying into the page cache (measured ~20% faster durable writes).
-            _sync_file_range(self._fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE)
+            libc.sync_file_range(self._fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE)
             self._flushed = self._written
 
     def commit(self) -> None:
@@ -179,18 +152,17 @@ class LocalStorage:
         that unmaps itself when freed, how many bytes before `offset` it starts; mappings start
         on a page boundary). Pages are read on first touch; writes never reach the file.
         OSError where the file cannot be mapped."""
-        if _libc is None or not hasattr(mmap, "MAP_PRIVATE"):
+        if libc.mmap is None or libc.munmap is None or not hasattr(mmap, "MAP_PRIVATE"):
             raise OSError(errno.ENOSYS, "no mmap here")
         lead = offset % mmap.ALLOCATIONGRANULARITY
         fd = os.open(self._p(path), os.O_RDONLY)
         try:
-            addr = _libc.mmap(None, length + lead, mmap.PROT_READ | mmap.PROT_WRITE,
+            addr = libc.mmap(None, length + lead, mmap.PROT_READ | mmap.PROT_WRITE,
                               mmap.MAP_PRIVATE, fd, offset - lead)
         finally:
             os.close(fd)       # the mapping holds the file by itself
-        if addr in (None, ctypes.c_void_p(-1).value):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap of {self._p(path)}: {os.strerror(err)}")
+        if addr in (None, libc.MAP_FAILED):
+            raise libc.last_error(f"mmap of {self._p(path)}")
         return _owned_mapping(addr, length + lead), lead
 
     def size(self, path: str) -> int:
