@@ -13,28 +13,28 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import __version__
-from . import metrics_store
-from .datafile import DataFileWriter
-from .codec import Compressor
+from .version import __version__
+from .format import metrics_file
+from .save.datafile import DataFileWriter
+from .format.codec import Compressor
 from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError
 from .handle import SaveHandle
-from .layout import committed_steps, manifest_path, step_dir, step_dirs
-from .components import group_members, resolve_pattern, validate_components
-from .loader import read_manifest
-from .link import Heartbeat, StoreLink, namespace
-from .manifest import MANIFEST_NAME
-from .node_save import describe_job
-from .plan import Planner, layout_key
-from .restore import list_infos, restore
+from .format.names import committed_steps, manifest_path, step_dir, step_dirs
+from .sharing import group_members, resolve_pattern, validate_components
+from .load.reader import read_manifest
+from .dist.link import Heartbeat, StoreLink, namespace
+from .format.manifest import MANIFEST_NAME
+from .save.coordinator import describe_job
+from .save.plan import Planner, layout_key
+from .load.restore import list_infos, restore
 from .retention import steps_to_keep
-from .staging import BufferPool, stage, sweep_dead_buffers
+from .save.staging import BufferPool, stage, sweep_dead_buffers
 from .storage import open_storage
-from .topology import current_topology
-from .tree import flatten
+from .dist.topology import current_topology
+from .format.tree import flatten
 from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
-from .worker import RankWorker
-from .writer import ComponentInfo, NodeWriter, SaveJob
+from .save.rank_worker import RankWorker
+from .save.node_writer import ComponentInfo, NodeWriter, SaveJob
 
 log = logging.getLogger("async_ckpt")
 
@@ -195,7 +195,7 @@ class AsyncCheckpointer:
         started = time.perf_counter()
         self._check_open()
         _check_int("step", step, 0)
-        metrics = metrics_store.check_metrics(metrics)
+        metrics = metrics_file.check_metrics(metrics)
         seq = self._seq = self._seq + 1      # the same on every rank: a save's identity
         try:
             return self._save(step, metrics, seq, started)
@@ -267,7 +267,7 @@ class AsyncCheckpointer:
         values are checked and otherwise ignored)."""
         self._check_open()
         _check_int("step", step, 0)
-        values = metrics_store.check_metrics(metrics)
+        values = metrics_file.check_metrics(metrics)
         if self.topo.rank != 0:
             return
         in_flight = any(h.step == step and not h._settled.is_set() for h in self._pending)
@@ -280,7 +280,7 @@ class AsyncCheckpointer:
                 log.warning("[rank %d step %d] metrics %s dropped: the save of this step failed or "
                             "was removed by retention", self.topo.rank, step, values)
                 return
-            metrics_store.write_late(self.storage, step_dir(step), values)
+            metrics_file.write_late(self.storage, step_dir(step), values)
             if step in self._metrics_cache:
                 self._metrics_cache[step].update(values)
             self._retain(step)
@@ -332,8 +332,8 @@ class AsyncCheckpointer:
         if step not in self._metrics_cache:
             folder = step_dir(step)
             manifest = read_manifest(self.storage, folder, step)
-            self._metrics_cache[step] = {**metrics_store.decode(manifest.metrics),
-                                         **metrics_store.read_late(self.storage, folder)}
+            self._metrics_cache[step] = {**metrics_file.decode(manifest.metrics),
+                                         **metrics_file.read_late(self.storage, folder)}
         return self._metrics_cache[step]
 
     def _retain(self, committed_step: int) -> None:
@@ -371,7 +371,7 @@ class AsyncCheckpointer:
         folder = step_dir(step)
         listed = set(read_manifest(self.storage, folder, step).files) | {MANIFEST_NAME}
         for name in self.storage.list_dir(folder):
-            if name not in listed and not name.startswith(metrics_store.PREFIX):
+            if name not in listed and not name.startswith(metrics_file.PREFIX):
                 self.storage.delete(f"{folder}/{name}")
 
     # -- reading ------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import zstandard
 
-from async_ckpt import planes as planes_mod
-from async_ckpt.codec import PIECE, Compressor, codec_for, codec_width, decompress_frames
-from async_ckpt.shuffle import shuffle, shuffle_width
+from async_ckpt.format import planes as planes_mod
+from async_ckpt.format.codec import PIECE, Compressor, codec_for, codec_width, decompress_frames
+from async_ckpt.format.shuffle import shuffle, shuffle_width
 
 from .common import machine_info
 

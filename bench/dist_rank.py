@@ -22,8 +22,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent  # noqa: E402
-from async_ckpt.plan import replica_owners  # noqa: E402
-from async_ckpt.topology import current_topology  # noqa: E402
+from async_ckpt.save.plan import replica_owners  # noqa: E402
+from async_ckpt.dist.topology import current_topology  # noqa: E402
 from bench.common import GIB, PageCache, TensorState  # noqa: E402
 
 TENSORS = 16

@@ -34,7 +34,8 @@ import time
 import torch
 import torch.distributed.checkpoint as dcp
 
-from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent, readbuf
+from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent
+from async_ckpt.load import readbuf
 
 from .common import GIB, PageCache, TensorState, machine_info
 from .harness.floors import Floors

@@ -14,9 +14,9 @@ import torch
 import zstandard
 
 import async_ckpt as ac
-from async_ckpt import planes
-from async_ckpt.codec import PIECE, Compressor, byte_view, codec_for, codec_width, decompress_frames
-from async_ckpt.datafile import DataFileWriter
+from async_ckpt.format import planes
+from async_ckpt.format.codec import PIECE, Compressor, byte_view, codec_for, codec_width, decompress_frames
+from async_ckpt.save.datafile import DataFileWriter
 from fixture_state import Holder, planes_state
 from test_codec_shuffle import (COMPLEX, FLOATS, FP8, OTHERS, load_fails, manifest, sample,
                                 save_load, tensors)

@@ -15,10 +15,10 @@ import torch
 import zstandard
 
 import async_ckpt as ac
-from async_ckpt.codec import (CODECS, PIECE, Compressor, byte_view, codec_for, codec_width,
+from async_ckpt.format.codec import (CODECS, PIECE, Compressor, byte_view, codec_for, codec_width,
                               decompress_frames, piece_sizes)
-from async_ckpt.datafile import DataFileWriter
-from async_ckpt.shuffle import shuffle, shuffle_width, unshuffle
+from async_ckpt.save.datafile import DataFileWriter
+from async_ckpt.format.shuffle import shuffle, shuffle_width, unshuffle
 from fixture_state import Holder, codec_state
 from test_format_fixtures import assert_same
 

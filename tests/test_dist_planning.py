@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from async_ckpt.manifest import ComponentEntry, ShardEntry
-from async_ckpt.plan import Planner, layout_key, replica_owners, shard_writer
-from async_ckpt.replicas import check_agreement, compare_full, digest, find_mismatches, tensor_paths
-from async_ckpt.restore import choose_shard
-from async_ckpt.staging import BufferPool, attach_shared, sweep_dead_buffers
-from async_ckpt.topology import Topology
-from async_ckpt.tree import flatten
+from async_ckpt.format.manifest import ComponentEntry, ShardEntry
+from async_ckpt.save.plan import Planner, layout_key, replica_owners, shard_writer
+from async_ckpt.save.replicas import check_agreement, compare_full, digest, find_mismatches, tensor_paths
+from async_ckpt.load.restore import choose_shard
+from async_ckpt.save.staging import BufferPool, attach_shared, sweep_dead_buffers
+from async_ckpt.dist.topology import Topology
+from async_ckpt.format.tree import flatten
 from async_ckpt.types import SharingPattern as SP, ValidationLevel
 
 TWO_BY_TWO = [Topology(r, 4, r % 2, 2, r // 2) for r in range(4)]
@@ -142,7 +142,7 @@ def test_a_node_shared_read_survives_the_store_host_leaving_first(tmp_path):
     """load() has no collective: rank 0 (which may host the Store) can return and exit before a
     peer acknowledges the shared buffer. The peer's copy is complete by then, so the failed
     acknowledgement must not fail its load; with the Store up, the last reader removes the buffer."""
-    from async_ckpt.node_read import _acknowledge
+    from async_ckpt.load.node_shared import _acknowledge
 
     class Gone:
         ns = "ns"

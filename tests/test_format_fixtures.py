@@ -31,7 +31,7 @@ def assert_same(got, want, path="state"):
 
 
 def test_there_is_a_fixture_for_the_current_version():
-    from async_ckpt.manifest import FORMAT_VERSION
+    from async_ckpt.format.manifest import FORMAT_VERSION
     assert any(p.endswith(f"format_v{FORMAT_VERSION}") for p in FIXTURES)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import async_ckpt as ac
-from async_ckpt.rng import _cuda_count
+from async_ckpt.training.rng import _cuda_count
 
 
 def draws() -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError, InvalidArgumentError
+from ..errors import CorruptCheckpointError, InvalidArgumentError
 
 DTYPES: dict[str, torch.dtype] = {
     name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)

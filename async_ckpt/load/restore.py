@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 
-from . import metrics_store
-from .components import group_members
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .layout import committed_steps, step_dir
-from .loader import load_shard, read_manifest
-from .manifest import ComponentEntry, Manifest
-from .node_read import read_shared
-from .plan import group_shard
+from ..format import metrics_file
+from ..sharing import group_members
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..format.names import committed_steps, step_dir
+from .reader import load_shard, read_manifest
+from ..format.manifest import ComponentEntry, Manifest
+from .node_shared import read_shared
+from ..save.plan import group_shard
 from .readbuf import ReadSession
-from .topology import Topology
-from .types import CheckpointInfo, SharingPattern, StateComponent
+from ..dist.topology import Topology
+from ..types import CheckpointInfo, SharingPattern, StateComponent
 
 log = logging.getLogger("async_ckpt")
 
@@ -58,7 +58,7 @@ def choose_shard(entry: ComponentEntry, saved_topology: dict, topo: Topology,
 
 
 def info_of(storage, manifest: Manifest, folder: str) -> CheckpointInfo:
-    metrics = {**metrics_store.decode(manifest.metrics), **metrics_store.read_late(storage, folder)}
+    metrics = {**metrics_file.decode(manifest.metrics), **metrics_file.read_late(storage, folder)}
     return CheckpointInfo(manifest.step, storage.child_url(folder), metrics, manifest.nbytes,
                           manifest.stored_nbytes, manifest.created, dict(manifest.timings))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import math
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 def _check_int(owner: str, name: str, value, lo: int) -> int:

@@ -19,10 +19,10 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .errors import CheckpointNotFoundError, InvalidArgumentError
-from .layout import manifest_path, step_dir
-from .retention import best_steps
-from .types import CheckpointInfo
+from ..errors import CheckpointNotFoundError, InvalidArgumentError
+from ..format.names import manifest_path, step_dir
+from ..retention import best_steps
+from ..types import CheckpointInfo
 
 log = logging.getLogger("async_ckpt")
 ACTIONS = ("stop", "abort", "rollback")

@@ -9,8 +9,8 @@ import os
 import time
 from typing import Mapping
 
-from .errors import InvalidArgumentError
-from .storage import Storage
+from ..errors import InvalidArgumentError
+from ..storage import Storage
 
 log = logging.getLogger("async_ckpt")
 PREFIX = "metrics-"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .codec import byte_view, codec_width, decompress_frames, new_hasher
-from .errors import CorruptCheckpointError
-from .manifest import MANIFEST_NAME, Manifest, ShardEntry, TensorEntry, parse_manifest
+from ..format.codec import byte_view, codec_width, decompress_frames, new_hasher
+from ..errors import CorruptCheckpointError
+from ..format.manifest import MANIFEST_NAME, Manifest, ShardEntry, TensorEntry, parse_manifest
 from . import readbuf
 from .readbuf import Filled, ReadSession
-from .storage import Storage
-from .tree import dtype_from_name, unflatten
+from ..storage import Storage
+from ..format.tree import dtype_from_name, unflatten
 
 _MAX_GAP = 1 << 20   # read through gaps up to this size rather than issue another request
 _OWN_STORAGE_BELOW = 1 << 16   # records smaller than this get their own storage (cheap)

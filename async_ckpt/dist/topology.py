@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)

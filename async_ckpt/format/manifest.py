@@ -17,9 +17,9 @@ import torch
 from .codec import CODECS, HASH_ALGO, PIECE, codec_width, frames_per_piece, piece_sizes
 from .planes import PlanesWidth, planes_width
 from .shuffle import shuffle_width
-from .errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 from .tree import dtype_from_name
-from .types import SharingPattern
+from ..types import SharingPattern
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)

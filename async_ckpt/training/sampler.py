@@ -19,7 +19,7 @@ from typing import Iterator, Sized
 
 import torch
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 def _check_int(name: str, value, lo: int) -> int:

@@ -13,15 +13,15 @@ import os
 
 import torch
 
-from .codec import align_up
-from .errors import CorruptCheckpointError
-from .link import StoreLink
-from .loader import check_files, read_tensors, unflatten_owned
-from .manifest import Manifest
+from ..format.codec import align_up
+from ..errors import CorruptCheckpointError
+from ..dist.link import StoreLink
+from .reader import check_files, read_tensors, unflatten_owned
+from ..format.manifest import Manifest
 from .readbuf import ReadSession
-from .staging import HostBuffer, attach_shared
-from .topology import Topology
-from .tree import dtype_from_name
+from ..save.staging import HostBuffer, attach_shared
+from ..dist.topology import Topology
+from ..format.tree import dtype_from_name
 
 log = logging.getLogger("async_ckpt")
 

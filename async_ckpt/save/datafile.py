@@ -12,9 +12,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .codec import ALIGN, PIECE, Compressor, align_up, codec_width, new_hasher
-from .planes import PREFIX as PLANES_PREFIX, PlanesWidth
-from .storage import StreamWriter
+from ..format.codec import ALIGN, PIECE, Compressor, align_up, codec_width, new_hasher
+from ..format.planes import PREFIX as PLANES_PREFIX, PlanesWidth
+from ..storage import StreamWriter
 
 _ZEROS = memoryview(bytes(ALIGN))
 _LOOKAHEAD = 6

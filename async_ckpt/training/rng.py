@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 def _own(state: torch.Tensor) -> torch.Tensor:

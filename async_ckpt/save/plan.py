@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import align_up
-from .topology import Topology
-from .types import SharingPattern
+from ..format.codec import align_up
+from ..dist.topology import Topology
+from ..types import SharingPattern
 
 
 @dataclass(frozen=True)

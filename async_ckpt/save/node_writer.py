@@ -20,19 +20,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .codec import byte_view, codec_for
+from ..format.codec import byte_view, codec_for
 from .datafile import DataFileWriter
-from .errors import CheckpointError, SaveFailedError
-from .handle import SaveHandle
-from .layout import manifest_path, step_dir
-from .metrics_store import encode
-from .manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEntry
-from .node_save import node_save
+from ..errors import CheckpointError, SaveFailedError
+from ..handle import SaveHandle
+from ..format.names import manifest_path, step_dir
+from ..format.metrics_file import encode
+from ..format.manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEntry
+from .coordinator import node_save
 from .plan import RankPlan
 from .staging import BufferPool, HostBuffer
-from .topology import Topology
-from .tree import dtype_name
-from .types import CheckpointInfo
+from ..dist.topology import Topology
+from ..format.tree import dtype_name
+from ..types import CheckpointInfo
 
 log = logging.getLogger("async_ckpt")
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .codec import byte_view, new_hasher
-from .errors import ReplicationError
+from ..format.codec import byte_view, new_hasher
+from ..errors import ReplicationError
 from .plan import ShardPlan
-from .types import SharingPattern, ValidationLevel
+from ..types import SharingPattern, ValidationLevel
 
 
 def tensor_paths(tree: Any) -> dict[int, str]:

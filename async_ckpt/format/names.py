@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from .manifest import MANIFEST_NAME
-from .storage import Storage
+from ..storage import Storage
 
 STEP_DIGITS = 10
 _STEP_RE = re.compile(r"^step-(\d+)$")

@@ -13,17 +13,17 @@ import queue
 import threading
 import time
 
-from .errors import CheckpointError, ReplicationError, SaveFailedError
-from .layout import step_dir
-from .link import LinkTimeout, RemoteFailure, StoreLink
-from .loader import read_tensors
-from .manifest import ShardEntry, TensorEntry
-from .metrics_store import decode
+from ..errors import CheckpointError, ReplicationError, SaveFailedError
+from ..format.names import step_dir
+from ..dist.link import LinkTimeout, RemoteFailure, StoreLink
+from ..load.reader import read_tensors
+from ..format.manifest import ShardEntry, TensorEntry
+from ..format.metrics_file import decode
 from .replicas import compare_full, digest
 from .staging import BufferPool
-from .topology import Topology
-from .types import CheckpointInfo, SharingPattern, ValidationLevel
-from .writer import SaveJob
+from ..dist.topology import Topology
+from ..types import CheckpointInfo, SharingPattern, ValidationLevel
+from .node_writer import SaveJob
 
 log = logging.getLogger("async_ckpt")
 

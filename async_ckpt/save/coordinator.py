@@ -17,18 +17,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from .codec import byte_view, codec_for
-from .errors import CheckpointError, ReplicationError
-from .layout import manifest_path, step_dir
-from .link import LinkTimeout, RemoteFailure
-from .manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEntry
-from .metrics_store import encode
+from ..format.codec import byte_view, codec_for
+from ..errors import CheckpointError, ReplicationError
+from ..format.names import manifest_path, step_dir
+from ..dist.link import LinkTimeout, RemoteFailure
+from ..format.manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEntry
+from ..format.metrics_file import encode
 from .replicas import check_agreement, describe, find_mismatches, tensor_paths
 from .staging import attach_shared
-from .tree import dtype_from_name, dtype_name
+from ..format.tree import dtype_from_name, dtype_name
 
 if TYPE_CHECKING:
-    from .writer import NodeWriter, SaveJob
+    from .node_writer import NodeWriter, SaveJob
 
 log = logging.getLogger("async_ckpt")
 _MAX_ATTACHED = 16

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Iterable
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 class LinkTimeout(CheckpointError):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import xxhash
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from . import planes
 from .planes import PlaneEncoder, PlanesWidth, planes_width
 from .shuffle import WIDTHS, shuffle, unshuffle

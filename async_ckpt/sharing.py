@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .errors import InvalidArgumentError
-from .topology import Topology
+from .dist.topology import Topology
 from .types import KEY_RE, SharingPattern, StateComponent, ValidationLevel
 
 
