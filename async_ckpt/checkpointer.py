@@ -1,45 +1,55 @@
-"""AsyncCheckpointer: the one orchestrator. It validates calls, snapshots state into staging
-buffers on the caller's thread, hands the rest to the node writer, and loads checkpoints back."""
+"""AsyncCheckpointer: the one orchestrator, and the public API of saving and loading.
+
+It validates calls, snapshots state into staging buffers on the caller's thread and hands the
+rest to the threads of the save path; it loads checkpoints back through `load.restore.Loader`.
+The save path is the same at every world size (a world of one is a coordinator with no peers):
+
+    training thread   save(): state_dict() -> plan -> stage -> SaveJob
+                        |-> RankWorker (every rank): announce, await the verdict, resolve the handle
+                        |-> NodeWriter (local rank 0): write the node's data files, report
+                              |-> Coordinator (rank 0): validate, commit, publish, retention
+
+Threads and their modules: `save.rank_worker`, `save.node_writer`, `save.coordinator`; what
+"committed" means (commit, retention, delete) is `save.commit`.
+"""
 from __future__ import annotations
 
 import atexit
 import logging
 import os
-import weakref
 import platform
 import threading
 import time
-from typing import Callable, Mapping, Sequence
+import weakref
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .version import __version__
-from .format import metrics_file
-from .save.datafile import DataFileWriter
-from .format.codec import Compressor
-from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError
-from .handle import SaveHandle
-from .format.names import committed_steps, manifest_path, step_dir, step_dirs
-from .sharing import group_members, resolve_pattern, validate_components
-from .load.reader import read_manifest
 from .dist.link import Heartbeat, StoreLink, namespace
-from .format.manifest import MANIFEST_NAME
-from .save.coordinator import describe_job
-from .save.plan import Planner, layout_key
-from .load.restore import list_infos, restore
-from .retention import steps_to_keep
-from .save.staging import BufferPool, stage, sweep_dead_buffers
-from .storage import open_storage
+from .dist.shm import sweep_dead_buffers
 from .dist.topology import current_topology
+from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError
+from .format import metrics_file
+from .format.codec import Compressor
+from .format.names import committed_steps, manifest_path, step_dir
 from .format.tree import flatten
-from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
+from .handle import SaveHandle, Settlement
+from .load.restore import Loader, list_infos
+from .options import CheckpointOptions, check_step
+from .save.commit import Committer
+from .save.coordinator import Coordinator
+from .save.datafile import DataFileStreamer
+from .save.job import ComponentSpec, SaveJob
+from .save.node_writer import NodeWriter
+from .save.plan import Planner, state_layout
 from .save.rank_worker import RankWorker
-from .save.node_writer import ComponentInfo, NodeWriter, SaveJob
+from .save.staging import BufferPool, stage
+from .sharing import group_members, resolve_pattern, stages_every_replica, validate_components
+from .storage import open_storage
+from .types import CheckpointInfo, SharingPattern, StateComponent
+from .version import __version__
 
 log = logging.getLogger("async_ckpt")
-
-_OPTIONS = {"allow_pickle": False, "verify": True, "compression_level": 1,
-            "overlap_staging": False, "encode_threads": 2, "timeout_s": 600.0, "keep_every": None}
 
 
 def _close_at_exit(ref: "weakref.ref[AsyncCheckpointer]") -> None:
@@ -48,7 +58,7 @@ def _close_at_exit(ref: "weakref.ref[AsyncCheckpointer]") -> None:
     ckpt = ref()
     if ckpt is None or ckpt._closed:
         return
-    pending = [h.step for h in ckpt._pending if not h._settled.is_set()]
+    pending = [s.step for s in ckpt._pending if not s.settled]
     if pending:
         log.warning("[rank %d] interpreter exiting: finishing pending saves of steps %s "
                     "(call close() or use `with` to do this explicitly)", ckpt.topo.rank, pending)
@@ -58,28 +68,15 @@ def _close_at_exit(ref: "weakref.ref[AsyncCheckpointer]") -> None:
         log.error("[rank %d] a save failed while closing at exit: %s", ckpt.topo.rank, exc)
 
 
-def _check_int(name: str, value, lo: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise InvalidArgumentError(f"{name} must be an integer >= {lo}, got {value!r}")
-
-
 class AsyncCheckpointer:
     """Asynchronous checkpoints of registered StateComponents under one root (path or URL).
 
-    ``save(step)`` returns once the state is copied into reusable host buffers; a background
-    writer makes it durable and commits ``step-<N>/manifest.json`` atomically. A checkpoint exists
-    if and only if its manifest does. Options beyond the named ones: ``allow_pickle`` (False: refuse
-    non-JSON leaves on save and pickled leaves on load), ``verify`` (True: check hashes on load),
-    ``compression_level`` (zstd level, 1), ``overlap_staging`` (False; True: with CUDA state,
-    save() returns before the D2H copy lands, and ``SaveHandle.wait_staged()`` must return before
-    the state is mutated),
-    ``encode_threads`` (2: zstd threads), ``keep_every`` (None; N: retention keeps every step
-    that is a multiple of N for good, in addition to keep_last/keep_best) and ``timeout_s`` (600:
-    the longest a multi-rank save waits for another rank or node to reach the save; once there,
-    a peer may work as long as it needs while its heartbeat goes on, and a dead one is noticed
-    within min(timeout_s, 30) s).
+    ``save(step)`` returns once the state is copied into reusable host buffers; background
+    threads make it durable and commit ``step-<N>/manifest.json`` atomically. A checkpoint exists
+    if and only if its manifest does. The keywords beyond DESIGN's named ones are the fields of
+    `options.CheckpointOptions` after ``max_pending`` (``allow_pickle``, ``verify``,
+    ``compression_level``, ``overlap_staging``, ``encode_threads``, ``timeout_s``,
+    ``keep_every``); its docstring says what each does.
 
     With several ranks (torch.distributed initialised), every rank constructs its checkpointer
     with the same root and components, in the same order, and calls ``save``/``load`` for the
@@ -90,23 +87,10 @@ class AsyncCheckpointer:
                  components: Sequence[StateComponent] | Callable[[], Sequence[StateComponent]], *,
                  storage_options: dict | None = None, compression: str | None = None,
                  keep_last: int | None = None, keep_best: int = 0, best_metric: str | None = None,
-                 greater_is_better: bool | None = None, max_pending: int = 1, **more_options) -> None:
-        unknown = sorted(set(more_options) - set(_OPTIONS))
-        if unknown:
-            raise InvalidArgumentError(f"unknown option(s) {unknown}; valid extra options: {sorted(_OPTIONS)}")
-        self.options = {**_OPTIONS, **more_options}
-        if compression not in (None, "zstd"):
-            raise InvalidArgumentError(f"compression must be None or 'zstd', got {compression!r}")
-        _check_int("keep_last", keep_last, 0, allow_none=True)
-        _check_int("keep_best", keep_best, 0)
-        _check_int("max_pending", max_pending, 1)
-        _check_int("compression_level", self.options["compression_level"], 1)
-        _check_int("encode_threads", self.options["encode_threads"], 1)
-        _check_int("keep_every", self.options["keep_every"], 1, allow_none=True)
-        if keep_best and not best_metric:
-            raise InvalidArgumentError("keep_best > 0 needs best_metric, the metric name to rank by")
-        self.keep_last, self.keep_best, self.best_metric = keep_last, keep_best, best_metric
-        self.greater_is_better, self.max_pending, self.compression = greater_is_better, max_pending, compression
+                 greater_is_better: bool | None = None, max_pending: int = 1, **more_options: Any) -> None:
+        self.options = CheckpointOptions.from_keywords(
+            more_options, compression=compression, keep_last=keep_last, keep_best=keep_best,
+            best_metric=best_metric, greater_is_better=greater_is_better, max_pending=max_pending)
         if not isinstance(root, (str, os.PathLike)):
             raise InvalidArgumentError(f"root must be a path or URL, got {type(root).__name__}")
         self.storage = open_storage(root, storage_options)
@@ -115,70 +99,81 @@ class AsyncCheckpointer:
         except OSError as exc:
             raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
                                        f"({exc}); pass a folder this process can create and write") from exc
-        timeout = self.options["timeout_s"]
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise InvalidArgumentError(f"timeout_s must be a number of seconds > 0, got {timeout!r}")
         self.topo = current_topology()
         self._components_source = components
         if not callable(components):
             validate_components(components)
-        self._link = (StoreLink.from_default_group(namespace(self.storage.url), float(timeout))
-                      if self.topo.world_size > 1 else None)
-        self._heartbeat = Heartbeat(self._link, self.topo.rank) if self._link is not None else None
+        timeout = float(self.options.timeout_s)
+        self._link = (StoreLink.from_default_group(namespace(self.storage.url), timeout)
+                      if self.topo.world_size > 1 else StoreLink.in_process("async_ckpt/local", timeout))
+        self._heartbeat = Heartbeat(self._link, self.topo.rank) if self.topo.world_size > 1 else None
         # Other local ranks hand their buffers to the node writer through shared memory.
         self._pool = BufferPool(pin=torch.cuda.is_available(), shared=not self.topo.is_node_writer)
         self._planner = Planner(self.topo)
+        self._loader = Loader(self.storage, self.topo, self._link if self.topo.world_size > 1 else None,
+                              self.options, self._components)
+        self._committer = (Committer(self.storage, self.options, self.topo.rank, self.topo.num_nodes > 1,
+                                     self._pending_steps) if self.topo.rank == 0 else None)
         self._writer: NodeWriter | None = None
         self._worker: RankWorker | None = None
         self._seq = 0
-        self._load_seq = 0
-        self._pending: list[SaveHandle] = []
-        self._metrics_cache: dict[int, dict] = {}
+        self._pending: list[Settlement] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._writable_checked = False
-        self._exit_hook = False
+        self._started = False
+        self._deletes: dict[int, int] = {}
+
+    # -- DESIGN's named options, readable as attributes ----------------------------------------
+    keep_last = property(lambda self: self.options.keep_last)
+    keep_best = property(lambda self: self.options.keep_best)
+    best_metric = property(lambda self: self.options.best_metric)
+    greater_is_better = property(lambda self: self.options.greater_is_better)
+    max_pending = property(lambda self: self.options.max_pending)
+    compression = property(lambda self: self.options.compression)
 
     # -- helpers ------------------------------------------------------------------------------
     def _components(self) -> list[StateComponent]:
         source = self._components_source
         return validate_components(source() if callable(source) else source)
 
-    def _members(self, c: StateComponent, pattern: SharingPattern) -> tuple[int, ...] | None:
-        return group_members(c, pattern, self.topo)
+    def _pending_steps(self) -> set[int]:
+        with self._lock:
+            return {s.step for s in self._pending if not s.settled}
 
-    def _ensure_writer(self) -> NodeWriter | None:
-        if not self._writable_checked:
-            try:
-                self.storage.check_writable()
-            except OSError as exc:
-                raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
-                                           f"({exc}); pass a folder this process can create and write") from exc
-            self._writable_checked = True
-        if self._link is not None and self._worker is None:
-            self._worker = RankWorker(self._link, self.topo, self.storage, self._pool)
-        if self._writer is None and self.topo.is_node_writer:
+    def _start(self) -> None:
+        """The save path's threads, on the first save (a checkpointer that only loads has none)."""
+        if self._started:
+            return
+        try:
+            self.storage.check_writable()
+        except OSError as exc:
+            raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
+                                       f"({exc}); pass a folder this process can create and write") from exc
+        self._worker = RankWorker(self._link, self.topo, self.storage, self._pool)
+        if self.topo.is_node_writer:
             sweep_dead_buffers()
-            compressor = Compressor(self.options["compression_level"]) if self.compression else None
-            versions = {"async_ckpt": __version__, "torch": torch.__version__, "python": platform.python_version()}
-            self._writer = NodeWriter(self.storage, self._pool, self.topo,
-                                      DataFileWriter(compressor, self.options["encode_threads"]),
-                                      "zstd" if self.compression else "raw", versions,
-                                      self._retain, self._link)
-        if not self._exit_hook:
-            self._exit_hook = True
-            # threading's exit hooks run before atexit's and before concurrent.futures refuses
-            # new work, which the writer's hash/zstd pools still need.
-            register = getattr(threading, "_register_atexit", atexit.register)
-            register(_close_at_exit, weakref.ref(self))
-        return self._writer
+            opts = self.options
+            compressor = Compressor(opts.compression_level) if opts.compression else None
+            coordinator = None
+            if self._committer is not None:
+                versions = {"async_ckpt": __version__, "torch": torch.__version__,
+                            "python": platform.python_version()}
+                coordinator = Coordinator(self.storage, self.topo, self._link, self._committer, versions)
+            self._writer = NodeWriter(self.storage, self.topo, self._link,
+                                      DataFileStreamer(compressor, opts.encode_threads),
+                                      opts.compression is not None, coordinator)
+        # threading's exit hooks run before atexit's and before concurrent.futures refuses
+        # new work, which the writer's hash/zstd pools still need.
+        register = getattr(threading, "_register_atexit", atexit.register)
+        register(_close_at_exit, weakref.ref(self))
+        self._started = True
 
     def _raise_unreported(self) -> None:
         with self._lock:
-            for h in self._pending:
-                if h._settled.is_set() and (err := h._take_unreported_error()) is not None:
+            for s in self._pending:
+                if s.settled and (err := s.take_unreported_error()) is not None:
                     raise err
-            self._pending = [h for h in self._pending if not h._settled.is_set()]
+            self._pending = [s for s in self._pending if not s.settled]
 
     def _check_open(self) -> None:
         if self._closed:
@@ -194,70 +189,68 @@ class AsyncCheckpointer:
         """
         started = time.perf_counter()
         self._check_open()
-        _check_int("step", step, 0)
-        metrics = metrics_file.check_metrics(metrics)
+        check_step(step)
+        values = metrics_file.check_metrics(metrics)
         seq = self._seq = self._seq + 1      # the same on every rank: a save's identity
         try:
-            return self._save(step, metrics, seq, started)
+            return self._save(step, values, seq, started)
         except BaseException as exc:
-            if self._link is not None:
+            if self.topo.world_size > 1:
                 try:
                     self._link.post_error(seq, self.topo.rank, f"save() raised {type(exc).__name__}: {exc}")
                 except Exception:  # noqa: BLE001 - the store may be gone; the original error matters
                     log.exception("[rank %d step %d] could not tell the other ranks", self.topo.rank, step)
             raise
 
-    def _save(self, step: int, metrics: dict, seq: int, started: float) -> SaveHandle:
-        writer = self._ensure_writer()
+    def _save(self, step: int, metrics: dict[str, float], seq: int, started: float) -> SaveHandle:
+        self._start()
         while True:
-            # Snapshot first: a handle seen done here is already settled, so its error is raised.
-            in_flight = [h for h in self._pending if not h.done()]
+            # Snapshot first: a save seen done here is already settled, so its error is raised.
+            in_flight = [s for s in self._pending if not s.done]
             self._raise_unreported()
-            if len(in_flight) < self.max_pending:
+            if len(in_flight) < self.options.max_pending:
                 break
-            in_flight[0]._committed.wait()
+            in_flight[0].wait_done()
         # Only the coordinator asks storage (one request, not one per rank); it tells the others.
-        if any(h.step == step for h in self._pending) or (
+        if any(s.step == step for s in self._pending) or (
                 self.topo.rank == 0 and self.storage.exists(manifest_path(step))):
             raise CheckpointError(f"step {step} is already committed (or being saved) at "
                                   f"{self.storage.child_url(step_dir(step))}; save under a new step")
-        validate_replicas = self.topo.world_size > 1
-        shards, trees, infos, layouts = [], [], [], {}
+        shards, trees, specs, shapes = [], [], [], {}
         for c in self._components():
             pattern = resolve_pattern(c)
-            members = self._members(c, pattern)
+            members = group_members(c, pattern, self.topo)
             # Every rank calls every state_dict(), whatever it writes: some run collectives.
-            tree, tensors = flatten(c.stateful.state_dict(), c.key, self.options["allow_pickle"])
-            stage_all = (validate_replicas and pattern is SharingPattern.REPLICATED
-                         and c.validation_level is not ValidationLevel.NONE)
+            tree, tensors = flatten(c.stateful.state_dict(), c.key, self.options.allow_pickle)
+            stage_all = stages_every_replica(pattern, c.validation_level, self.topo)
             shards.append((c.key, pattern, members, stage_all, tensors))
             trees.append(tree)
-            infos.append(ComponentInfo(c.key, c.required, c.validation_level.value, c.metadata, members))
+            specs.append(ComponentSpec(c.key, c.required, c.validation_level.value, c.metadata, members))
             if pattern is SharingPattern.REPLICATED:
-                layouts[c.key] = [[str(t.dtype), list(t.shape)] for t in tensors]
-        plan = self._planner.plan(layout_key(shards))
+                shapes[c.key] = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
+        plan = self._planner.plan(state_layout(shards))
         buffer = self._pool.acquire(plan.buffer_nbytes)
         try:
             stage(plan, [t for *_, t in shards], buffer)
-            if not self.options["overlap_staging"] or not self.topo.is_node_writer:
+            if not self.options.overlap_staging or not self.topo.is_node_writer:
                 buffer.wait_copied()
         except BaseException:
             self._pool.release(buffer)
             raise
-        handle = SaveHandle(step, buffer.event)
+        settlement = Settlement(step, buffer.event)
         blocking = time.perf_counter() - started
-        job = SaveJob(step, plan, buffer, trees, infos, metrics, handle, started,
-                      {"blocking_s": round(blocking, 6)}, seq, layouts)
+        job = SaveJob(step, seq, plan, buffer, trees, specs, metrics, settlement, started,
+                      replicated_shapes=shapes, timings={"blocking_s": round(blocking, 6)})
         with self._lock:
-            self._pending.append(handle)
-        if self._link is not None and not self.topo.is_node_writer:
-            self._link.post(seq, f"job/{self.topo.rank}", describe_job(job, self.topo.rank))
-        if self._worker is not None:
-            self._worker.submit(job)
-        if writer is not None:
-            writer.submit(job)
+            self._pending.append(settlement)
+        if not self.topo.is_node_writer:
+            self._link.post(seq, f"job/{self.topo.rank}", job.descriptor(self.topo.rank))
+        assert self._worker is not None
+        self._worker.submit(job)
+        if self._writer is not None:
+            self._writer.submit(job)
         log.debug("[rank %d step %d] staged %d bytes in %.3f s", self.topo.rank, step, plan.buffer_nbytes, blocking)
-        return handle
+        return settlement.handle
 
     def report_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Attach metrics that arrive after `save(step)` (decoupled evaluation). Stored durably
@@ -266,33 +259,29 @@ class AsyncCheckpointer:
         With several ranks, rank 0's call is the one stored (others may call it too; their
         values are checked and otherwise ignored)."""
         self._check_open()
-        _check_int("step", step, 0)
+        check_step(step)
         values = metrics_file.check_metrics(metrics)
-        if self.topo.rank != 0:
+        if self._committer is None:
             return
-        in_flight = any(h.step == step and not h._settled.is_set() for h in self._pending)
-        if not in_flight and not self.storage.exists(manifest_path(step)):
+        if step not in self._pending_steps() and not self.storage.exists(manifest_path(step)):
             raise CheckpointNotFoundError(f"cannot report metrics for step {step}: it is not committed "
                                           f"at {self.storage.url} nor being saved")
+        committer = self._committer
 
         def task() -> None:
-            if not self.storage.exists(manifest_path(step)):
-                log.warning("[rank %d step %d] metrics %s dropped: the save of this step failed or "
-                            "was removed by retention", self.topo.rank, step, values)
-                return
-            metrics_file.write_late(self.storage, step_dir(step), values)
-            if step in self._metrics_cache:
-                self._metrics_cache[step].update(values)
-            self._retain(step)
-        self._ensure_writer().submit(task)
+            if committer.record_late_metrics(step, values):
+                committer.retain()
+        self._start()
+        assert self._writer is not None
+        self._writer.submit(task)
 
     def wait(self) -> None:
         """Block until every pending save is committed and its retention has run; raise the
         first failure not yet reported."""
         with self._lock:
             pending = list(self._pending)
-        for h in pending:
-            h._settled.wait()
+        for s in pending:
+            s.wait_settled()
         if self._writer is not None:   # late-metric tasks queued behind the saves
             done = threading.Event()
             self._writer.submit(done.set)
@@ -318,7 +307,7 @@ class AsyncCheckpointer:
     def __enter__(self) -> "AsyncCheckpointer":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
             return
@@ -327,52 +316,36 @@ class AsyncCheckpointer:
         except CheckpointError as err:  # do not mask the exception already propagating
             log.error("[rank %d] while closing after an error: %s", self.topo.rank, err)
 
-    # -- retention (writer thread) ------------------------------------------------------------
-    def _metrics_of(self, step: int) -> dict:
-        if step not in self._metrics_cache:
-            folder = step_dir(step)
-            manifest = read_manifest(self.storage, folder, step)
-            self._metrics_cache[step] = {**metrics_file.decode(manifest.metrics),
-                                         **metrics_file.read_late(self.storage, folder)}
-        return self._metrics_cache[step]
+    # -- deleting -------------------------------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Uncommit `step` (its manifest goes first), then free its data.
 
-    def _retain(self, committed_step: int) -> None:
-        # A step can be committed anew after its folder was removed (e.g. a divergence rollback
-        # discarded it): never rank it by the metrics cached for the old checkpoint.
-        self._metrics_cache.pop(committed_step, None)
-        folders = step_dirs(self.storage)
-        committed = committed_steps(self.storage, folders)
-        if self._link is None:
-            for step, name in folders.items():      # leftovers of crashed saves: the writer is idle
-                if step not in committed:
-                    self.storage.delete_dir(name)
-        else:
-            # Other nodes may already be writing a later save, so only older folders are garbage;
-            # files of an earlier failed attempt at this very step are not in its manifest.
-            pending = {h.step for h in self._pending if not h._settled.is_set()}
-            for step, name in folders.items():
-                if step not in committed and step < committed_step and step not in pending:
-                    self.storage.delete_dir(name)
-            self._remove_unlisted(committed_step)
-        if self.keep_last is None:
+        Every rank may call it; only the coordinator (rank 0) acts, and a rank that calls it
+        returns once rank 0 has deleted the step (through the Store, no collective; bounded by
+        ``timeout_s``), so no rank can save that step anew before its old data is gone. Deleting
+        a step that is being saved raises; one that does not exist raises
+        CheckpointNotFoundError.
+        """
+        self._check_open()
+        check_step(step)
+        if step in self._pending_steps():
+            raise CheckpointError(f"step {step} is being saved; wait() for it before deleting it")
+        key = f"deleted/{step}"
+        count = self._deletes[step] = self._deletes.get(step, 0) + 1
+        if self._committer is not None:
+            try:
+                self._committer.delete_step(step, must_exist=True)
+            finally:
+                self._link.increment("delete", key)
+            log.info("[rank %d] deleted step %d", self.topo.rank, step)
             return
-        metrics = {s: self._metrics_of(s) for s in committed} if self.keep_best else {}
-        keep = steps_to_keep(committed, metrics, keep_last=self.keep_last, keep_best=self.keep_best,
-                             best_metric=self.best_metric, greater_is_better=self.greater_is_better,
-                             keep_every=self.options["keep_every"])
-        for step in committed:
-            if step not in keep:
-                self.storage.delete(manifest_path(step))   # uncommit first, then free the data
-                self.storage.delete_dir(step_dir(step))
-                self._metrics_cache.pop(step, None)
-                log.info("[rank %d] retention removed step %d", self.topo.rank, step)
-
-    def _remove_unlisted(self, step: int) -> None:
-        folder = step_dir(step)
-        listed = set(read_manifest(self.storage, folder, step).files) | {MANIFEST_NAME}
-        for name in self.storage.list_dir(folder):
-            if name not in listed and not name.startswith(metrics_file.PREFIX):
-                self.storage.delete(f"{folder}/{name}")
+        deadline = time.monotonic() + self._link.timeout_s
+        while self._link.increment("delete", key, 0) < count:
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"rank 0 did not delete step {step} within "
+                                      f"{self._link.timeout_s:g} s; every rank must call delete(step) "
+                                      "for the same steps (or only rank 0 does)")
+            time.sleep(0.01)
 
     # -- reading ------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -395,6 +368,5 @@ class AsyncCheckpointer:
             step = self.latest_step()
             if step is None:
                 return None
-        _check_int("step", step, 0)
-        self._load_seq += 1
-        return restore(self, step, strict, self._load_seq)
+        check_step(step)
+        return self._loader.load(step, strict)

@@ -21,7 +21,12 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class ReplicationError(CheckpointError):
-    """Replicas of a REPLICATED component disagree at the requested validation level."""
+    """Replicas of a REPLICATED component disagree at the requested validation level.
+    `per_rank` maps each rank whose replica differs to what differs there."""
+
+    def __init__(self, message: str, per_rank: Mapping[int, str] | None = None):
+        super().__init__(message)
+        self.per_rank: dict[int, str] = dict(per_rank or {})
 
 
 class SaveFailedError(CheckpointError):

@@ -1,12 +1,42 @@
-"""Registered StateComponents: checking them, and resolving what each one is at a save."""
+"""The sharing patterns, in one place: what each one means for saving and for loading.
+
+Every rule below is a pure function of (component, pattern, topology); every rank derives the
+same answers without talking to the others.
+
+=============  ===============================  ==========================  ======================
+pattern        who writes (``writer_rank``)     the copy (``copy_name``)    who loads it
+=============  ===============================  ==========================  ======================
+GLOBAL         rank 0                           ``global``                  every rank
+PER_RANK       every rank, its own              ``rank<r>``                 the same rank
+REPLICATED     each tensor by one rank,         ``replicated``              every rank
+               balanced over ranks and nodes
+               (``replica_owners``)
+PER_GROUP      one member, chosen by the        ``group<lowest rank>``      every member
+               component key                    (``group_copy_name``)
+PER_NODE       each node's writer               ``node<n>``                 every rank of node n
+=============  ===============================  ==========================  ======================
+
+GLOBAL and REPLICATED copies are the same for every rank of a node, so a load reads them once
+per node (``NODE_SHARED``). Every rank still calls every component's ``state_dict()``, whatever it
+writes, so a state_dict that runs collectives is entered by all ranks alike. Replicas of a
+REPLICATED component are digested on every rank (``stages_every_replica``) and compared by the
+coordinator; see `save.replicas`.
+"""
 from __future__ import annotations
 
-from .errors import InvalidArgumentError
+import zlib
+from typing import Any, Iterable
+
 from .dist.topology import Topology
+from .errors import InvalidArgumentError
 from .types import KEY_RE, SharingPattern, StateComponent, ValidationLevel
 
+NODE_SHARED = ("global", "replicated")   # copies every rank of a node reads alike
 
-def validate_components(components) -> list[StateComponent]:
+
+# -- the registered components --------------------------------------------------------------------
+def validate_components(components: Iterable[Any]) -> list[StateComponent]:
+    """The components as a list, or InvalidArgumentError naming the first one that is wrong."""
     comps = list(components)
     seen: set[str] = set()
     for c in comps:
@@ -39,7 +69,7 @@ def resolve_pattern(c: StateComponent) -> SharingPattern:
 
 
 def group_members(c: StateComponent, pattern: SharingPattern, topo: Topology) -> tuple[int, ...] | None:
-    """PER_GROUP: the sorted global ranks of the component's process_group."""
+    """PER_GROUP: the sorted global ranks of the component's process_group (None otherwise)."""
     if pattern is not SharingPattern.PER_GROUP:
         return None
     if c.process_group is None:
@@ -53,3 +83,94 @@ def group_members(c: StateComponent, pattern: SharingPattern, topo: Topology) ->
         raise InvalidArgumentError(f"component {c.key!r}: rank {topo.rank} is not a member "
                                    f"of its process_group {list(members)}")
     return members
+
+
+# -- saving ---------------------------------------------------------------------------------------
+def group_copy_name(members: tuple[int, ...]) -> str:
+    return f"group{min(members)}"
+
+
+def copy_name(pattern: SharingPattern, topo: Topology, members: tuple[int, ...] | None = None) -> str:
+    """The name of the copy of a component that this rank writes and reads back."""
+    if pattern is SharingPattern.PER_GROUP:
+        return group_copy_name(members or (topo.rank,))
+    return {
+        SharingPattern.GLOBAL: "global",
+        SharingPattern.PER_RANK: f"rank{topo.rank}",
+        SharingPattern.REPLICATED: "replicated",
+        SharingPattern.PER_NODE: f"node{topo.node}",
+    }[pattern]
+
+
+def writer_rank(pattern: SharingPattern, key: str, topo: Topology,
+                members: tuple[int, ...] | None = None) -> int | None:
+    """The rank that writes this rank's copy of a component (None: REPLICATED, split by tensor)."""
+    if pattern is SharingPattern.GLOBAL:
+        return 0
+    if pattern is SharingPattern.PER_RANK:
+        return topo.rank
+    if pattern is SharingPattern.PER_NODE:
+        return topo.node_writer_of(topo.node)
+    if pattern is SharingPattern.PER_GROUP:
+        ordered = sorted(members or (topo.rank,))
+        return ordered[zlib.crc32(key.encode()) % len(ordered)]
+    return None
+
+
+def replica_owners(sizes: list[int], topo: Topology) -> list[int]:
+    """Owner rank of each REPLICATED tensor: largest first onto the least-loaded rank, ties going
+    to the rank that comes first when ranks are interleaved across nodes (n0l0, n1l0, n0l1...)."""
+    order = [node * topo.local_world_size + local
+             for local in range(topo.local_world_size) for node in range(topo.num_nodes)]
+    load = {r: 0 for r in order}
+    owners = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(order, key=lambda r: load[r])
+        owners[index] = rank
+        load[rank] += max(sizes[index], 1)
+    return owners
+
+
+def stages_every_replica(pattern: SharingPattern, level: ValidationLevel, topo: Topology) -> bool:
+    """Whether every rank stages all of a component's tensors (to digest its replica), not only
+    those it writes."""
+    return (topo.world_size > 1 and pattern is SharingPattern.REPLICATED
+            and level is not ValidationLevel.NONE)
+
+
+# -- loading --------------------------------------------------------------------------------------
+def choose_copy(pattern: SharingPattern, copies: dict[str, tuple[int, ...]], saved_topology: dict,
+                topo: Topology, members: tuple[int, ...] | None) -> tuple[str, str | None]:
+    """(copy this rank reads, a topology problem or None). `copies`: the saved copies of the
+    component and, for PER_GROUP, the members each was saved for.
+
+    GLOBAL and REPLICATED copies load at any world size. PER_RANK, PER_NODE and PER_GROUP copies
+    belong to a rank, node or group of the topology that saved them; loading one under another
+    topology is a problem the caller refuses under ``strict=True``.
+    """
+    saved_world = saved_topology.get("world_size", 1)
+    saved_nodes = saved_topology.get("num_nodes", 1)
+    if pattern is SharingPattern.GLOBAL:
+        return "global", None
+    if pattern is SharingPattern.REPLICATED:
+        return "replicated", None
+    if pattern is SharingPattern.PER_RANK:
+        problem = None if saved_world == topo.world_size else (
+            f"it is PER_RANK and was saved by {saved_world} rank(s), this run has {topo.world_size}")
+        return f"rank{topo.rank}", problem
+    if pattern is SharingPattern.PER_NODE:
+        problem = None if saved_nodes == topo.num_nodes else (
+            f"it is PER_NODE and was saved on {saved_nodes} node(s), this run has {topo.num_nodes}")
+        return f"node{topo.node}", problem
+    if not members:
+        return "", ("it is PER_GROUP but the registered component has no process_group; pass the "
+                    "group whose ranks share one copy")
+    name = group_copy_name(members)
+    if name not in copies:
+        return name, (f"it is PER_GROUP and no copy was saved for this rank's group "
+                      f"{list(members)}; saved copies: {sorted(copies)}")
+    saved_members = copies[name]
+    if saved_members and tuple(saved_members) != tuple(members):
+        return name, (f"it is PER_GROUP and copy {name!r} was saved for ranks "
+                      f"{list(saved_members)}, this rank's group is {list(members)}")
+    return name, None

@@ -16,7 +16,7 @@ import zstandard
 import async_ckpt as ac
 from async_ckpt.format import planes
 from async_ckpt.format.codec import PIECE, Compressor, byte_view, codec_for, codec_width, decompress_frames
-from async_ckpt.save.datafile import DataFileWriter
+from async_ckpt.save.datafile import DataFileStreamer
 from fixture_state import Holder, planes_state
 from test_codec_shuffle import (COMPLEX, FLOATS, FP8, OTHERS, load_fails, manifest, sample,
                                 save_load, tensors)
@@ -142,7 +142,7 @@ def test_records_of_partial_elements_fall_back_to_one_plane():
 
         def write(self, b):
             self.data += b
-    writer, sink = DataFileWriter(Compressor()), Sink()
+    writer, sink = DataFileStreamer(Compressor()), Sink()
     odd, even = memoryview(bytes(range(7)) * 3), memoryview(bytes(8) * 4)
     try:
         result = writer.write(sink, [odd, even], ["zstd-planes2", "zstd-planes4"])

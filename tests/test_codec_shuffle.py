@@ -17,7 +17,7 @@ import zstandard
 import async_ckpt as ac
 from async_ckpt.format.codec import (CODECS, PIECE, Compressor, byte_view, codec_for, codec_width,
                               decompress_frames, piece_sizes)
-from async_ckpt.save.datafile import DataFileWriter
+from async_ckpt.save.datafile import DataFileStreamer
 from async_ckpt.format.shuffle import shuffle, shuffle_width, unshuffle
 from fixture_state import Holder, codec_state
 from test_format_fixtures import assert_same
@@ -78,14 +78,14 @@ def tensors(doc: dict) -> list[dict]:
 
 
 def write_records(records, codecs):
-    """DataFileWriter into memory: (stored bytes, results)."""
+    """DataFileStreamer into memory: (stored bytes, results)."""
     class Sink:
         def __init__(self):
             self.data = bytearray()
 
         def write(self, b):
             self.data += b
-    writer, sink = DataFileWriter(Compressor()), Sink()
+    writer, sink = DataFileStreamer(Compressor()), Sink()
     try:
         result = writer.write(sink, records, codecs)
     finally:
@@ -153,7 +153,7 @@ def test_a_record_whose_length_is_not_whole_elements_falls_back_to_plain_zstd():
 
         def write(self, b):
             self.data += b
-    writer = DataFileWriter(Compressor())
+    writer = DataFileStreamer(Compressor())
     try:
         odd, even = memoryview(bytes(range(7)) * 3), memoryview(bytes(range(8)) * 4)
         sink = Sink()

@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 
-from async_ckpt.format.manifest import ComponentEntry, ShardEntry
-from async_ckpt.save.plan import Planner, layout_key, replica_owners, shard_writer
-from async_ckpt.save.replicas import check_agreement, compare_full, digest, find_mismatches, tensor_paths
-from async_ckpt.load.restore import choose_shard
-from async_ckpt.save.staging import BufferPool, attach_shared, sweep_dead_buffers
+from async_ckpt.dist.messages import Announcement
+from async_ckpt.dist.shm import attach_shared, sweep_dead_buffers
 from async_ckpt.dist.topology import Topology
+from async_ckpt.format.manifest import ComponentEntry, ShardEntry
+from async_ckpt.save.plan import Planner, state_layout as layout_key
+from async_ckpt.save.replicas import check_agreement, compare_full, digest, find_mismatches, tensor_paths
+from async_ckpt.save.staging import BufferPool
+from async_ckpt.sharing import choose_copy, replica_owners, writer_rank as shard_writer
 from async_ckpt.format.tree import flatten
 from async_ckpt.types import SharingPattern as SP, ValidationLevel
 
@@ -68,6 +70,11 @@ def _entry(pattern, shards, members=()):
                           {s: ShardEntry({"d": []}, (), (0,), members) for s in shards})
 
 
+def choose_shard(entry, saved, topo, members):
+    copies = {name: tuple(e.members) for name, e in entry.shards.items()}
+    return choose_copy(SP(entry.sharing_pattern), copies, saved, topo, members)
+
+
 def test_choose_shard_checks_the_topology():
     saved = {"world_size": 4, "local_world_size": 2, "num_nodes": 2}
     two = Topology(1, 2, 1, 2, 0)
@@ -84,7 +91,7 @@ def test_choose_shard_checks_the_topology():
 
 
 def _announce(patterns, layouts=None, digests=None, groups=None):
-    return {"patterns": patterns, "layouts": layouts or {}, "digests": digests or {}, "groups": groups or {}}
+    return Announcement(patterns, layouts or {}, digests or {}, groups or {})
 
 
 def test_agreement_names_the_disagreeing_component_and_ranks():
@@ -145,19 +152,14 @@ def test_a_node_shared_read_survives_the_store_host_leaving_first(tmp_path):
     from async_ckpt.load.node_shared import _acknowledge
 
     class Gone:
-        ns = "ns"
-
-        def _client(self):
+        def increment(self, seq, name, by=1):
             raise RuntimeError("Connection was likely closed. Did the remote server shutdown?")
 
     class Up:
-        ns, count, deleted = "ns", 0, []
+        count, deleted = 0, []
 
-        def _client(self):
-            return self
-
-        def add(self, key, n):
-            self.count += n
+        def increment(self, seq, name, by=1):
+            self.count += by
             return self.count
 
         def delete(self, seq, names):

@@ -180,3 +180,12 @@ def test_a_slow_but_alive_node_writer_is_waited_for(tmp_path):
     for rank, res in results.items():
         assert not res["failed"], res
         assert res["seconds"] > delay and res["steps"] == [1]
+
+
+def test_every_rank_may_delete_a_step_and_returns_once_it_is_gone(tmp_path):
+    """delete() has no collective: rank 0 acts, the others wait for it through the Store."""
+    results = run("delete", tmp_path / "ckpt", tmp_path / "out")
+    assert sorted(results) == [0, 1, 2, 3]
+    for rank, res in results.items():
+        assert res["gone"] and res["listed"] == [1, 3], (rank, res)
+        assert res["after"] == [1, 2, 3], (rank, res)

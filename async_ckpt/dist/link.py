@@ -3,25 +3,24 @@
 Never a collective on the training process group: a node writer or rank worker talks to the
 Store (TCPStore) with its own client connection, and every wait has a deadline whose message says
 which ranks or nodes were missing. Keys live under one namespace per checkpointer and save
-sequence number (``<ns>/<seq>/...``):
+sequence number (``<ns>/<seq>/...``); what each key holds is a typed message of `dist.messages`
+(the table of keys is there). ``err/<rank>`` keys are counted in ``nerr`` for cheap polling.
 
-- ``job/<rank>``   a non-writer rank's staged buffer, handed to its node writer
-- ``vh/<rank>``    every rank's resolved patterns, layouts and replica hashes
-- ``err/<rank>``   a rank that failed while saving (``nerr`` counts them, for cheap polling)
-- ``node/<node>``  a node writer's written file and records, or its error
-- ``outcome``      the coordinator's verdict: committed (with the checkpoint's info) or failed
-- ``fullreq``, ``full/<rank>``  FULL validation: mismatching replicas compared to the written copy
+A world of one uses the same link over an in-process ``HashStore`` (`StoreLink.in_process`):
+the save path is the same code at every world size, its waits simply have no peers.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 from ..errors import CheckpointError
+from .messages import Outcome, RankError, decode, encode
+
+M = TypeVar("M")
 
 
 class LinkTimeout(CheckpointError):
@@ -38,6 +37,16 @@ class RemoteFailure(CheckpointError):
     def __init__(self, causes: dict[int, str]):
         super().__init__("; ".join(f"rank {r}: {m}" for r, m in sorted(causes.items())))
         self.causes = causes
+
+
+def causes_of(exc: BaseException, rank: int, what_missing: str) -> dict[int, str]:
+    """Per-rank causes of a failure seen on `rank`: a peer's own report, the peers that did not
+    answer (`what_missing` says what they failed to do), or this rank's exception."""
+    if isinstance(exc, RemoteFailure):
+        return dict(exc.causes)
+    if isinstance(exc, LinkTimeout):
+        return {int(r): f"{what_missing} ({exc})" for r in exc.missing}
+    return {rank: f"{type(exc).__name__}: {exc}"}
 
 
 _instances: dict[str, int] = {}
@@ -64,6 +73,12 @@ class StoreLink:
         from torch.distributed import distributed_c10d
         return cls(distributed_c10d._get_default_store(), ns, timeout_s)
 
+    @classmethod
+    def in_process(cls, ns: str, timeout_s: float) -> "StoreLink":
+        """A link whose Store lives in this process: the world of one."""
+        from torch.distributed import HashStore
+        return cls(HashStore(), ns, timeout_s)
+
     def _client(self):
         client = getattr(self._local, "client", None)
         if client is None:
@@ -75,20 +90,29 @@ class StoreLink:
             self._local.client = client
         return client
 
-    def _key(self, seq: int, name: str) -> str:
+    def _key(self, seq: int | str, name: str) -> str:
         return f"{self.ns}/{seq}/{name}"
 
     # -- primitives ---------------------------------------------------------------------------
-    def post(self, seq: int, name: str, value: Any) -> None:
-        self._client().set(self._key(seq, name), json.dumps(value, separators=(",", ":")))
+    def post(self, seq: int | str, name: str, message: Any) -> None:
+        """Publish a `dist.messages` message under ``<seq>/<name>``."""
+        self._client().set(self._key(seq, name), encode(message))
 
-    def has(self, seq: int, name: str) -> bool:
+    def has(self, seq: int | str, name: str) -> bool:
         return self._client().check([self._key(seq, name)])
 
-    def get(self, seq: int, name: str) -> Any:
-        return json.loads(self._client().get(self._key(seq, name)))
+    def get(self, seq: int | str, name: str, kind: type[M]) -> M:
+        """The `kind` message under ``<seq>/<name>`` (it must exist)."""
+        try:
+            return decode(kind, self._client().get(self._key(seq, name)))
+        except ValueError as exc:
+            raise CheckpointError(f"unreadable {name!r} message in the Store: {exc}") from None
 
-    def delete(self, seq: int, names: Iterable[str]) -> None:
+    def increment(self, seq: int | str, name: str, by: int = 1) -> int:
+        """Add `by` to the counter ``<seq>/<name>`` and return its new value (0 reads it)."""
+        return self._client().add(self._key(seq, name), by)
+
+    def delete(self, seq: int | str, names: Iterable[str]) -> None:
         client = self._client()
         for name in names:
             try:
@@ -97,13 +121,23 @@ class StoreLink:
                 pass
 
     def post_error(self, seq: int, rank: int, message: str) -> None:
-        self.post(seq, f"err/{rank}", message)
-        self._client().add(self._key(seq, "nerr"), 1)
+        self.post(seq, f"err/{rank}", RankError(rank, message))
+        self.increment(seq, "nerr")
 
     def errors(self, seq: int, ranks: Iterable[int]) -> dict[int, str]:
-        if self._client().add(self._key(seq, "nerr"), 0) == 0:
+        if self.increment(seq, "nerr", 0) == 0:
             return {}
-        return {r: self.get(seq, f"err/{r}") for r in ranks if self.has(seq, f"err/{r}")}
+        return {r: self.get(seq, f"err/{r}", RankError).message
+                for r in ranks if self.has(seq, f"err/{r}")}
+
+    def failed_outcome(self, seq: int) -> "RemoteFailure | None":
+        """The coordinator's published failure of this save, if it published one."""
+        if not self.has(seq, "outcome"):
+            return None
+        outcome = self.get(seq, "outcome", Outcome)
+        if outcome.ok:
+            return None
+        return RemoteFailure(dict(outcome.causes) or {-1: outcome.message or "save failed"})
 
     # -- liveness -----------------------------------------------------------------------------
     def beat(self, rank: int) -> None:
@@ -118,10 +152,10 @@ class StoreLink:
         return min(self.timeout_s, 30.0)
 
     # -- waiting ------------------------------------------------------------------------------
-    def gather(self, seq: int, names: dict[Any, str], what: str, world: range,
+    def gather(self, seq: int | str, names: dict[Any, str], kind: type[M], what: str, world: range,
                deadline: float | None = None, stop_on_outcome: bool = True,
-               alive: dict[Any, int] | None = None, forever: bool = False) -> dict[Any, Any]:
-        """Wait until every key in `names` exists and return their values.
+               alive: dict[Any, int] | None = None, forever: bool = False) -> dict[Any, M]:
+        """Wait until every key in `names` exists and return their `kind` messages.
 
         Raise RemoteFailure as soon as any rank of `world` reports an error (or a failed outcome
         is published); LinkTimeout naming the missing ones when the deadline (default: timeout_s
@@ -131,23 +165,20 @@ class StoreLink:
         """
         start = time.monotonic()
         deadline = start + self.timeout_s if deadline is None else deadline
-        found: dict[Any, Any] = {}
+        found: dict[Any, M] = {}
         beats: dict[int, tuple[int, float]] = {}
         pause = 0.002
         while True:
             for ident, name in names.items():
                 if ident not in found and self.has(seq, name):
-                    found[ident] = self.get(seq, name)
+                    found[ident] = self.get(seq, name, kind)
             if len(found) == len(names):
                 return found
-            errors = self.errors(seq, world)
+            errors = self.errors(seq, world) if isinstance(seq, int) else {}
             if errors:
                 raise RemoteFailure(errors)
-            if stop_on_outcome and self.has(seq, "outcome"):
-                outcome = self.get(seq, "outcome")
-                if not outcome.get("ok"):
-                    raise RemoteFailure({int(r): m for r, m in outcome.get("causes", {}).items()}
-                                        or {-1: outcome.get("message", "save failed")})
+            if stop_on_outcome and isinstance(seq, int) and (failed := self.failed_outcome(seq)):
+                raise failed
             now = time.monotonic()
             for ident, rank in (alive or {}).items():
                 if ident in found:

@@ -130,7 +130,7 @@ class Compressor:
         """One frame holding `piece`, byte-grouped first when `width` is not 0."""
         if not width:
             return self._zstd(False).compress(piece)
-        return self._zstd(True).compress(shuffle(piece, width))
+        return self._zstd(True).compress(shuffle(piece, width).data)
 
     def encode(self, piece: memoryview, codec: str) -> tuple[memoryview | bytes, tuple[int, ...]]:
         """(stored bytes, the lengths the manifest lists for them) of one piece under `codec`."""

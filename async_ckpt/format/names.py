@@ -1,10 +1,12 @@
-"""Names under the checkpoint root, and what is committed there (a manifest means committed)."""
+"""Names under the checkpoint root, and what is committed there (a manifest means committed):
+listing step folders and reading a step's manifest."""
 from __future__ import annotations
 
 import re
 
-from .manifest import MANIFEST_NAME
+from ..errors import CorruptCheckpointError
 from ..storage import Storage
+from .manifest import MANIFEST_NAME, Manifest, parse_manifest
 
 STEP_DIGITS = 10
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -39,3 +41,14 @@ def committed_steps(storage: Storage, folders: dict[int, str] | None = None) -> 
     folders = step_dirs(storage) if folders is None else folders
     return sorted(s for s, name in folders.items()
                   if storage.exists(f"{name}/{MANIFEST_NAME}"))
+
+
+def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Manifest:
+    path = f"{folder}/{MANIFEST_NAME}"
+    try:
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CorruptCheckpointError(f"cannot read {storage.child_url(path)}: {exc}") from exc
+    return parse_manifest(raw, storage.child_url(path), step)

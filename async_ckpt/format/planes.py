@@ -98,7 +98,7 @@ class _BytesZstd:
         return self._ctx.compress(src)
 
     def compress_into(self, src: np.ndarray, dst: np.ndarray) -> int:
-        frame = self._ctx.compress(src)
+        frame = self._ctx.compress(src.data)
         if len(frame) > len(dst):
             return 0
         dst[:len(frame)] = np.frombuffer(frame, dtype=np.uint8)
@@ -177,7 +177,7 @@ class PlaneEncoder:
                 extract_plane(src, k, width, out[pos:pos + n])
             lengths.append(size or n)
             pos += lengths[-1]
-        return memoryview(out)[:pos], tuple(lengths)
+        return out.data[:pos], tuple(lengths)
 
 
 def decode_piece(stored: memoryview, lengths: list[int], out: memoryview, width: int, where: str,

@@ -19,9 +19,10 @@ from ..dist.link import StoreLink
 from .reader import check_files, read_tensors, unflatten_owned
 from ..format.manifest import Manifest
 from .readbuf import ReadSession
-from ..save.staging import HostBuffer, attach_shared
+from ..dist.messages import SharedCopies, SharedCopy, SharedTensor
+from ..dist.shm import attach_shared, create_shared
 from ..dist.topology import Topology
-from ..format.tree import dtype_from_name
+from ..format.tree import dtype_from_name, dtype_name
 
 log = logging.getLogger("async_ckpt")
 
@@ -37,26 +38,27 @@ def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str
     if topo.is_node_writer:
         return _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, allow_pickle,
                                verify, session)
-    answer = link.gather(seq, {0: key}, f"node writer of node {topo.node}", range(0),
+    answer = link.gather(seq, {0: key}, SharedCopies, f"node writer of node {topo.node}", range(0),
                          stop_on_outcome=False)[0]
-    if "error" in answer:
+    if answer.error:
         raise CorruptCheckpointError(f"the node writer (local rank 0) could not read the shared "
-                                     f"state of {storage.child_url(folder)}: {answer['error']}")
-    mapped = attach_shared(answer["shm"], answer["capacity"], unlink=False)
+                                     f"state of {storage.child_url(folder)}: {answer.error}")
+    mapped = attach_shared(answer.shm, answer.capacity, unlink=False)
     try:
         states = {}
-        for comp, shard, metas in answer["layout"]:
+        for copy in answer.copies:
             tensors = []
-            for offset, dtype, shape, nbytes in metas:
-                dt = dtype_from_name(dtype, f"shared copy of {comp!r}")
-                tensors.append(mapped[offset:offset + nbytes].view(dt).view(shape).clone()
-                               if nbytes else torch.empty(shape, dtype=dt))
-            entry = manifest.components[comp].shards[shard]
-            states[(comp, shard)] = unflatten_owned(entry.tree, tensors, f"{storage.child_url(folder)} "
-                                                    f"component {comp!r}", allow_pickle)
+            for t in copy.tensors:
+                dt = dtype_from_name(t.dtype, f"shared copy of {copy.component!r}")
+                tensors.append(mapped[t.offset:t.offset + t.nbytes].view(dt).view(t.shape).clone()
+                               if t.nbytes else torch.empty(t.shape, dtype=dt))
+            entry = manifest.components[copy.component].shards[copy.shard]
+            states[(copy.component, copy.shard)] = unflatten_owned(
+                entry.tree, tensors, f"{storage.child_url(folder)} component {copy.component!r}",
+                allow_pickle)
     finally:
         del mapped
-        _acknowledge(link, seq, key, topo, answer["shm"])
+        _acknowledge(link, seq, key, topo, answer.shm)
     return states
 
 
@@ -66,16 +68,13 @@ def _acknowledge(link: StoreLink, seq: str, key: str, topo: Topology, shm: str) 
     complete then, and the buffer (named after its dead creator) is swept when a node writer next
     starts on this machine."""
     try:
-        last = link._client().add(f"{link.ns}/{seq}/ack/{topo.node}", 1) == topo.local_world_size - 1
+        last = link.increment(seq, f"ack/{topo.node}") == topo.local_world_size - 1
     except (RuntimeError, OSError) as exc:   # torch's DistNetworkError is a RuntimeError
         log.debug("[rank %d] could not acknowledge the node-shared read (%s); leaving %s to the "
                   "sweep", topo.rank, exc, shm)
         return
     if last:
-        try:
-            os.unlink(shm)
-        except FileNotFoundError:
-            pass
+        _unlink(shm)
         try:
             link.delete(seq, [key, f"ack/{topo.node}"])
         except (RuntimeError, OSError):
@@ -92,28 +91,37 @@ def _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, all
             read[(comp, shard)] = read_tensors(storage, folder, entry,
                                                f"{storage.child_url(folder)} component {comp!r}", verify,
                                                session)
-        offset, layout = 0, []
+        offset, copies = 0, []
         for (comp, shard), tensors in read.items():
             metas = []
             for t in tensors:
                 nbytes = t.numel() * t.element_size()
-                metas.append([offset, str(t.dtype).removeprefix("torch."), list(t.shape), nbytes])
+                metas.append(SharedTensor(offset, dtype_name(t.dtype), tuple(t.shape), nbytes))
                 offset = align_up(offset + nbytes)
-            layout.append([comp, shard, metas])
-        buf = HostBuffer(offset, pin=False, shared=True)
+            copies.append(SharedCopy(comp, shard, tuple(metas)))
+        name, mapping = create_shared(offset)
     except Exception as exc:
-        link.post(seq, key, {"error": str(exc)})
+        link.post(seq, key, SharedCopies(error=str(exc)))
         raise
     try:
-        for (_, _, metas), tensors in zip(layout, read.values()):
-            for (off, _dt, _shape, nbytes), t in zip(metas, tensors):
-                if nbytes:
-                    buf.tensor[off:off + nbytes].view(t.dtype).view(t.shape).copy_(t)
+        buf = torch.frombuffer(mapping, dtype=torch.uint8)
+        for copy, tensors in zip(copies, read.values(), strict=True):
+            for meta, t in zip(copy.tensors, tensors, strict=True):
+                if meta.nbytes:
+                    buf[meta.offset:meta.offset + meta.nbytes].view(t.dtype).view(t.shape).copy_(t)
+        del buf
     except BaseException as exc:
-        buf.unlink()
-        link.post(seq, key, {"error": str(exc)})
+        _unlink(name)
+        link.post(seq, key, SharedCopies(error=str(exc)))
         raise
-    link.post(seq, key, {"shm": buf.name, "capacity": buf.capacity, "layout": layout})
+    link.post(seq, key, SharedCopies(name, max(offset, 1), tuple(copies)))
     return {ks: unflatten_owned(manifest.components[ks[0]].shards[ks[1]].tree, tensors,
                                 f"{storage.child_url(folder)} component {ks[0]!r}", allow_pickle)
             for ks, tensors in read.items()}
+
+
+def _unlink(name: str) -> None:
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass

@@ -79,7 +79,8 @@ class Filled:
     `n` bytes are there and re-raises the job's error. `cancel()` stops the job early."""
 
     def __init__(self, total: int):
-        self.total, self.done, self.error, self.cancelled = total, 0, None, False
+        self.total, self.done, self.cancelled = total, 0, False
+        self.error: BaseException | None = None
         self._cond = threading.Condition()
 
     def advance(self, done: int) -> None:

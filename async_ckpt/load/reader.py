@@ -13,7 +13,8 @@ import torch
 
 from ..format.codec import byte_view, codec_width, decompress_frames, new_hasher
 from ..errors import CorruptCheckpointError
-from ..format.manifest import MANIFEST_NAME, Manifest, ShardEntry, TensorEntry, parse_manifest
+from ..format.manifest import Manifest, ShardEntry, TensorEntry
+from ..format.names import read_manifest  # noqa: F401 - re-exported for the load path
 from . import readbuf
 from .readbuf import Filled, ReadSession
 from ..storage import Storage
@@ -21,17 +22,6 @@ from ..format.tree import dtype_from_name, unflatten
 
 _MAX_GAP = 1 << 20   # read through gaps up to this size rather than issue another request
 _OWN_STORAGE_BELOW = 1 << 16   # records smaller than this get their own storage (cheap)
-
-
-def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Manifest:
-    path = f"{folder}/{MANIFEST_NAME}"
-    try:
-        raw = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CorruptCheckpointError(f"cannot read {storage.child_url(path)}: {exc}") from exc
-    return parse_manifest(raw, storage.child_url(path), step)
 
 
 def check_files(storage: Storage, folder: str, manifest: Manifest, names: set[str]) -> None:

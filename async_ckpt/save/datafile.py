@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import collections
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
 
 from ..format.codec import ALIGN, PIECE, Compressor, align_up, codec_width, new_hasher
 from ..format.planes import PREFIX as PLANES_PREFIX, PlanesWidth
@@ -36,13 +36,21 @@ class FileResult:
     records: tuple[RecordResult, ...]
 
 
+@dataclass
+class _Record:
+    """The record being hashed (hash thread only)."""
+    hasher: Any = None
+    frames: list[int] = field(default_factory=list)
+    length: int = 0
+
+
 def _done(value) -> Future:
     fut: Future = Future()
     fut.set_result(value)
     return fut
 
 
-class DataFileWriter:
+class DataFileStreamer:
     """Long-lived executors reused by every save of one node writer."""
 
     def __init__(self, compressor: Compressor | None, encode_threads: int = 2):
@@ -88,22 +96,22 @@ class DataFileWriter:
         each RecordResult says the codec it got."""
         file_hasher = new_hasher()
         results: list[RecordResult] = []
-        state = {"hasher": None, "frames": [], "length": 0}
+        current = _Record()
 
         def hash_piece(enc: Future, first: bool, last: bool, codec: str):
             data, frames = enc.result()
             if first:
-                state["hasher"], state["frames"], state["length"] = new_hasher(), [], 0
-            state["hasher"].update(data)
+                current.hasher, current.frames, current.length = new_hasher(), [], 0
+            current.hasher.update(data)
             file_hasher.update(data)
-            state["frames"].extend(frames)
-            state["length"] += len(data)
+            current.frames.extend(frames)
+            current.length += len(data)
             pad = 0
             if last:
-                pad = align_up(state["length"]) - state["length"]
+                pad = align_up(current.length) - current.length
                 if pad:
                     file_hasher.update(_ZEROS[:pad])
-                done = (state["length"], state["hasher"].hexdigest(), tuple(state["frames"]), codec)
+                done = (current.length, current.hasher.hexdigest(), tuple(current.frames), codec)
                 return data, pad, done
             return data, pad, None
 
@@ -128,8 +136,11 @@ class DataFileWriter:
                 codec = self._codec(record, codecs[n] if codecs is not None else None)
                 pieces = [record[i:i + PIECE] for i in range(0, len(record), PIECE)] or [record]
                 for i, piece in enumerate(pieces):
-                    enc = (self._encode_pool.submit(self.compressor.encode, piece, codec)
-                           if codec != "raw" else _done((piece, ())))
+                    if codec == "raw":
+                        enc = _done((piece, ()))
+                    else:
+                        assert self._encode_pool is not None and self.compressor is not None
+                        enc = self._encode_pool.submit(self.compressor.encode, piece, codec)
                     pending.append(self._hash_pool.submit(hash_piece, enc, i == 0,
                                                           i == len(pieces) - 1, codec))
                     while len(pending) > _LOOKAHEAD:

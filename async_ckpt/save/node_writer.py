@@ -1,77 +1,61 @@
-"""The node writer: one background thread that turns staged saves into committed checkpoints.
+"""The node writer: one background thread per node, in local rank 0's process, that writes the
+node's staged state into data files and reports what it wrote.
 
-In a world of one process it commits by itself; with several ranks it runs in each node's
-local rank 0 and hands over to `node_save` (gather local ranks' buffers, write one file per node,
-report to the coordinator). Single-process flow per save, in order: remove leftovers of a crashed save of the same step -> stream the staged
-buffer into the data file (hashing in the same pass) -> make it durable -> return the buffer to
-the pool -> commit the manifest with one exclusive create -> resolve the handle -> run retention
--> mark the handle settled. Jobs run strictly one after another, so when a save commits no other
-save of this writer has a folder in progress; that is what makes cleanup of leftovers safe.
+Call sequence (who calls what):
+
+1. training thread: ``submit(job)`` for each save of this process (never blocks), or
+   ``submit(task)`` for side work that must run after the saves queued before it (late metrics,
+   the fence of ``AsyncCheckpointer.wait``);
+2. writer thread, for each save, in order: take the job descriptors the node's other ranks
+   posted (``job/<rank>``) (node 0 first lets the coordinator clear a single node's leftovers of
+   the step: `Coordinator.before_write`) -> map their shared-memory buffers -> if any rank already failed, stop
+   -> stream each rank's records into its own data file, all of them concurrently, hashing in the
+   same pass -> make the folder durable -> set ``job.written`` -> hand the `NodeReport` to the
+   coordinator (node 0: `Coordinator.run` on this same thread) or post it as ``node/<n>``;
+3. training thread: ``stop()`` drains the queue, then ends the thread.
+
+A world of one is a node of one rank: the same sequence with no peers to wait for. Jobs run
+strictly one after another, so a node writer never has two saves in progress.
 """
 from __future__ import annotations
 
 import collections
-import datetime
+import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
-from ..format.codec import byte_view, codec_for
-from .datafile import DataFileWriter
-from ..errors import CheckpointError, SaveFailedError
-from ..handle import SaveHandle
-from ..format.names import manifest_path, step_dir
-from ..format.metrics_file import encode
-from ..format.manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEntry
-from .coordinator import node_save
-from .plan import RankPlan
-from .staging import BufferPool, HostBuffer
+import torch
+
+from ..dist.link import RemoteFailure, StoreLink, causes_of
+from ..dist.messages import Begun, JobDescriptor, NodeReport, WrittenFile, WrittenShard, WrittenTensor
+from ..dist.shm import attach_shared
 from ..dist.topology import Topology
-from ..format.tree import dtype_name
-from ..types import CheckpointInfo
+from ..format.codec import byte_view, codec_for
+from ..format.names import step_dir
+from ..format.tree import dtype_from_name
+from ..storage import Storage
+from .coordinator import Coordinator
+from .datafile import DataFileStreamer, FileResult
+from .job import SaveJob
 
 log = logging.getLogger("async_ckpt")
-
-
-@dataclass
-class ComponentInfo:
-    key: str
-    required: bool
-    validation_level: str
-    metadata: dict | None
-    members: tuple[int, ...] | None = None   # PER_GROUP: ranks of the component's group
-
-
-@dataclass
-class SaveJob:
-    step: int
-    plan: RankPlan
-    buffer: HostBuffer
-    trees: list[Any]                 # one skeleton per shard of the plan
-    components: list[ComponentInfo]  # one per shard of the plan
-    metrics: dict
-    handle: SaveHandle
-    started: float
-    timings: dict = field(default_factory=dict)
-    seq: int = 0                          # save sequence number, the same on every rank
-    layouts: dict = field(default_factory=dict)   # REPLICATED key -> [[dtype, shape], ...]
-    written: threading.Event = field(default_factory=threading.Event)   # node writer done with it
-    retained: threading.Event = field(default_factory=threading.Event)  # coordinator's retention ran
+_MAX_ATTACHED = 16   # peers' mapped buffers kept across saves
 
 
 class NodeWriter:
-    """Owns the writer thread; `submit` never blocks, `stop` drains the queue first."""
+    """Owns the writer thread; see the module docstring for the sequence it runs."""
 
-    def __init__(self, storage, pool: BufferPool, topo: Topology, datafile: DataFileWriter,
-                 codec: str, versions: dict, after_commit: Callable[[int], None], link=None):
-        self.storage, self.pool, self.topo, self.datafile = storage, pool, topo, datafile
-        self.codec, self.versions, self.after_commit, self.link = codec, versions, after_commit, link
-        self.attached: collections.OrderedDict = collections.OrderedDict()  # peers' shm buffers
-        self._queue: queue.Queue = queue.Queue()
+    def __init__(self, storage: Storage, topo: Topology, link: StoreLink, streamer: DataFileStreamer,
+                 compressed: bool, coordinator: Coordinator | None):
+        self.storage, self.topo, self.link, self.streamer = storage, topo, link, streamer
+        self.compressed, self.coordinator = compressed, coordinator
+        self._attached: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self._queue: queue.Queue[SaveJob | Callable[[], None] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="ckpt-node-writer", daemon=True)
         self._thread.start()
 
@@ -81,104 +65,111 @@ class NodeWriter:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        self.datafile.close()
+        self.streamer.close()
 
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
-            if isinstance(job, SaveJob):
-                try:
-                    node_save(self, job) if self.link is not None else self._save(job)
-                except BaseException as exc:  # noqa: BLE001 - the thread must outlive any one job
-                    log.exception("[rank %d step %d] node writer failed", self.topo.rank, job.step)
-                    if self.link is None and not job.handle.done():
-                        job.handle._fail(SaveFailedError(
-                            f"saving step {job.step} failed on rank {self.topo.rank}: {exc!r}",
-                            {self.topo.rank: exc}))
-                finally:
-                    job.written.set()
-                    job.retained.set()
-            else:
+            if not isinstance(job, SaveJob):
                 try:
                     job()
                 except Exception:  # noqa: BLE001 - side tasks (late metrics) must not kill the writer
                     log.exception("[rank %d] background task failed", self.topo.rank)
-
-    def _save(self, job: SaveJob) -> None:
-        folder = step_dir(job.step)
-        buffer: HostBuffer | None = job.buffer
-        manifest_written = False
-        try:
-            # save() checked too, but time has passed; never wipe a folder that became committed.
-            if self.storage.exists(manifest_path(job.step)):
-                raise CheckpointError(f"step {job.step} was committed by someone else meanwhile")
-            self.storage.delete_dir(folder)          # leftovers of a killed save of this step
-            buffer.wait_copied()
-            t0 = time.perf_counter()
-            name = f"data-r{self.topo.rank:05d}-{os.urandom(4).hex()}.bin"
-            slots = [s for shard in job.plan.shards for s in shard.slots]
-            records = [byte_view(buffer.tensor[s.offset:s.offset + s.nbytes]) for s in slots]
-            codecs = [codec_for(s.dtype, self.codec != "raw") for s in slots]
-            result = self.datafile.write_file(self.storage, f"{folder}/{name}", records, codecs)
-            del records
-            self.pool.release(buffer)
-            buffer = None
-            self.storage.sync_dir(folder)
-            job.timings["write_s"] = time.perf_counter() - t0
-            manifest = self._manifest(job, name, result)
+                continue
             try:
-                self.storage.create_exclusive(manifest_path(job.step), manifest.to_json())
-            except FileExistsError:
-                manifest_written = True   # someone else's commit: their folder, leave it alone
-                raise
-            manifest_written = True
-            job.timings["total_s"] = time.perf_counter() - job.started
-            # A fresh commit has no late metrics yet, so no listing is needed for its info.
-            info = CheckpointInfo(job.step, self.storage.child_url(folder), dict(job.metrics),
-                                  manifest.nbytes, manifest.stored_nbytes, manifest.created,
-                                  dict(job.timings))
-            job.handle._succeed(info)
-            log.info("[rank %d step %d] committed %s (%.1f MiB, %.2f s after save())",
-                     self.topo.rank, job.step, info.url, manifest.nbytes / 2**20, job.timings["total_s"])
-        except BaseException as exc:  # noqa: BLE001 - every failure resolves the handle
-            if buffer is not None:
-                self.pool.release(buffer)
-            if not manifest_written:
+                if self.coordinator is not None:
+                    self.coordinator.before_write(job)
+                report = self.write(job)
+                job.written.set()
+                if self.coordinator is not None:
+                    self.coordinator.run(job, report)
+                else:
+                    self.link.post(job.seq, f"node/{self.topo.node}", report)
+            except BaseException as exc:  # noqa: BLE001 - the thread must outlive any one job
+                log.exception("[rank %d step %d] node writer failed", self.topo.rank, job.step)
+                job.local_errors.setdefault(self.topo.rank, exc)
                 try:
-                    self.storage.delete_dir(folder)
-                except Exception:  # noqa: BLE001 - storage may be down; the next commit cleans up
-                    log.warning("[rank %d step %d] could not remove %s; a later commit will",
-                                self.topo.rank, job.step, folder)
-            log.error("[rank %d step %d] save failed: %r", self.topo.rank, job.step, exc)
-            err = SaveFailedError(
-                f"saving step {job.step} to {self.storage.child_url(folder)} failed on rank "
-                f"{self.topo.rank}: {exc!r}; nothing was committed for this step", {self.topo.rank: exc})
-            err.__cause__ = exc
-            job.handle._fail(err)
-            return
-        try:
-            self.after_commit(job.step)
-        except Exception:  # noqa: BLE001 - retention trouble must not fail a committed save
-            log.exception("[rank %d step %d] retention failed", self.topo.rank, job.step)
-        finally:
-            job.handle._settled.set()
+                    self.link.post_error(job.seq, self.topo.rank, f"node writer failed: {exc!r}")
+                except Exception:  # noqa: BLE001 - the Store may be gone; waiters notice that
+                    log.exception("[rank %d step %d] could not report the failure", self.topo.rank, job.step)
+            finally:
+                job.written.set()
+                job.published.set()
+                job.retained.set()
 
-    def _manifest(self, job: SaveJob, file_name: str, result) -> Manifest:
-        records = iter(result.records)
-        components: dict[str, ComponentEntry] = {}
-        for shard, tree, comp in zip(job.plan.shards, job.trees, job.components):
+    # -- one save -------------------------------------------------------------------------------
+    def write(self, job: SaveJob) -> NodeReport:
+        """Write this node's data files; the report for the coordinator (or why it failed)."""
+        link, topo = self.link, self.topo
+        folder, seq, world = step_dir(job.step), job.seq, range(topo.world_size)
+        try:
+            if topo.node != 0:
+                link.post(seq, f"begun/{topo.node}", Begun(topo.node))   # the hand-over deadline ends
+            peers = [r for r in topo.node_ranks() if r != topo.rank]
+            descs = [job.descriptor(topo.rank)]
+            if peers:
+                got = link.gather(seq, {r: f"job/{r}" for r in peers}, JobDescriptor, "rank(s)", world,
+                                  alive={r: r for r in peers})
+                descs += [got[r] for r in peers]
+            job.buffer.wait_copied()
+            buffers = {topo.rank: job.buffer.tensor}
+            for desc in descs[1:]:
+                buffers[desc.rank] = self._attach(desc.shm or "", desc.capacity)
+            if errors := link.errors(seq, world):
+                raise RemoteFailure(errors)             # no point writing a save that has failed
+            t0 = time.perf_counter()
+            if len(descs) == 1:
+                outcomes = [self._write_rank_file(folder, descs[0], buffers[descs[0].rank])]
+            else:
+                # One file per local rank, written concurrently: parallel streams keep the disk
+                # (or the object store) busier than one, as DCP's per-rank writers do.
+                with ThreadPoolExecutor(len(descs), thread_name_prefix="ckpt-node-file") as pool:
+                    futures = [pool.submit(self._write_rank_file, folder, d, buffers[d.rank])
+                               for d in descs]
+                    outcomes = [f.result() for f in futures]    # the pool waits for every writer
+            if any(name is not None for name, _ in outcomes):
+                self.storage.sync_dir(folder)
+            return NodeReport(topo.node, topo.rank, files=tuple(
+                WrittenFile(name, result.size, result.hash) for name, result in outcomes
+                if name is not None and result is not None),
+                shards=_written_shards(descs, outcomes), write_s=time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which fails the save
+            log.error("[rank %d step %d] node %d failed to write: %r", topo.rank, job.step, topo.node, exc)
+            job.local_errors.setdefault(topo.rank, exc)
+            return NodeReport(topo.node, topo.rank, causes=causes_of(
+                exc, topo.rank, "did not hand over its staged state"))
+
+    def _attach(self, name: str, capacity: int) -> torch.Tensor:
+        cached = self._attached.get(name)
+        if cached is None:
+            cached = attach_shared(name, capacity)
+            self._attached[name] = cached
+            while len(self._attached) > _MAX_ATTACHED:   # peers replaced their buffers long ago
+                self._attached.popitem(last=False)
+        self._attached.move_to_end(name)
+        return cached
+
+    def _write_rank_file(self, folder: str, desc: JobDescriptor, buffer: torch.Tensor
+                         ) -> tuple[str | None, FileResult | None]:
+        """Stream one rank's staged records into its own data file; (None, None) if it has none."""
+        slots = [slot for sh in desc.shards for slot in sh.slots]
+        if not slots:
+            return None, None
+        records = [byte_view(buffer[s.offset:s.offset + s.nbytes]) for s in slots]
+        codecs = [codec_for(dtype_from_name(s.dtype, "staged slot"), self.compressed) for s in slots]
+        name = f"data-n{self.topo.node:05d}-r{desc.rank:05d}-{os.urandom(4).hex()}.bin"
+        return name, self.streamer.write_file(self.storage, f"{folder}/{name}", records, codecs)
+
+
+def _written_shards(descs: list[JobDescriptor], outcomes: list[tuple[str | None, FileResult | None]]
+                    ) -> tuple[WrittenShard, ...]:
+    shards = []
+    for desc, (name, result) in zip(descs, outcomes, strict=True):
+        records = iter(result.records if result is not None else ())
+        for sh in desc.shards:
             tensors = []
-            for slot in shard.slots:
+            for slot in sh.slots:
                 rec = next(records)
-                tensors.append(TensorEntry(dtype_name(slot.dtype), slot.shape, file_name, rec.offset,
-                                           rec.length, slot.nbytes, rec.codec, rec.hash, rec.frames))
-            entry = components.setdefault(comp.key, ComponentEntry(
-                shard.pattern.value, comp.required, comp.validation_level, comp.metadata, {}))
-            entry.shards[shard.shard] = ShardEntry(tree, tuple(tensors), (self.topo.rank,),
-                                                   tuple(comp.members or ()))
-        nbytes = sum(s.nbytes for shard in job.plan.shards for s in shard.slots)
-        return Manifest(
-            step=job.step,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            topology=self.topo.as_json(), metrics=encode(job.metrics),
-            files={file_name: FileEntry(result.size, result.hash)}, components=components,
-            nbytes=nbytes, stored_nbytes=result.size, timings=dict(job.timings), versions=self.versions)
+                tensors.append(WrittenTensor(slot.index, slot.dtype, slot.shape, name or "", rec.offset,
+                                             rec.length, slot.nbytes, rec.hash, rec.frames, rec.codec))
+            shards.append(WrittenShard(desc.rank, dataclasses.replace(sh, slots=()), tuple(tensors)))
+    return tuple(shards)

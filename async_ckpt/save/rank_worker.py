@@ -1,10 +1,19 @@
-"""The rank worker: one background thread per rank in a multi-rank run.
+"""The rank worker: one background thread per rank, the only resolver of this rank's handles.
 
-For each save of this rank, in order: announce what this rank resolved (patterns, groups,
-REPLICATED layouts) and, where asked, digest its replicas off the training thread -> wait for the
-coordinator's outcome, answering FULL validation requests meanwhile -> resolve the SaveHandle with
-the same verdict every rank gets -> give the staging buffer back to the pool. Every wait has a
-deadline, so a dead coordinator or node writer fails the handle instead of hanging it.
+Call sequence (who calls what):
+
+1. training thread: ``submit(job)`` for each save (never blocks);
+2. worker thread, for each save, in order: announce what this rank resolved (``vh/<rank>``:
+   patterns, groups, REPLICATED shapes and, where asked, the digests of its replicas, computed
+   here, off the training thread) -> wait for the coordinator's `Outcome`, answering a FULL
+   validation request meanwhile -> give the staging buffer back to the pool (on a node writer,
+   once the node writer is done with it) -> resolve the save's `Settlement` with the verdict
+   every rank gets -> on the coordinator's rank, settle it once retention has run;
+3. training thread: ``stop()`` drains the queue, then ends the thread.
+
+Every wait has a deadline: a coordinator that never starts the save fails the handle after
+``timeout_s``, one that stops beating after ``liveness_s``. On the coordinator's own rank the
+outcome is awaited on ``job.published`` instead of polling the Store.
 """
 from __future__ import annotations
 
@@ -13,27 +22,29 @@ import queue
 import threading
 import time
 
-from ..errors import CheckpointError, ReplicationError, SaveFailedError
-from ..format.names import step_dir
 from ..dist.link import LinkTimeout, RemoteFailure, StoreLink
-from ..load.reader import read_tensors
+from ..dist.messages import Announcement, FullAnswer, FullItem, FullRequest, FullResult, Outcome
+from ..dist.topology import Topology
+from ..errors import CheckpointError, ReplicationError, SaveFailedError
 from ..format.manifest import ShardEntry, TensorEntry
 from ..format.metrics_file import decode
+from ..format.names import step_dir
+from ..load.reader import read_tensors
+from ..storage import Storage
+from ..types import CheckpointInfo, SharingPattern, ValidationLevel
+from .job import SaveJob
 from .replicas import compare_full, digest
 from .staging import BufferPool
-from ..dist.topology import Topology
-from ..types import CheckpointInfo, SharingPattern, ValidationLevel
-from .node_writer import SaveJob
 
 log = logging.getLogger("async_ckpt")
 
 
 class RankWorker:
-    """Owns the worker thread; `submit` never blocks, `stop` drains the queue first."""
+    """Owns the worker thread; see the module docstring for the sequence it runs."""
 
-    def __init__(self, link: StoreLink, topo: Topology, storage, pool: BufferPool):
+    def __init__(self, link: StoreLink, topo: Topology, storage: Storage, pool: BufferPool):
         self.link, self.topo, self.storage, self.pool = link, topo, storage, pool
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue[SaveJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="ckpt-rank-worker", daemon=True)
         self._thread.start()
 
@@ -50,62 +61,93 @@ class RankWorker:
                 self._run(job)
             except BaseException as exc:  # noqa: BLE001 - never leave a handle unresolved
                 log.exception("[rank %d step %d] rank worker failed", self.topo.rank, job.step)
-                if not job.handle.done():
-                    job.handle._fail(SaveFailedError(f"saving step {job.step} failed on rank "
-                                                     f"{self.topo.rank}: {exc!r}", {self.topo.rank: exc}))
+                if not job.settlement.done:
+                    job.settlement.fail(SaveFailedError(f"saving step {job.step} failed on rank "
+                                                        f"{self.topo.rank}: {exc!r}", {self.topo.rank: exc}))
 
-    def _announce(self, job: SaveJob) -> dict:
+    # -- one save ---------------------------------------------------------------------------------
+    def _run(self, job: SaveJob) -> None:
+        link, rank = self.link, self.topo.rank
+        try:
+            link.post(job.seq, f"vh/{rank}", self._announce(job))
+            outcome = self._wait_outcome(job)
+        except (LinkTimeout, RemoteFailure, CheckpointError, OSError) as exc:
+            causes = exc.causes if isinstance(exc, RemoteFailure) else {rank: str(exc)}
+            if not isinstance(exc, (LinkTimeout, RemoteFailure)):
+                job.local_errors.setdefault(rank, exc)
+            outcome = Outcome(ok=False, message=str(exc), causes=causes)
+        except RuntimeError as exc:   # torch.distributed.DistError: the Store itself is gone
+            message = (f"lost the connection to the torch.distributed Store ({exc}); the process "
+                       "hosting it (rank 0's node) has probably died")
+            outcome = Outcome(ok=False, message=message, causes={rank: message})
+        # The node writer may still read a failed save's buffer; never hand it out before.
+        if self.topo.is_node_writer:
+            job.written.wait()
+        self.pool.release(job.buffer)
+        self._resolve(job, outcome)
+
+    def _resolve(self, job: SaveJob, outcome: Outcome) -> None:
+        settlement = job.settlement
+        if outcome.ok and outcome.info is not None:
+            info = outcome.info
+            timings = {**info.timings, "blocking_s": job.timings.get("blocking_s")}
+            settlement.succeed(CheckpointInfo(job.step, info.url, decode(info.metrics), info.nbytes,
+                                              info.stored_nbytes, info.created, timings))
+            if self.topo.rank == 0:
+                job.retained.wait()
+            settlement.settle()
+            return
+        # Causes raised in this process keep their exception objects; peers' are their messages.
+        causes: dict[int, BaseException | str] = {int(r): m for r, m in outcome.causes.items()}
+        for r, exc in job.local_errors.items():
+            if r in causes or not causes:
+                causes[r] = exc
+        err = SaveFailedError(f"saving step {job.step} to {self.storage.child_url(step_dir(job.step))} "
+                              f"failed, nothing was committed: {outcome.message}", causes)
+        if outcome.replication:
+            err.__cause__ = ReplicationError(outcome.message)
+        elif job.local_errors:
+            err.__cause__ = next(iter(job.local_errors.values()))
+        settlement.fail(err)
+
+    def _announce(self, job: SaveJob) -> Announcement:
         patterns, digests, groups = {}, {}, {}
         views = job.buffer.views(job.plan)
         job.buffer.wait_copied()
-        for shard, tree, comp, shard_views in zip(job.plan.shards, job.trees, job.components, views):
-            patterns[comp.key] = [shard.pattern.value, comp.validation_level]
+        for shard, tree, comp, shard_views in zip(job.plan.shards, job.trees, job.components, views, strict=True):
+            patterns[comp.key] = (shard.pattern.value, comp.validation_level)
             if comp.members:
-                groups[comp.key] = list(comp.members)
+                groups[comp.key] = tuple(comp.members)
             level = ValidationLevel(comp.validation_level)
-            if shard.pattern is SharingPattern.REPLICATED and level is not ValidationLevel.NONE:
+            if (self.topo.world_size > 1 and shard.pattern is SharingPattern.REPLICATED
+                    and level is not ValidationLevel.NONE):
                 digests[comp.key] = digest(shard, shard_views, tree, level)
-        return {"patterns": patterns, "layouts": job.layouts, "digests": digests, "groups": groups}
+        return Announcement(patterns, job.replicated_shapes, digests, groups)
 
-    def _answer_full(self, job: SaveJob, request: list[dict]) -> None:
-        answers = []
-        index_of = {shard.component: shard for shard in job.plan.shards}
-        views = dict(zip((s.component for s in job.plan.shards), job.buffer.views(job.plan)))
-        for item in request:
-            for compare_rank, report_as in item["pairs"]:
-                if compare_rank == self.topo.rank:
-                    answers.append(self._compare_one(job, item, index_of, views, report_as))
-        self.link.post(job.seq, f"full/{self.topo.rank}", answers)
-
-    def _compare_one(self, job: SaveJob, item: dict, index_of: dict, views: dict, report_as: int) -> list:
-        shard = index_of[item["component"]]
-        position = next(i for i, s in enumerate(shard.slots) if s.index == item["tensor"])
-        dtype, shape, file, offset, length, nbytes, codec, digest_, frames = item["record"]
-        entry = TensorEntry(dtype, tuple(shape), file, offset, length, nbytes, codec, digest_,
-                            tuple(frames))
-        reference = read_tensors(self.storage, step_dir(job.step), ShardEntry(None, (entry,), ()),
-                                 f"written copy of {item['component']!r}")[0]
-        return [item["component"], item["tensor"], report_as,
-                compare_full(views[item["component"]][position], reference)]
-
-    def _wait_outcome(self, job: SaveJob) -> dict:
+    def _wait_outcome(self, job: SaveJob) -> Outcome:
         """The coordinator's verdict. Rank 0 must enter this save within timeout_s; after that
         the wait lasts as long as the save takes, unless rank 0 stops beating (it died)."""
         link, seq, world = self.link, job.seq, range(self.topo.world_size)
+        coordinator_here = self.topo.rank == 0
         deadline = time.monotonic() + link.timeout_s
-        entered = self.topo.rank == 0
+        entered = coordinator_here
         answered, pause, last_beat = False, 0.002, (-1, time.monotonic())
         while True:
+            if coordinator_here:
+                # In process: the coordinator sets job.published once the outcome is posted.
+                job.published.wait(0.05)
             if link.has(seq, "outcome"):
-                return link.get(seq, "outcome")
+                return link.get(seq, "outcome", Outcome)
             if errors := link.errors(seq, world):
-                return {"ok": False, "message": "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items())),
-                        "causes": errors}
+                return Outcome(ok=False, message="; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items())),
+                               causes=errors)
             if not answered and link.has(seq, "fullreq"):
-                request = link.get(seq, "fullreq")
-                if any(p[0] == self.topo.rank for item in request for p in item["pairs"]):
+                request = link.get(seq, "fullreq", FullRequest)
+                if any(p[0] == self.topo.rank for item in request.items for p in item.pairs):
                     self._answer_full(job, request)
                 answered = True
+            if coordinator_here:
+                continue
             now = time.monotonic()
             entered = entered or link.has(seq, "vh/0")
             if not entered and now > deadline:
@@ -121,35 +163,23 @@ class RankWorker:
             time.sleep(pause)
             pause = min(pause * 1.5, 0.01)
 
-    def _run(self, job: SaveJob) -> None:
-        link, rank, seq = self.link, self.topo.rank, job.seq
-        try:
-            link.post(seq, f"vh/{rank}", self._announce(job))
-            outcome = self._wait_outcome(job)
-        except (LinkTimeout, RemoteFailure, CheckpointError, OSError) as exc:
-            causes = exc.causes if isinstance(exc, RemoteFailure) else {rank: str(exc)}
-            outcome = {"ok": False, "message": str(exc), "causes": causes}
-        except RuntimeError as exc:   # torch.distributed.DistError: the Store itself is gone
-            message = (f"lost the connection to the torch.distributed Store ({exc}); the process "
-                       "hosting it (rank 0's node) has probably died")
-            outcome = {"ok": False, "message": message, "causes": {rank: message}}
-        # The node writer may still read a failed save's buffer; never hand it out before.
-        if self.topo.is_node_writer:
-            job.written.wait()
-        self.pool.release(job.buffer)
-        if outcome["ok"]:
-            info = outcome["info"]
-            timings = {**info["timings"], "blocking_s": job.timings.get("blocking_s")}
-            job.handle._succeed(CheckpointInfo(job.step, info["url"], decode(info["metrics"]),
-                                               info["nbytes"], info["stored_nbytes"], info["created"],
-                                               timings))
-            if rank == 0:
-                job.retained.wait()
-            job.handle._settled.set()
-        else:
-            causes = {int(r): m for r, m in outcome.get("causes", {}).items()}
-            err = SaveFailedError(f"saving step {job.step} failed, nothing was committed: "
-                                  f"{outcome['message']}", causes)
-            if outcome.get("replication"):
-                err.__cause__ = ReplicationError(outcome["message"])
-            job.handle._fail(err)
+    def _answer_full(self, job: SaveJob, request: FullRequest) -> None:
+        views = dict(zip((s.component for s in job.plan.shards), job.buffer.views(job.plan), strict=True))
+        shards = {shard.component: shard for shard in job.plan.shards}
+        results = [self._compare_one(job, item, shards, views, report_as)
+                   for item in request.items for compare_rank, report_as in item.pairs
+                   if compare_rank == self.topo.rank]
+        self.link.post(job.seq, f"full/{self.topo.rank}", FullAnswer(tuple(results)))
+
+    def _compare_one(self, job: SaveJob, item: FullItem, shards: dict, views: dict, report_as: int
+                     ) -> FullResult:
+        shard = shards[item.component]
+        position = next(i for i, s in enumerate(shard.slots) if s.index == item.tensor)
+        r = item.record
+        entry = TensorEntry(r.dtype, tuple(r.shape), r.file, r.offset, r.length, r.nbytes, r.codec,
+                            r.hash, tuple(r.frames))
+        reference = read_tensors(self.storage, step_dir(job.step), ShardEntry(None, (entry,), ()),
+                                 f"written copy of {item.component!r}")[0]
+        result = compare_full(views[item.component][position], reference)
+        return FullResult(item.component, item.tensor, report_as, result["max_abs_diff"],
+                          result["differing"])

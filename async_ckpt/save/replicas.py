@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..dist.messages import Announcement
 from ..format.codec import byte_view, new_hasher
 from ..errors import ReplicationError
 from .plan import ShardPlan
@@ -64,14 +65,14 @@ def _groups(values: dict[int, Any]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: (-len(g), g))
 
 
-def check_agreement(announces: dict[int, dict]) -> str | None:
-    """Every rank resolved the same components, patterns, groups and replicated layouts."""
+def check_agreement(announces: dict[int, Announcement]) -> str | None:
+    """Every rank resolved the same components, patterns, groups and replicated shapes."""
     for field, what in (("patterns", "sharing patterns / validation levels"),
-                        ("layouts", "REPLICATED tensor layouts")):
-        groups = _groups({r: a[field] for r, a in announces.items()})
+                        ("replicated_shapes", "REPLICATED tensor layouts")):
+        groups = _groups({r: getattr(a, field) for r, a in announces.items()})
         if len(groups) > 1:
-            first = announces[groups[0][0]][field]
-            other = announces[groups[1][0]][field]
+            first = getattr(announces[groups[0][0]], field)
+            other = getattr(announces[groups[1][0]], field)
             keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
             return (f"ranks disagree on {what} of component(s) {keys}: ranks {groups[0]} have "
                     f"{ {k: first.get(k) for k in keys} }, ranks {groups[1]} have "
@@ -79,27 +80,29 @@ def check_agreement(announces: dict[int, dict]) -> str | None:
                     "components, and a sharing_pattern callable must return the same pattern on "
                     "every rank")
     for rank, announce in sorted(announces.items()):
-        for key, members in announce["groups"].items():
+        for key, members in announce.groups.items():
             for other in members:
-                theirs = announces.get(other, {}).get("groups", {}).get(key)
+                peer = announces.get(other)
+                theirs = peer.groups.get(key) if peer is not None else None
                 if theirs != members:
-                    return (f"component {key!r} is PER_GROUP with group {members} on rank {rank}, "
-                            f"but rank {other} has group {theirs}; every member must pass the same "
+                    return (f"component {key!r} is PER_GROUP with group {list(members)} on rank {rank}, "
+                            f"but rank {other} has group {list(theirs) if theirs else theirs}; every "
+                            "member must pass the same "
                             "process_group")
     return None
 
 
-def find_mismatches(announces: dict[int, dict], owners: dict[str, list[int]]
+def find_mismatches(announces: dict[int, Announcement], owners: dict[str, list[int]]
                     ) -> list[dict]:
     """Mismatches between replicas. Each: component, level, and either `ranks` groups (QUICK /
     skeleton) or `tensor` index with the ranks whose copy differs from the written one."""
-    found = []
+    found: list[dict[str, Any]] = []
     any_rank = next(iter(announces.values()))
-    for key, pattern_level in sorted(any_rank["patterns"].items()):
+    for key, pattern_level in sorted(any_rank.patterns.items()):
         pattern, level = pattern_level[0], pattern_level[1]
         if pattern != SharingPattern.REPLICATED.value or level == ValidationLevel.NONE.value:
             continue
-        digests = {r: a["digests"][key] for r, a in announces.items()}
+        digests = {r: a.digests[key] for r, a in announces.items()}
         if level == ValidationLevel.QUICK.value:
             groups = _groups({r: d["quick"] for r, d in digests.items()})
             if len(groups) > 1:
@@ -156,15 +159,14 @@ def describe(mismatches: list[dict], paths: dict[str, dict[int, str]],
                            f"; rank {rank}: {res['differing']} byte(s) differ")
         lines.append(f"component {key!r} ({level}): tensor {name!r} on rank(s) {m['ranks']} differs "
                      f"from ranks {m['agree']}{detail}")
-    err = ReplicationError("replicas disagree: " + "; ".join(lines) +
-                           ". Replicated state must be identical on every rank (check seeds, "
-                           "gradient all-reduce, or use PER_RANK for state that differs)")
+    message = ("replicas disagree: " + "; ".join(lines) +
+               ". Replicated state must be identical on every rank (check seeds, "
+               "gradient all-reduce, or use PER_RANK for state that differs)")
     per_rank: dict[int, list[str]] = {}
     for m in mismatches:
         what = (f"{m['component']!r} tensor {paths.get(m['component'], {}).get(m['tensor'], m['tensor'])!r}"
                 if "tensor" in m else f"{m['component']!r}")
         for rank in m.get("ranks", []) + [r for g in m.get("groups", [])[1:] for r in g]:
             per_rank.setdefault(rank, []).append(what)
-    err.per_rank = {r: f"its replica of {', '.join(w)} differs from the other ranks'"
-                    for r, w in sorted(per_rank.items())}
-    return err
+    return ReplicationError(message, {r: f"its replica of {', '.join(w)} differs from the other ranks'"
+                                      for r, w in sorted(per_rank.items())})

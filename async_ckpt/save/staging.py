@@ -9,21 +9,16 @@ the Store, never a copy. The pool holds at most the buffers of the saves in flig
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import tempfile
 import threading
+from typing import Any
 
 import torch
 
+from ..dist.shm import create_shared
 from .plan import RankPlan
 
-SHM_PREFIX = "async_ckpt-"
 log = logging.getLogger("async_ckpt")
-
-
-def _shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 class HostBuffer:
@@ -33,30 +28,20 @@ class HostBuffer:
     removed once the node writer has mapped it, or when the pool is closed.
     """
 
-    _counter = 0
-
     def __init__(self, nbytes: int, pin: bool, shared: bool = False):
         self.capacity = nbytes
         self.name: str | None = None
         self._mmap = None
         self._registered = False
         if shared:
-            HostBuffer._counter += 1
-            self.name = os.path.join(_shm_dir(), f"{SHM_PREFIX}{os.getpid()}-{HostBuffer._counter}-"
-                                     f"{os.urandom(4).hex()}")
-            fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, max(nbytes, 1))
-                self._mmap = mmap.mmap(fd, max(nbytes, 1))
-            finally:
-                os.close(fd)
+            self.name, self._mmap = create_shared(nbytes)
             self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
             if pin:
                 self._registered = _host_register(self.tensor)
         else:
             self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
         self._views: tuple[RankPlan, list[list[torch.Tensor]]] | None = None
-        self.event = None  # CUDA event that completes when the D2H copies have landed
+        self.event: Any = None  # CUDA event that completes when the D2H copies have landed
 
     def views(self, plan: RankPlan) -> list[list[torch.Tensor]]:
         if self._views is None or self._views[0] is not plan:
@@ -113,43 +98,6 @@ def is_page_locked(t: torch.Tensor) -> bool:
     return bool(torch.cuda.is_available() and t.is_pinned())
 
 
-def attach_shared(name: str, nbytes: int, unlink: bool = True) -> torch.Tensor:
-    """Map another local rank's staging buffer (node writer side). The mapping outlives the file,
-    so the name is unlinked at once: nothing is left in /dev/shm if either process dies later.
-    With several readers (`unlink=False`) the creator removes it once all have mapped it."""
-    if not os.path.basename(name).startswith(SHM_PREFIX) or os.path.dirname(name) != _shm_dir():
-        raise ValueError(f"refusing to map {name!r}: not an async_ckpt staging buffer")
-    fd = os.open(name, os.O_RDWR)
-    try:
-        mapped = mmap.mmap(fd, max(nbytes, 1))
-    finally:
-        os.close(fd)
-    if unlink:
-        try:
-            os.unlink(name)
-        except FileNotFoundError:
-            pass
-    return torch.frombuffer(mapped, dtype=torch.uint8)
-
-
-def sweep_dead_buffers() -> None:
-    """Remove staging files of processes that no longer exist (killed before hand-over)."""
-    folder = _shm_dir()
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(SHM_PREFIX):
-            continue
-        pid = name[len(SHM_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
 class BufferPool:
     """Hands out host buffers big enough for a plan; returns them for reuse when written."""
 
@@ -190,8 +138,8 @@ def stage(plan: RankPlan, tensors: list[list[torch.Tensor]], buf: HostBuffer) ->
     views = buf.views(plan)
     buf.event = None
     cuda = []
-    for dsts, shard, srcs in zip(views, plan.shards, tensors):
-        for dst, slot in zip(dsts, shard.slots):
+    for dsts, shard, srcs in zip(views, plan.shards, tensors, strict=True):
+        for dst, slot in zip(dsts, shard.slots, strict=True):
             src = srcs[slot.index]
             if src.is_cuda:
                 cuda.append((dst, src))

@@ -180,14 +180,14 @@ class WindowDetector(_Detector):
 
     @property
     def short(self) -> float | None:
-        if len(self._values) < self._values.maxlen:
+        if len(self._values) < self.short_window + self.long_window:
             return None
         recent = list(self._values)[-self.short_window:]
         return math.fsum(recent) / len(recent)
 
     @property
     def long(self) -> float | None:
-        if len(self._values) < self._values.maxlen:
+        if len(self._values) < self.short_window + self.long_window:
             return None
         older = list(self._values)[:self.long_window]
         return math.fsum(older) / len(older)

@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 from ..errors import CheckpointNotFoundError, InvalidArgumentError
-from ..format.names import manifest_path, step_dir
 from ..retention import best_steps
 from ..types import CheckpointInfo
 
@@ -78,7 +77,8 @@ class DivergenceMonitor:
             raise InvalidArgumentError("DivergenceMonitor: action='rollback' needs checkpointer=, the "
                                        "AsyncCheckpointer to restore from")
         if rollback_to not in ("newest", "best"):
-            raise InvalidArgumentError(f"DivergenceMonitor: rollback_to must be 'newest' or 'best', got {rollback_to!r}")
+            raise InvalidArgumentError("DivergenceMonitor: rollback_to must be 'newest' or 'best', "
+                                       f"got {rollback_to!r}")
         if best_metric is None and checkpointer is not None:
             best_metric = getattr(checkpointer, "best_metric", None)
             if greater_is_better is None:
@@ -134,7 +134,7 @@ class DivergenceMonitor:
                 f"divergence at step {step}: no committed checkpoint at or before step {limit} "
                 f"(lookback {self.lookback}) under {ckpt.storage.url} to roll back to; save more "
                 "often, lower lookback, or use action='stop'")
-        if self.rollback_to == "best":
+        if self.rollback_to == "best" and self.best_metric:
             metrics = {i.step: i.metrics for i in candidates}
             best = best_steps([i.step for i in candidates], metrics, self.best_metric,
                               self.greater_is_better, 1)
@@ -149,16 +149,10 @@ class DivergenceMonitor:
         ckpt.wait()                      # a save still in flight would commit after the discard
         target = self.choose_target(step)
         discarded = tuple(i.step for i in ckpt.list_checkpoints() if i.step > target.step)
-        rank, world = _rank_and_world()
-        if rank == 0:
-            # No public delete in the checkpointer API yet: uncommit first, then free the data,
-            # exactly as retention does (the writer is idle after wait()).
-            for s in discarded:
-                ckpt.storage.delete(manifest_path(s))
-                ckpt.storage.delete_dir(step_dir(s))
-        if world > 1:                    # no rank may load or save before the discard is done
-            import torch.distributed as dist
-            dist.barrier()
+        # Every rank deletes alike: rank 0 acts, the others return once it has, so no rank loads
+        # or saves a discarded step before its old data is gone (no collective).
+        for s in discarded:
+            ckpt.delete(s)
         self._loaded = False
         rollbacks = self.rollbacks + 1
         info = ckpt.load(target.step)
@@ -184,10 +178,3 @@ class DivergenceMonitor:
         self.events = sorted(merged, key=lambda e: e.get("n", 0))[-16:]
         self._loaded = True
 
-
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

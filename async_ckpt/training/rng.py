@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Mapping
+from typing import Mapping, cast
 
 import torch
 
@@ -66,7 +66,7 @@ class RNGState:
             import numpy as np
         except ImportError:
             return state
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state(legacy=True))
         state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
                           "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
         return state

@@ -284,8 +284,26 @@ def scenario_slow(rank, world, local_world, node, groups):
     write(result, rank)
 
 
+def scenario_delete(rank, world, local_world, node, groups):
+    """Every rank deletes a committed step (only rank 0 acts, no collective), sees it gone when
+    delete() returns, and the step is saved anew, as a divergence rollback does."""
+    comps = [StateComponent("g", Holder({"w": torch.arange(64.0)}), SharingPattern.GLOBAL),
+             StateComponent("r", Holder({"w": torch.full((64,), float(rank))}), SharingPattern.PER_RANK)]
+    with AsyncCheckpointer(ROOT, comps, timeout_s=60) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step).wait()
+        if rank == 0:
+            time.sleep(1.0)        # the others must wait for rank 0, not race ahead
+        ckpt.delete(2)
+        gone = not (Path(ROOT) / "step-0000000002").exists()
+        listed = [i.step for i in ckpt.list_checkpoints()]
+        ckpt.save(2).wait()
+        write({"gone": gone, "listed": listed, "after": [i.step for i in ckpt.list_checkpoints()]}, rank)
+
+
 if __name__ == "__main__":
     ctx = setup()
     {"save": scenario_save, "load": scenario_load, "resize": scenario_resize,
-     "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow}[SCENARIO](*ctx)
+     "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow,
+     "delete": scenario_delete}[SCENARIO](*ctx)
     dist.destroy_process_group()

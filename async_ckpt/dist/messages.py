@@ -1,0 +1,260 @@
+"""Every message that crosses ranks, as a frozen dataclass, and their one JSON encoding.
+
+Messages travel through the Store (`dist.link.StoreLink`) under ``<namespace>/<seq>/<key>``; the
+key names below are the only ones a save or a load uses. Adding a field to a message is adding a
+field here (with a default, so that a peer of the same release always fills it): nothing is
+unpacked by position anywhere.
+
+========================  =====================  ==============================================
+key                       message                posted by -> read by
+========================  =====================  ==============================================
+``job/<rank>``            `JobDescriptor`        a rank that is not its node's writer -> that
+                                                 node's writer (where its staged buffer is)
+``begun/<node>``          `Begun`                node writer of node > 0 -> coordinator
+``node/<node>``           `NodeReport`           node writer of node > 0 -> coordinator
+``vh/<rank>``             `Announcement`         every rank's worker -> coordinator
+``err/<rank>``            `RankError`            a rank whose save() or worker failed -> all
+``fullreq``               `FullRequest`          coordinator -> ranks holding odd replicas
+``full/<rank>``           `FullAnswer`           those ranks -> coordinator
+``outcome``               `Outcome`              coordinator -> every rank's worker
+``shared/<node>`` (load)  `SharedCopies`         node writer -> the node's other ranks
+========================  =====================  ==============================================
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union
+
+M = TypeVar("M")
+
+
+# -- save: hand-over from a rank to its node writer ------------------------------------------------
+@dataclass(frozen=True)
+class Slot:
+    """One staged tensor a node writer must write: where it sits in the rank's staging buffer."""
+    index: int            # position in the component's tensor list
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int           # in the rank's staging buffer
+
+
+@dataclass(frozen=True)
+class ShardDescriptor:
+    """One copy (shard) of a component as one rank resolved it at this save."""
+    component: str
+    pattern: str
+    shard: str            # the copy's name (sharing.copy_name)
+    num_tensors: int      # in the whole copy (REPLICATED: over all ranks)
+    tree_source: bool     # this rank's skeleton goes into the manifest
+    tree: Any             # the skeleton (only when tree_source)
+    required: bool
+    validation: str
+    metadata: dict | None
+    members: tuple[int, ...]   # PER_GROUP: the group's ranks
+    slots: tuple[Slot, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobDescriptor:
+    """A rank's staged save, as its node writer needs it (``shm``: the shared-memory buffer)."""
+    rank: int
+    step: int
+    shm: str | None
+    capacity: int
+    shards: tuple[ShardDescriptor, ...]
+
+
+@dataclass(frozen=True)
+class Begun:
+    """A node writer has started this save (the coordinator's hand-over deadline ends)."""
+    node: int
+
+
+# -- save: what a node wrote ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class WrittenTensor:
+    """One record as written: where it is and how to check it."""
+    index: int
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    offset: int
+    length: int           # stored bytes
+    nbytes: int           # raw bytes
+    hash: str
+    frames: tuple[int, ...]
+    codec: str
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """The records one rank's copy of a component got in its node's data file."""
+    rank: int
+    shard: ShardDescriptor       # without slots
+    tensors: tuple[WrittenTensor, ...]
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    name: str
+    size: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A node writer's result for one save: its files and records, or why it failed."""
+    node: int
+    rank: int
+    files: tuple[WrittenFile, ...] = ()
+    shards: tuple[WrittenShard, ...] = ()
+    write_s: float = 0.0
+    causes: dict[int, str] = field(default_factory=dict)   # non-empty: the node failed
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.causes)
+
+
+# -- save: every rank's view, and the verdict -----------------------------------------------------
+@dataclass(frozen=True)
+class Announcement:
+    """What one rank resolved at this save, for the coordinator to check that ranks agree, and
+    the digests of its REPLICATED replicas (see save.replicas)."""
+    patterns: dict[str, tuple[str, str]]              # component -> (pattern, validation level)
+    replicated_shapes: dict[str, tuple[tuple[str, tuple[int, ...]], ...]]   # -> ((dtype, shape), ...)
+    digests: dict[str, dict[str, Any]]
+    groups: dict[str, tuple[int, ...]]                # PER_GROUP component -> its ranks
+
+
+@dataclass(frozen=True)
+class RankError:
+    """A rank failed while saving; every waiter stops at once."""
+    rank: int
+    message: str
+
+
+@dataclass(frozen=True)
+class FullItem:
+    """FULL validation: compare replicas of one tensor with the written record. ``pairs``:
+    (rank that compares, rank whose result it is)."""
+    component: str
+    tensor: int
+    pairs: tuple[tuple[int, int], ...]
+    record: WrittenTensor
+
+
+@dataclass(frozen=True)
+class FullRequest:
+    items: tuple[FullItem, ...]
+
+
+@dataclass(frozen=True)
+class FullResult:
+    component: str
+    tensor: int
+    report_as: int
+    max_abs_diff: float | None
+    differing: int
+
+
+@dataclass(frozen=True)
+class FullAnswer:
+    results: tuple[FullResult, ...]
+
+
+@dataclass(frozen=True)
+class CommittedInfo:
+    """The committed checkpoint, as every rank's CheckpointInfo reports it."""
+    url: str
+    nbytes: int
+    stored_nbytes: int
+    created: str
+    timings: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The coordinator's verdict on one save; every rank's handle resolves with it."""
+    ok: bool
+    message: str = ""
+    causes: dict[int, str] = field(default_factory=dict)
+    replication: bool = False
+    info: CommittedInfo | None = None
+
+
+# -- load -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SharedTensor:
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SharedCopy:
+    component: str
+    shard: str
+    tensors: tuple[SharedTensor, ...]
+
+
+@dataclass(frozen=True)
+class SharedCopies:
+    """GLOBAL/REPLICATED copies read once on a node: a shared-memory buffer, or an error."""
+    shm: str = ""
+    capacity: int = 0
+    copies: tuple[SharedCopy, ...] = ()
+    error: str = ""
+
+
+# -- the encoding ---------------------------------------------------------------------------------
+def encode(message: Any) -> str:
+    """Compact JSON of a message dataclass (tuples become lists, int keys become strings)."""
+    if not dataclasses.is_dataclass(message) or isinstance(message, type):
+        raise TypeError(f"not a message: {type(message).__name__}")
+    return json.dumps(dataclasses.asdict(message), separators=(",", ":"))
+
+
+def decode(kind: type[M], text: str | bytes) -> M:
+    """The `kind` message encoded in `text`; ValueError if it does not have that shape."""
+    try:
+        return _build(kind, json.loads(text))
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"malformed {kind.__name__} message: {exc}") from None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _build(tp: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        hints = _HINTS.get(tp)
+        if hints is None:
+            hints = _HINTS[tp] = typing.get_type_hints(tp)
+        if not isinstance(value, dict):
+            raise TypeError(f"{tp.__name__} must be an object, got {type(value).__name__}")
+        return tp(**{f.name: _build(hints[f.name], value[f.name])
+                     for f in dataclasses.fields(tp) if f.name in value})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _build(options[0], value) if len(options) == 1 else value
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], v) for v in value)
+        return tuple(_build(a, v) for a, v in zip(args, value))
+    if origin is dict:
+        kt, vt = args
+        return {(int(k) if kt is int else k): _build(vt, v) for k, v in value.items()}
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value

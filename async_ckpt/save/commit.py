@@ -1,0 +1,133 @@
+"""What "committed" means, in one place: creating a manifest, the clean-up and retention that
+follow a commit, and deleting a step (uncommit first, then free the data).
+
+All of it runs on the coordinator's process (node 0's writer thread for commits and retention,
+the caller's thread for ``delete_step``); storage operations are idempotent, so retention and an
+explicit delete of the same step may overlap.
+
+Which leftovers are garbage after step S commits: files in S's folder that its manifest does not
+list (a killed earlier attempt at S), and folders of other steps that hold no manifest and are not
+being saved by this checkpointer. With several nodes, another node may already be writing a save
+this coordinator has not reached yet, so only folders of steps older than S are removed then.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
+
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ..format import metrics_file
+from ..format.manifest import MANIFEST_NAME, Manifest
+from ..format.names import committed_steps, manifest_path, read_manifest, step_dir, step_dirs
+from ..options import CheckpointOptions
+from ..retention import steps_to_keep
+from ..storage import Storage
+
+log = logging.getLogger("async_ckpt")
+
+
+class CommitRaceLost(CheckpointError):
+    """The manifest of the step appeared before ours: another writer committed it meanwhile."""
+
+
+class Committer:
+    """Commits, retention and deletion for one checkpointer's root (coordinator only)."""
+
+    def __init__(self, storage: Storage, options: CheckpointOptions, rank: int, multi_node: bool,
+                 pending_steps: Callable[[], set[int]]):
+        self.storage, self.options, self.rank = storage, options, rank
+        self.multi_node, self.pending_steps = multi_node, pending_steps
+        self._metrics: dict[int, dict[str, float]] = {}
+
+    # -- the commit point -----------------------------------------------------------------------
+    def commit(self, manifest: Manifest) -> None:
+        """Create the manifest with one exclusive create: the checkpoint exists from here on."""
+        try:
+            self.storage.create_exclusive(manifest_path(manifest.step), manifest.to_json())
+        except FileExistsError:
+            raise CommitRaceLost(f"step {manifest.step} was committed by someone else meanwhile") from None
+
+    def discard_uncommitted(self, step: int) -> None:
+        """Remove the folder of `step` unless it holds a manifest (never raises): what a failed
+        save of it wrote, or a killed earlier attempt's leftovers (on S3 with their unfinished
+        multipart uploads). Call only when no writer can be writing into the folder. A folder that
+        holds a manifest is another writer's commit (or an earlier one of this step): left alone."""
+        try:
+            if self.storage.exists(manifest_path(step)):
+                return
+            self.storage.delete_dir(step_dir(step))
+        except Exception:  # noqa: BLE001 - storage may be down; the next commit cleans up
+            log.warning("[rank %d step %d] could not remove %s; a later commit will",
+                        self.rank, step, step_dir(step))
+
+    # -- after a commit -------------------------------------------------------------------------
+    def after_commit(self, manifest: Manifest) -> None:
+        """Remove garbage (see the module docstring), then apply retention."""
+        step = manifest.step
+        # A step can be committed anew after its folder was removed (e.g. a divergence rollback
+        # discarded it): never rank it by the metrics cached for the old checkpoint.
+        self._metrics.pop(step, None)
+        folders = step_dirs(self.storage)
+        committed = committed_steps(self.storage, folders)
+        pending = self.pending_steps()
+        for other, name in folders.items():
+            if other in committed or other in pending or other == step:
+                continue
+            if not self.multi_node or other < step:
+                self.storage.delete_dir(name)
+        self._remove_unlisted(manifest)
+        self.retain(committed)
+
+    def _remove_unlisted(self, manifest: Manifest) -> None:
+        folder = step_dir(manifest.step)
+        listed = set(manifest.files) | {MANIFEST_NAME}
+        for name in self.storage.list_dir(folder):
+            if name not in listed and not name.startswith(metrics_file.PREFIX):
+                self.storage.delete(f"{folder}/{name}")
+
+    def retain(self, committed: list[int] | None = None) -> None:
+        """Apply keep_last / keep_best / keep_every to the committed steps."""
+        opts = self.options
+        if opts.keep_last is None:
+            return
+        if committed is None:
+            committed = committed_steps(self.storage)
+        metrics = {s: self.metrics_of(s) for s in committed} if opts.keep_best else {}
+        keep = steps_to_keep(committed, metrics, keep_last=opts.keep_last, keep_best=opts.keep_best,
+                             best_metric=opts.best_metric, greater_is_better=opts.greater_is_better,
+                             keep_every=opts.keep_every)
+        for step in committed:
+            if step not in keep:
+                self.delete_step(step)
+                log.info("[rank %d] retention removed step %d", self.rank, step)
+
+    # -- metrics ------------------------------------------------------------------------------
+    def metrics_of(self, step: int) -> dict[str, float]:
+        if step not in self._metrics:
+            folder = step_dir(step)
+            manifest = read_manifest(self.storage, folder, step)
+            self._metrics[step] = {**metrics_file.decode(manifest.metrics),
+                                   **metrics_file.read_late(self.storage, folder)}
+        return self._metrics[step]
+
+    def record_late_metrics(self, step: int, values: Mapping[str, float]) -> bool:
+        """Store metrics reported after the commit of `step`; False if it is gone."""
+        if not self.storage.exists(manifest_path(step)):
+            log.warning("[rank %d step %d] metrics %s dropped: the save of this step failed or "
+                        "was removed by retention", self.rank, step, dict(values))
+            return False
+        metrics_file.write_late(self.storage, step_dir(step), dict(values))
+        if step in self._metrics:
+            self._metrics[step].update(values)
+        return True
+
+    # -- deleting ---------------------------------------------------------------------------------
+    def delete_step(self, step: int, must_exist: bool = False) -> None:
+        """Uncommit `step` (remove its manifest), then free its data. With `must_exist`, raise
+        CheckpointNotFoundError if there is neither a manifest nor a folder for it."""
+        if must_exist and not self.storage.exists(manifest_path(step)) and step not in step_dirs(self.storage):
+            raise CheckpointNotFoundError(f"cannot delete step {step}: there is no checkpoint of it "
+                                          f"at {self.storage.url}")
+        self.storage.delete(manifest_path(step))     # uncommit first ...
+        self.storage.delete_dir(step_dir(step))      # ... then free the data
+        self._metrics.pop(step, None)
