@@ -17,7 +17,8 @@ from . import __version__
 from . import metrics_store
 from .datafile import DataFileWriter
 from .codec import Compressor
-from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError
+from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError,
+                     storage_errors_translated)
 from .handle import SaveHandle
 from .layout import committed_steps, manifest_path, step_dir, step_dirs
 from .components import group_members, resolve_pattern, validate_components
@@ -29,7 +30,7 @@ from .plan import Planner, layout_key
 from .restore import list_infos, restore
 from .retention import steps_to_keep
 from .staging import BufferPool, stage, sweep_dead_buffers
-from .storage import open_storage
+from .storage import StorageError, open_storage
 from .topology import current_topology
 from .tree import flatten
 from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
@@ -86,6 +87,7 @@ class AsyncCheckpointer:
     same steps in the same order; no call enters a collective.
     """
 
+    @storage_errors_translated
     def __init__(self, root: str | os.PathLike,
                  components: Sequence[StateComponent] | Callable[[], Sequence[StateComponent]], *,
                  storage_options: dict | None = None, compression: str | None = None,
@@ -112,6 +114,8 @@ class AsyncCheckpointer:
         self.storage = open_storage(root, storage_options)
         try:
             self.storage.check_root()
+        except StorageError:
+            raise   # says what to fix; translated by the decorator
         except OSError as exc:
             raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
                                        f"({exc}); pass a folder this process can create and write") from exc
@@ -151,6 +155,8 @@ class AsyncCheckpointer:
         if not self._writable_checked:
             try:
                 self.storage.check_writable()
+            except StorageError:
+                raise   # says what to fix; translated by the public method's decorator
             except OSError as exc:
                 raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
                                            f"({exc}); pass a folder this process can create and write") from exc
@@ -185,6 +191,7 @@ class AsyncCheckpointer:
             raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
 
     # -- saving -------------------------------------------------------------------------------
+    @storage_errors_translated
     def save(self, step: int, metrics: Mapping[str, float] | None = None) -> SaveHandle:
         """Snapshot every component for `step` and return at once; the write goes on in the
         background. Raises an earlier save's unreported failure, or if `step` is committed.
@@ -259,6 +266,7 @@ class AsyncCheckpointer:
         log.debug("[rank %d step %d] staged %d bytes in %.3f s", self.topo.rank, step, plan.buffer_nbytes, blocking)
         return handle
 
+    @storage_errors_translated
     def report_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Attach metrics that arrive after `save(step)` (decoupled evaluation). Stored durably
         beside the checkpoint; retention (keep_best) reconsiders once they are written.
@@ -286,6 +294,7 @@ class AsyncCheckpointer:
             self._retain(step)
         self._ensure_writer().submit(task)
 
+    @storage_errors_translated
     def wait(self) -> None:
         """Block until every pending save is committed and its retention has run; raise the
         first failure not yet reported."""
@@ -299,6 +308,7 @@ class AsyncCheckpointer:
             done.wait()
         self._raise_unreported()
 
+    @storage_errors_translated
     def close(self) -> None:
         """wait(), then stop the writer thread. Safe to call twice."""
         if self._closed:
@@ -375,15 +385,18 @@ class AsyncCheckpointer:
                 self.storage.delete(f"{folder}/{name}")
 
     # -- reading ------------------------------------------------------------------------------
+    @storage_errors_translated
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
         steps = committed_steps(self.storage)
         return steps[-1] if steps else None
 
+    @storage_errors_translated
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first (unreadable manifests are logged and skipped)."""
         return list_infos(self.storage, self.topo.rank)
 
+    @storage_errors_translated
     def load(self, step: int | None = None, *, strict: bool = True) -> CheckpointInfo | None:
         """Restore every registered component from `step` (default: the newest committed one).
 

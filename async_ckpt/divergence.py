@@ -19,7 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .errors import CheckpointNotFoundError, InvalidArgumentError
+from .errors import CheckpointNotFoundError, InvalidArgumentError, storage_errors_translated
 from .layout import manifest_path, step_dir
 from .retention import best_steps
 from .types import CheckpointInfo
@@ -98,6 +98,7 @@ class DivergenceMonitor:
         self._loaded = False
 
     # -- per step ------------------------------------------------------------------------------
+    @storage_errors_translated
     def update(self, step: int, value) -> DivergenceEvent | None:
         """Feed the metric of `step`. Returns None while training is healthy, else the event
         (after carrying out a rollback)."""

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from .codec import byte_view, codec_width, decompress_frames, new_hasher
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, translate_storage_error
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, TensorEntry, parse_manifest
 from . import readbuf
 from .readbuf import Filled, ReadSession
-from .storage import Storage
+from .storage import Storage, StorageError
 from .tree import dtype_from_name, unflatten
 
 _MAX_GAP = 1 << 20   # read through gaps up to this size rather than issue another request
@@ -29,6 +29,8 @@ def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Man
         raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise
+    except StorageError as exc:     # unreachable or misconfigured storage, not a corrupt manifest
+        raise translate_storage_error(exc) from exc
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read {storage.child_url(path)}: {exc}") from exc
     return parse_manifest(raw, storage.child_url(path), step)
@@ -45,6 +47,8 @@ def check_files(storage: Storage, folder: str, manifest: Manifest, names: set[st
             size = storage.size(f"{folder}/{name}")
         except FileNotFoundError:
             raise CorruptCheckpointError(f"data file {url} listed in the manifest is missing") from None
+        except StorageError as exc:     # a CheckpointError, as restore's fallbacks expect
+            raise translate_storage_error(exc) from exc
         if size != manifest.files[name].size:
             raise CorruptCheckpointError(
                 f"data file {url} has {size} bytes, the manifest says {manifest.files[name].size} "
@@ -116,6 +120,8 @@ def read_tensors(storage: Storage, folder: str, shard: ShardEntry, where: str,
             if verify:
                 _verify_group(view, group, start, filled, where)
             filled.wait(end - start)
+        except StorageError as exc:     # unreachable or misconfigured storage, not corrupt data
+            raise translate_storage_error(exc) from exc
         except (OSError, EOFError) as exc:
             raise CorruptCheckpointError(
                 f"cannot read bytes {start}-{end} of {storage.child_url(path)}: {exc}") from exc

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import libc
+from .storage import libc
 from .codec import byte_view
 
 log = logging.getLogger("async_ckpt")

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .codec import byte_view, codec_for
 from .datafile import DataFileWriter
-from .errors import CheckpointError, SaveFailedError
+from .errors import CheckpointError, SaveFailedError, translate_storage_error
 from .handle import SaveHandle
 from .layout import manifest_path, step_dir
 from .metrics_store import encode
@@ -91,6 +91,7 @@ class NodeWriter:
                 except BaseException as exc:  # noqa: BLE001 - the thread must outlive any one job
                     log.exception("[rank %d step %d] node writer failed", self.topo.rank, job.step)
                     if self.link is None and not job.handle.done():
+                        exc = translate_storage_error(exc)
                         job.handle._fail(SaveFailedError(
                             f"saving step {job.step} failed on rank {self.topo.rank}: {exc!r}",
                             {self.topo.rank: exc}))
@@ -140,6 +141,7 @@ class NodeWriter:
             log.info("[rank %d step %d] committed %s (%.1f MiB, %.2f s after save())",
                      self.topo.rank, job.step, info.url, manifest.nbytes / 2**20, job.timings["total_s"])
         except BaseException as exc:  # noqa: BLE001 - every failure resolves the handle
+            exc = translate_storage_error(exc)
             if buffer is not None:
                 self.pool.release(buffer)
             if not manifest_written:

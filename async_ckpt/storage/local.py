@@ -8,7 +8,7 @@ import os
 import shutil
 import uuid
 
-from .. import libc
+from . import libc
 
 _WRITEBACK_EVERY = 8 << 20
 
