@@ -28,7 +28,7 @@ import torch
 from .dist.link import Heartbeat, StoreLink, namespace
 from .dist.shm import sweep_dead_buffers
 from .dist.topology import current_topology
-from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError
+from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, storage_errors_translated
 from .format import metrics_file
 from .format.codec import Compressor
 from .format.names import committed_steps, manifest_path, step_dir
@@ -45,7 +45,7 @@ from .save.plan import Planner, state_layout
 from .save.rank_worker import RankWorker
 from .save.staging import BufferPool, stage
 from .sharing import group_members, resolve_pattern, stages_every_replica, validate_components
-from .storage import open_storage
+from .storage import StorageError, open_storage
 from .types import CheckpointInfo, SharingPattern, StateComponent
 from .version import __version__
 
@@ -83,6 +83,7 @@ class AsyncCheckpointer:
     same steps in the same order; no call enters a collective.
     """
 
+    @storage_errors_translated
     def __init__(self, root: str | os.PathLike,
                  components: Sequence[StateComponent] | Callable[[], Sequence[StateComponent]], *,
                  storage_options: dict | None = None, compression: str | None = None,
@@ -96,6 +97,8 @@ class AsyncCheckpointer:
         self.storage = open_storage(root, storage_options)
         try:
             self.storage.check_root()
+        except StorageError:
+            raise   # says what to fix; translated by the decorator
         except OSError as exc:
             raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
                                        f"({exc}); pass a folder this process can create and write") from exc
@@ -146,6 +149,8 @@ class AsyncCheckpointer:
             return
         try:
             self.storage.check_writable()
+        except StorageError:
+            raise                 # it says what to fix; translated by the decorator
         except OSError as exc:
             raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
                                        f"({exc}); pass a folder this process can create and write") from exc
@@ -180,6 +185,7 @@ class AsyncCheckpointer:
             raise CheckpointError("this AsyncCheckpointer is closed; create a new one")
 
     # -- saving -------------------------------------------------------------------------------
+    @storage_errors_translated
     def save(self, step: int, metrics: Mapping[str, float] | None = None) -> SaveHandle:
         """Snapshot every component for `step` and return at once; the write goes on in the
         background. Raises an earlier save's unreported failure, or if `step` is committed.
@@ -252,6 +258,7 @@ class AsyncCheckpointer:
         log.debug("[rank %d step %d] staged %d bytes in %.3f s", self.topo.rank, step, plan.buffer_nbytes, blocking)
         return settlement.handle
 
+    @storage_errors_translated
     def report_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Attach metrics that arrive after `save(step)` (decoupled evaluation). Stored durably
         beside the checkpoint; retention (keep_best) reconsiders once they are written.
@@ -275,6 +282,7 @@ class AsyncCheckpointer:
         assert self._writer is not None
         self._writer.submit(task)
 
+    @storage_errors_translated
     def wait(self) -> None:
         """Block until every pending save is committed and its retention has run; raise the
         first failure not yet reported."""
@@ -288,6 +296,7 @@ class AsyncCheckpointer:
             done.wait()
         self._raise_unreported()
 
+    @storage_errors_translated
     def close(self) -> None:
         """wait(), then stop the writer thread. Safe to call twice."""
         if self._closed:
@@ -317,6 +326,7 @@ class AsyncCheckpointer:
             log.error("[rank %d] while closing after an error: %s", self.topo.rank, err)
 
     # -- deleting -------------------------------------------------------------------------------
+    @storage_errors_translated
     def delete(self, step: int) -> None:
         """Uncommit `step` (its manifest goes first), then free its data.
 
@@ -348,15 +358,18 @@ class AsyncCheckpointer:
             time.sleep(0.01)
 
     # -- reading ------------------------------------------------------------------------------
+    @storage_errors_translated
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
         steps = committed_steps(self.storage)
         return steps[-1] if steps else None
 
+    @storage_errors_translated
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first (unreadable manifests are logged and skipped)."""
         return list_infos(self.storage, self.topo.rank)
 
+    @storage_errors_translated
     def load(self, step: int | None = None, *, strict: bool = True) -> CheckpointInfo | None:
         """Restore every registered component from `step` (default: the newest committed one).
 

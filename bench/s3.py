@@ -1,7 +1,11 @@
 """S3 benchmark: async_ckpt against raw s3fs on a loopback SeaweedFS, in the same run.
 
 One synthetic fp32 state (default ~1 GiB of normal noise in 16 tensors) and a SeaweedFS `weed
-mini` started on 127.0.0.1 by this script (tests/s3_servers.py; stopped by PID at the end).
+mini` started on 127.0.0.1 by this script (async_ckpt.storage.testing.servers, the launcher the
+tests and storage/seaweedfs.sh use; stopped by PID at the end). With ASYNC_CKPT_S3_ENDPOINT set
+(e.g. by storage/ceph_rgw.sh for Ceph RGW) it uses that server instead, and removes what it wrote
+there at the end. Each run writes under a fresh prefix of the bucket "bench".
+
 Measured, each as the median over ``--repeats`` with min/max, methods interleaved per round with
 the order rotated so background load hits all of them alike:
 
@@ -22,16 +26,15 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
 from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent
+from async_ckpt.storage.testing import servers
 
 from .common import GIB, machine_info
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from s3_servers import start_seaweed  # noqa: E402 - the same launcher the tests use
 
 TARGET_COMMIT = 1.15   # x raw s3fs pipe of the same bytes
 
@@ -62,16 +65,21 @@ def timed(fn) -> float:
 
 def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-s3-", dir=args.dir))
-    server = start_seaweed(workdir)
+    external = servers.from_environment()
+    server = external or servers.start_seaweed(workdir)
+    label = (f"the S3 server at {server.endpoint} (ASYNC_CKPT_S3_ENDPOINT)" if external
+             else "SeaweedFS 4.48 weed mini on 127.0.0.1 (GOMEMLIMIT=768MiB)")
+    run_id = uuid.uuid4().hex[:8]
+    fs = None
     try:
-        bucket = server.make_bucket("bench")
+        base = f"{server.make_bucket('bench')}/{run_id}"   # bucket/prefix of this run
         options = server.storage_options()
         import s3fs
         fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
         tensors = make_state(int(args.size_gib * GIB), args.tensors)
         blob = b"".join(t.numpy().tobytes() for t in tensors.values())
         nbytes = len(blob)
-        ckpts = {c: AsyncCheckpointer(f"s3://{bucket}/ckpt-{c or 'raw'}",
+        ckpts = {c: AsyncCheckpointer(f"s3://{base}/ckpt-{c or 'raw'}",
                                       [StateComponent("m", TensorState(tensors), SharingPattern.GLOBAL)],
                                       storage_options=options, compression=c, keep_last=1)
                  for c in (None, "zstd")}
@@ -85,12 +93,12 @@ def run(args) -> dict:
             return go
 
         def load(c):
-            reader = AsyncCheckpointer(f"s3://{bucket}/ckpt-{c or 'raw'}",
+            reader = AsyncCheckpointer(f"s3://{base}/ckpt-{c or 'raw'}",
                                        [StateComponent("m", TensorState({}), SharingPattern.GLOBAL)],
                                        storage_options=options)
             return lambda: reader.load(step[c] - 1)
 
-        raw_key = f"{bucket}/raw/blob.bin"
+        raw_key = f"{base}/raw/blob.bin"
         methods = {
             "raw_pipe": lambda: fs.pipe_file(raw_key, blob),
             "commit_none": save(None),
@@ -120,10 +128,14 @@ def run(args) -> dict:
         for ck in ckpts.values():
             ck.close()
         return {"nbytes": nbytes, "samples": samples, "stored": stored,
-                "server": "SeaweedFS 4.48 weed mini on 127.0.0.1 (GOMEMLIMIT=768MiB)",
-                "machine": machine_info(str(workdir))}
+                "server": label, "machine": machine_info(str(workdir))}
     finally:
-        server.stop()
+        if external and fs is not None:     # someone else's server: leave nothing behind
+            try:
+                fs.rm(base, recursive=True)
+            except Exception as exc:  # noqa: BLE001 - cleanup only
+                print(f"could not remove s3://{base}: {exc}", file=sys.stderr)
+        server.stop()                        # by PID; a no-op for an external server
 
 
 def summarise(doc: dict) -> tuple[list[dict], list[str]]:

@@ -114,7 +114,7 @@ class Bench:
     def run_raw_write(self, i: int, early: bool = False) -> None:
         """The fsync'd sequential write floor. `early`: also start writeback every 8 MiB with
         sync_file_range, the trick async_ckpt's local writer uses (a stricter floor)."""
-        from async_ckpt.libc import sync_file_range as _sync_file_range
+        from async_ckpt.storage.libc import sync_file_range as _sync_file_range
         folder = self.path("raw")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"raw-{i}.bin")

@@ -9,9 +9,10 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 def test_s3_bench_runs_and_reports_every_method(tmp_path):
     out = tmp_path / "s3.json"
+    env = {k: v for k, v in os.environ.items() if k != "ASYNC_CKPT_S3_ENDPOINT"}   # its own server
     proc = subprocess.run([sys.executable, "-m", "bench.s3", "--size-gib", "0.01", "--tensors", "2",
                            "--repeats", "1", "--out", str(out), "--dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     rows = {r["key"]: r for r in doc["rows"]}

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from async_ckpt import (AsyncCheckpointer, CheckpointError, InvalidArgumentError, SaveFailedError,
-                        StateComponent)
-from async_ckpt.storage import StorageConfigError, StorageUnavailableError, open_storage
+                        StateComponent, StorageConfigError, StorageUnavailableError)
+from async_ckpt.storage import open_storage
+from async_ckpt.storage.testing.faults import FaultProxy
+from async_ckpt.storage.testing.servers import free_port
 from corruption_support import G, Recorder, assert_same, b_state
-from s3_faults import FaultProxy
-from s3_servers import free_port
 from s3_support import Remote
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "crash_saver.py"

@@ -9,8 +9,8 @@ import os
 import time
 from typing import Mapping
 
-from ..errors import InvalidArgumentError
-from ..storage import Storage
+from ..errors import InvalidArgumentError, translate_storage_error
+from ..storage import Storage, StorageError
 
 log = logging.getLogger("async_ckpt")
 PREFIX = "metrics-"
@@ -56,6 +56,8 @@ def read_late(storage: Storage, folder: str) -> dict[str, float]:
             try:
                 doc = json.loads(storage.read_bytes(f"{folder}/{name}"))
                 merged.update(decode(doc) if isinstance(doc, dict) else {})
+            except StorageError as exc:   # storage down: never rank checkpoints without these
+                raise translate_storage_error(exc) from exc
             except (OSError, ValueError, RecursionError) as exc:
                 log.warning("ignoring unreadable metrics file %s: %s", storage.child_url(f"{folder}/{name}"), exc)
     return merged

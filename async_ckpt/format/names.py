@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import CorruptCheckpointError
-from ..storage import Storage
+from ..errors import CorruptCheckpointError, translate_storage_error
+from ..storage import Storage, StorageError
 from .manifest import MANIFEST_NAME, Manifest, parse_manifest
 
 STEP_DIGITS = 10
@@ -49,6 +49,8 @@ def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Man
         raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise
+    except StorageError as exc:     # unreachable or misconfigured storage, not a corrupt manifest
+        raise translate_storage_error(exc) from exc
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read {storage.child_url(path)}: {exc}") from exc
     return parse_manifest(raw, storage.child_url(path), step)

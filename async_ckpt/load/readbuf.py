@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .. import libc
 from ..format.codec import byte_view
+from ..storage import libc
 
 log = logging.getLogger("async_ckpt")
 

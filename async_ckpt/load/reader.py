@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from ..format.codec import byte_view, codec_width, decompress_frames, new_hasher
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, translate_storage_error
 from ..format.manifest import Manifest, ShardEntry, TensorEntry
 from ..format.names import read_manifest  # noqa: F401 - re-exported for the load path
 from . import readbuf
 from .readbuf import Filled, ReadSession
-from ..storage import Storage
+from ..storage import Storage, StorageError
 from ..format.tree import dtype_from_name, unflatten
 
 _MAX_GAP = 1 << 20   # read through gaps up to this size rather than issue another request
@@ -35,6 +35,8 @@ def check_files(storage: Storage, folder: str, manifest: Manifest, names: set[st
             size = storage.size(f"{folder}/{name}")
         except FileNotFoundError:
             raise CorruptCheckpointError(f"data file {url} listed in the manifest is missing") from None
+        except StorageError as exc:     # a CheckpointError, as restore's fallbacks expect
+            raise translate_storage_error(exc) from exc
         if size != manifest.files[name].size:
             raise CorruptCheckpointError(
                 f"data file {url} has {size} bytes, the manifest says {manifest.files[name].size} "
@@ -106,6 +108,8 @@ def read_tensors(storage: Storage, folder: str, shard: ShardEntry, where: str,
             if verify:
                 _verify_group(view, group, start, filled, where)
             filled.wait(end - start)
+        except StorageError as exc:     # unreachable or misconfigured storage, not corrupt data
+            raise translate_storage_error(exc) from exc
         except (OSError, EOFError) as exc:
             raise CorruptCheckpointError(
                 f"cannot read bytes {start}-{end} of {storage.child_url(path)}: {exc}") from exc

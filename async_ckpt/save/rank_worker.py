@@ -25,7 +25,7 @@ import time
 from ..dist.link import LinkTimeout, RemoteFailure, StoreLink
 from ..dist.messages import Announcement, FullAnswer, FullItem, FullRequest, FullResult, Outcome
 from ..dist.topology import Topology
-from ..errors import CheckpointError, ReplicationError, SaveFailedError
+from ..errors import CheckpointError, ReplicationError, SaveFailedError, translate_storage_error
 from ..format.manifest import ShardEntry, TensorEntry
 from ..format.metrics_file import decode
 from ..format.names import step_dir
@@ -98,16 +98,17 @@ class RankWorker:
             settlement.settle()
             return
         # Causes raised in this process keep their exception objects; peers' are their messages.
+        local = {r: translate_storage_error(exc) for r, exc in job.local_errors.items()}
         causes: dict[int, BaseException | str] = {int(r): m for r, m in outcome.causes.items()}
-        for r, exc in job.local_errors.items():
+        for r, exc in local.items():
             if r in causes or not causes:
                 causes[r] = exc
         err = SaveFailedError(f"saving step {job.step} to {self.storage.child_url(step_dir(job.step))} "
                               f"failed, nothing was committed: {outcome.message}", causes)
         if outcome.replication:
             err.__cause__ = ReplicationError(outcome.message)
-        elif job.local_errors:
-            err.__cause__ = next(iter(job.local_errors.values()))
+        elif local:
+            err.__cause__ = next(iter(local.values()))
         settlement.fail(err)
 
     def _announce(self, job: SaveJob) -> Announcement:

@@ -1,35 +1,24 @@
-"""Byte movement for async_ckpt: the Storage protocol and its backends.
+"""Byte movement for async_ckpt: the Storage protocol, its backends and the registry that picks
+one by URL scheme.
 
-Shipped as `async_ckpt.storage` so it can never shadow a top-level `storage` module.
+Self-contained: nothing here imports the rest of `async_ckpt` (tests/test_storage_boundary.py
+checks it). Failures are builtin OSErrors, plus `StorageConfigError`/`StorageUnavailableError`
+(`errors.py`, also OSErrors) that the engine translates into its own classes. Backends:
+`LocalStorage` (paths, file://), `S3Storage` (s3://, s3a://), `FsspecStorage` (any other fsspec
+URL); `register_backend` adds a scheme. `async_ckpt.storage.testing` holds the S3 server launchers,
+the fault-injecting proxy and the conformance suite a backend's tests subclass; it is imported only
+by tests. Shipped as `async_ckpt.storage` so it can never shadow a top-level `storage` module.
 """
 from __future__ import annotations
 
-import os
-from typing import Any
-
 from .base import Storage, StreamWriter
+from .errors import StorageConfigError, StorageError, StorageUnavailableError
 from .fsspec_backend import FsspecStorage
 from .local import LocalStorage
+from .registry import (BackendFactory, open_storage, register_backend, registered_schemes,
+                       unregister_backend)
 from .s3 import S3Storage, open_s3
-from .s3_errors import StorageConfigError, StorageUnavailableError
 
-__all__ = ["Storage", "StreamWriter", "LocalStorage", "FsspecStorage", "S3Storage",
-           "StorageConfigError", "StorageUnavailableError", "open_storage"]
-
-
-def open_storage(root: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Storage:
-    """Pick a backend for `root`: a local path or file:// URL -> LocalStorage, s3:// (or s3a://)
-    -> S3Storage (s3fs's client, our multipart writer, retries and conditional-put commit), any
-    other URL -> FsspecStorage on that fsspec filesystem (memory://, gcs://, ...)."""
-    root = os.fspath(root)
-    if "://" not in root:
-        return LocalStorage(root)
-    protocol, rest = root.split("://", 1)
-    if protocol == "file":
-        return LocalStorage(rest)
-    if protocol in ("s3", "s3a"):
-        return open_s3(root, storage_options)
-    import fsspec
-
-    fs = fsspec.filesystem(protocol, **(storage_options or {}))
-    return FsspecStorage(fs, fs._strip_protocol(root), root)
+__all__ = ["Storage", "StreamWriter", "LocalStorage", "FsspecStorage", "S3Storage", "open_s3",
+           "StorageError", "StorageConfigError", "StorageUnavailableError", "open_storage",
+           "register_backend", "unregister_backend", "registered_schemes", "BackendFactory"]

@@ -5,7 +5,10 @@ from the node writer thread: ``open_writer`` per data file -> ``write`` ... -> `
 or ``abort``; ``sync_dir`` on the folder; ``create_exclusive`` for the manifest (the commit point).
 Readers (any thread) use ``read_bytes``/``read_into``/``size``/``exists``/``list_dir``; retention
 uses ``delete``/``delete_dir``. Errors are the builtin OSError family (FileNotFoundError,
-FileExistsError, ...); the engine translates them into CheckpointErrors.
+FileExistsError, EOFError for short reads, ...) and, from `errors.py`, `StorageConfigError` (the
+root cannot work as configured) and `StorageUnavailableError` (transient failures past the retry
+deadline), both OSErrors; the engine translates them into CheckpointErrors. `registry.py` maps a
+root's URL scheme to the backend that serves it.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ import mmap
 import os
 import shutil
 import uuid
+from typing import Any
 
-from .. import libc
+from . import libc
 
 _WRITEBACK_EVERY = 8 << 20
 
@@ -24,7 +25,8 @@ def _owned_mapping(addr: int, size: int):
     def release(self) -> None:
         munmap(ctypes.addressof(self), size)
 
-    return type("PrivateMapping", (ctypes.c_uint8 * size,), {"__del__": release}).from_address(addr)
+    mapping: Any = type("PrivateMapping", (ctypes.c_uint8 * size,), {"__del__": release})
+    return mapping.from_address(addr)
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -3,10 +3,12 @@
 Owns every request async_ckpt sends to S3. Each one goes through `retry.retry_async` (botocore's
 and s3fs's own retries are turned off) and failures are translated by `s3_errors`. Rules kept
 here, from DESIGN §4: nothing is ever renamed; data objects are multipart uploads that become
-visible only when complete (`s3_writer`); the manifest is one PUT with `If-None-Match: *`; a
-server that ignores that header is detected by `check_writable` and refused; `delete_dir` also
-aborts unfinished multipart uploads under the folder, which is how the uploads of a killed saver
-are cleaned up. Listing reports folders that hold only unfinished uploads for the same reason.
+visible only when complete (`s3_writer`, which sees only the `UploadTarget` that `open_writer`
+builds: a request function bound to the object, the loop runner, the key and the part settings);
+the manifest is one PUT with `If-None-Match: *`; a server that ignores that header is detected by
+`check_writable` and refused; `delete_dir` also aborts unfinished multipart uploads under the
+folder, which is how the uploads of a killed saver are cleaned up. Listing reports folders that
+hold only unfinished uploads for the same reason.
 
 Extra `storage_options` read here (the rest go to `s3fs.S3FileSystem`): `retry_deadline_s`
 (60: total time one request may spend on retries), `part_size` (16 MiB), `upload_concurrency`
@@ -16,17 +18,18 @@ Extra `storage_options` read here (the rest go to `s3fs.S3FileSystem`): `retry_d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
+from .errors import StorageConfigError, StorageUnavailableError
 from .retry import RetryPolicy, retry_async
-from .s3_errors import (StorageConfigError, StorageUnavailableError, is_precondition_failed,
-                        is_transient, translate)
-from .s3_writer import S3StreamWriter
+from .s3_errors import is_precondition_failed, is_transient, translate
+from .s3_writer import S3StreamWriter, UploadTarget
 
 log = logging.getLogger("async_ckpt.storage")
 
@@ -96,6 +99,10 @@ class S3Storage:
             return await coro
         return sync(self.fs.loop, wrapper)
 
+    def start(self, coro: Coroutine) -> "concurrent.futures.Future":
+        """Schedule a coroutine on s3fs's event loop thread; its result arrives in the future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+
     async def call(self, method: str, path: str, *, then: Callable | None = None,
                    policy: RetryPolicy | None = None, tries: list | None = None, **kwargs) -> Any:
         """One S3 request (and `then(response)`, e.g. reading the body), retried as one unit;
@@ -157,7 +164,13 @@ class S3Storage:
 
     # -- writes ---------------------------------------------------------------------------------
     def open_writer(self, path: str) -> S3StreamWriter:
-        return S3StreamWriter(self, path)
+        key = self.key(path)
+
+        def request(method: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+            return self.call(method, path, Key=key, **kwargs)
+        return S3StreamWriter(UploadTarget(key, self.child_url(path), self.settings.part_size,
+                                           self.settings.upload_concurrency, request, self.run,
+                                           self.start))
 
     def create_exclusive(self, path: str, data: bytes, policy: RetryPolicy | None = None) -> None:
         """One PUT with If-None-Match: * (never a rename). A 412 after a retry may be our own
@@ -181,7 +194,10 @@ class S3Storage:
 
     # -- reads ----------------------------------------------------------------------------------
     async def _read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
-        kwargs = {"Range": f"bytes={start}-{end - 1}"} if start is not None else {}
+        kwargs: dict[str, Any] = {}
+        if start is not None:
+            assert end is not None, "a ranged read needs both ends"
+            kwargs["Range"] = f"bytes={start}-{end - 1}"
 
         async def body(response):
             async with response["Body"] as stream:
@@ -252,7 +268,7 @@ class S3Storage:
         prefix = self._folder_key(path)
 
         async def go() -> set[str]:
-            names = set()
+            names: set[str] = set()
             async for page in self._pages("list_objects_v2", path, Prefix=prefix, Delimiter="/"):
                 names.update(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
                 names.update(o["Key"][len(prefix):] for o in page.get("Contents", []))

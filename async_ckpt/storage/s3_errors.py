@@ -3,7 +3,8 @@
 `is_transient` decides what `retry.retry_async` may try again. `translate` turns what is left
 into the Storage protocol's builtin errors (FileNotFoundError, FileExistsError, EOFError, OSError)
 or, for a root that can never work as configured, into a `StorageConfigError` that names the URL
-and the fix. Credentials are never part of a message.
+and the fix, and for transient failures past the retry deadline into a `StorageUnavailableError`
+(both from `errors`, both OSErrors). Credentials are never part of a message.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncio
 import errno
 import socket
 
-from ..errors import CheckpointError, InvalidArgumentError
+from .errors import StorageConfigError, StorageUnavailableError
 from .retry import RetriesExhausted
 
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
@@ -20,15 +21,6 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTim
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
                "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "403"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
-
-
-class StorageConfigError(InvalidArgumentError):
-    """The storage root cannot work as configured (missing bucket, bad credentials, unreachable
-    endpoint, a server that ignores conditional writes); the message says what to change."""
-
-
-class StorageUnavailableError(CheckpointError):
-    """The storage kept failing with transient errors for longer than the retry deadline."""
 
 
 def _status(exc: BaseException) -> tuple[str, int]:

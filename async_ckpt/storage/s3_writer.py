@@ -1,22 +1,24 @@
 """Streamed writes to S3: one multipart upload per object, parts uploaded concurrently.
 
 `write` copies the caller's bytes into a part buffer (so the caller may reuse its memory as soon as
-`write` returns) and, when a part is full, starts its upload on s3fs's event loop. At most
+`write` returns) and, when a part is full, starts its upload on the client's event loop. At most
 `upload_concurrency` parts are in flight; their buffers are recycled, so memory stays at
 (upload_concurrency + 1) x part_size whatever the object's size, with no whole-object copy.
 Nothing is visible under the key until `commit` completes the upload (an object smaller than one
 part is sent as one PUT at commit, equally atomic). `abort` aborts the upload.
+
+The writer knows S3's multipart protocol and nothing of `S3Storage`: it sees only an
+`UploadTarget` (the object's key and URL, the part settings, and three functions: send one request
+for this object, run a coroutine on the client's loop and wait, start one there). `S3Storage` builds
+the target in `open_writer`; this module imports nothing from `s3.py`.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import logging
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .s3 import S3Storage
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Coroutine
 
 log = logging.getLogger("async_ckpt.storage")
 
@@ -24,12 +26,31 @@ MAX_PARTS = 10_000
 _GROW_EVERY = 1000   # parts; doubling the part size then keeps 10,000 parts above 150 TiB
 
 
+@dataclass(frozen=True)
+class UploadTarget:
+    """Everything one streamed upload needs from its storage.
+
+    ``request(method, *, tries=None, **kwargs)`` returns an awaitable of one S3 request on this
+    object (``Bucket`` and ``Key`` filled in), retried and translated into the storage errors;
+    each try appends to ``tries`` when given. ``run(coro)`` runs a coroutine on the client's event
+    loop and returns its result; ``start(coro)`` schedules it there and returns a
+    ``concurrent.futures.Future``. All are called from the one thread that uses the writer.
+    """
+    key: str
+    url: str
+    part_size: int
+    upload_concurrency: int
+    request: Callable[..., Coroutine[Any, Any, Any]]
+    run: Callable[[Awaitable[Any]], Any]
+    start: Callable[[Coroutine[Any, Any, Any]], "concurrent.futures.Future[Any]"]
+
+
 class S3StreamWriter:
     """StreamWriter for one S3 object. Used by one thread (the node writer)."""
 
-    def __init__(self, store: "S3Storage", path: str):
-        self._store, self._path, self._key = store, path, store.key(path)
-        self._url = store.child_url(path)
+    def __init__(self, target: UploadTarget):
+        self._t = target
+        self._url = target.url
         self._buf = bytearray(self._part_size(1))
         self._fill = 0
         self._spare: list[bytearray] = []
@@ -41,7 +62,7 @@ class S3StreamWriter:
         self._closed = False
 
     def _part_size(self, number: int) -> int:
-        return self._store.settings.part_size << ((number - 1) // _GROW_EVERY)
+        return self._t.part_size << ((number - 1) // _GROW_EVERY)
 
     def write(self, data: memoryview) -> None:
         """Append `data`; blocks only while `upload_concurrency` parts are already in flight."""
@@ -59,21 +80,18 @@ class S3StreamWriter:
                 self._send_part()
 
     def _send_part(self) -> None:
-        store = self._store
+        t = self._t
         if self._upload_id is None:
-            created = store.run(store.call("create_multipart_upload", self._path, Key=self._key))
-            self._upload_id = created["UploadId"]
+            self._upload_id = t.run(t.request("create_multipart_upload"))["UploadId"]
         number = self._next_part
         if number > MAX_PARTS:
             raise OSError(f"{self._url} would need more than {MAX_PARTS} parts; raise "
                           "storage_options['part_size']")
-        while len(self._inflight) >= store.settings.upload_concurrency:
+        while len(self._inflight) >= t.upload_concurrency:
             self._reap_oldest()
         full = self._fill == len(self._buf)
         body = self._buf if full else bytes(memoryview(self._buf)[:self._fill])
-        coro = store.call("upload_part", self._path, Key=self._key, UploadId=self._upload_id,
-                          PartNumber=number, Body=body)
-        future = asyncio.run_coroutine_threadsafe(coro, store.fs.loop)
+        future = t.start(t.request("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body))
         self._inflight.append((number, self._buf, future))
         self._next_part += 1
         size = self._part_size(self._next_part)
@@ -91,31 +109,30 @@ class S3StreamWriter:
     def commit(self) -> None:
         """Upload what is left and complete the upload: the object appears whole, or not at all."""
         assert not self._closed, "commit after commit/abort"
-        store = self._store
+        t = self._t
         if self._upload_id is None:
-            body = bytes(memoryview(self._buf)[:self._fill])
-            store.run(store.call("put_object", self._path, Key=self._key, Body=body))
+            t.run(t.request("put_object", Body=bytes(memoryview(self._buf)[:self._fill])))
         else:
             if self._fill:
                 self._send_part()
             while self._inflight:
                 self._reap_oldest()
             parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-            store.run(self._complete(parts))
+            t.run(self._complete(parts))
         self._closed = True
         self._buf, self._spare = bytearray(), []
 
     async def _complete(self, parts: list[dict]) -> None:
-        store = self._store
+        request = self._t.request
         tries: list = []
         try:
-            await store.call("complete_multipart_upload", self._path, tries=tries, Key=self._key,
-                             UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+            await request("complete_multipart_upload", tries=tries, UploadId=self._upload_id,
+                          MultipartUpload={"Parts": parts})
         except FileNotFoundError:
             # NoSuchUpload after a retry: the first try completed but its answer was lost.
             if len(tries) < 2:
                 raise
-            head = await store.call("head_object", self._path, Key=self._key)
+            head = await request("head_object")
             if int(head["ContentLength"]) != self._size:
                 raise
 
@@ -132,10 +149,9 @@ class S3StreamWriter:
         self._buf, self._spare = bytearray(), []
         if self._upload_id is None:
             return
-        store = self._store
+        t = self._t
         try:
-            store.run(store.call("abort_multipart_upload", self._path, Key=self._key,
-                                 UploadId=self._upload_id))
+            t.run(t.request("abort_multipart_upload", UploadId=self._upload_id))
         except FileNotFoundError:
             pass
         except Exception as exc:  # noqa: BLE001 - abort must never raise; delete_dir retries it

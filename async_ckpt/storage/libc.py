@@ -2,7 +2,9 @@
 
 Each is None where the C library does not have it (sync_file_range and mremap are Linux-only);
 callers check before use and fall back. Raw mmap is needed because Python's mmap object keeps a
-duplicate of the file descriptor open for as long as it lives (see storage/local.py map_private).
+duplicate of the file descriptor open for as long as it lives (see local.py map_private). Lives in
+the storage package because local.py needs it and storage imports nothing else of async_ckpt; the
+engine's readbuf.py imports it from here.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 MAP_FAILED = ctypes.c_void_p(-1).value
 _vp, _size, _int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
 
+_lib: ctypes.CDLL | None
 try:
     _lib = ctypes.CDLL(None, use_errno=True)
 except OSError:

@@ -2,7 +2,9 @@
 
 Each new client connection either passes through untouched or, while failures are armed, gets a
 real transient failure: an HTTP 503 SlowDown reply (what S3 sends when throttling) or a TCP reset.
-The proxy never looks inside passing traffic, so SigV4 signatures stay valid.
+The proxy never looks inside passing traffic, so SigV4 signatures stay valid. Point a backend's
+`endpoint_url` at `FaultProxy(port).endpoint` to test its retries (tests/test_s3_failures.py).
+Standard library only.
 """
 from __future__ import annotations
 
