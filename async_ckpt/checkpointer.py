@@ -44,9 +44,10 @@ from .save.node_writer import NodeWriter
 from .save.plan import Planner, state_layout
 from .save.rank_worker import RankWorker
 from .save.staging import BufferPool, stage
-from .sharing import group_members, resolve_pattern, stages_every_replica, validate_components
+from .sharing import (group_members, resolve_pattern, stages_every_replica, validate_components,
+                      validation_level)
 from .storage import StorageError, open_storage
-from .types import CheckpointInfo, SharingPattern, StateComponent
+from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
 from .version import __version__
 
 log = logging.getLogger("async_ckpt")
@@ -125,6 +126,7 @@ class AsyncCheckpointer:
         self._closed = False
         self._started = False
         self._deletes: dict[int, int] = {}
+        self._warned_unchecked: set[str] = set()
 
     # -- DESIGN's named options, readable as attributes ----------------------------------------
     keep_last = property(lambda self: self.options.keep_last)
@@ -139,9 +141,17 @@ class AsyncCheckpointer:
         source = self._components_source
         return validate_components(source() if callable(source) else source)
 
+    def _warn_unchecked(self, c: StateComponent, pattern: SharingPattern) -> None:
+        if c.key not in self._warned_unchecked:
+            self._warned_unchecked.add(c.key)
+            log.warning("[rank %d] component %r resolved to %s, which keeps no replicas: its "
+                        "validation_level=%s checks nothing at such saves", self.topo.rank, c.key,
+                        pattern.name, c.validation_level.name if c.validation_level else None)
+
     def _pending_steps(self) -> set[int]:
+        """Steps whose save is still in flight (not yet committed or failed)."""
         with self._lock:
-            return {s.step for s in self._pending if not s.settled}
+            return {s.step for s in self._pending if not s.done}
 
     def _start(self) -> None:
         """The save path's threads, on the first save (a checkpointer that only loads has none)."""
@@ -228,10 +238,13 @@ class AsyncCheckpointer:
             members = group_members(c, pattern, self.topo)
             # Every rank calls every state_dict(), whatever it writes: some run collectives.
             tree, tensors = flatten(c.stateful.state_dict(), c.key, self.options.allow_pickle)
-            stage_all = stages_every_replica(pattern, c.validation_level, self.topo)
+            level = validation_level(c, pattern)
+            if level is ValidationLevel.NONE and c.validation_level not in (None, ValidationLevel.NONE):
+                self._warn_unchecked(c, pattern)
+            stage_all = stages_every_replica(pattern, level, self.topo, members)
             shards.append((c.key, pattern, members, stage_all, tensors))
             trees.append(tree)
-            specs.append(ComponentSpec(c.key, c.required, c.validation_level.value, c.metadata, members))
+            specs.append(ComponentSpec(c.key, c.required, level.value, c.metadata, members))
             if pattern is SharingPattern.REPLICATED:
                 shapes[c.key] = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
         plan = self._planner.plan(state_layout(shards))

@@ -32,6 +32,7 @@ from .errors import InvalidArgumentError
 from .types import KEY_RE, SharingPattern, StateComponent, ValidationLevel
 
 NODE_SHARED = ("global", "replicated")   # copies every rank of a node reads alike
+REPLICA_PATTERNS = (SharingPattern.REPLICATED, SharingPattern.PER_GROUP)   # ranks hold replicas
 
 
 # -- the registered components --------------------------------------------------------------------
@@ -52,8 +53,14 @@ def validate_components(components: Iterable[Any]) -> list[StateComponent]:
                                        "state_dict()/load_state_dict()")
         if not (isinstance(c.sharing_pattern, SharingPattern) or callable(c.sharing_pattern)):
             raise InvalidArgumentError(f"component {c.key!r}: sharing_pattern must be a SharingPattern or a callable")
-        if not isinstance(c.validation_level, ValidationLevel):
-            raise InvalidArgumentError(f"component {c.key!r}: validation_level must be a ValidationLevel")
+        if c.validation_level is not None and not isinstance(c.validation_level, ValidationLevel):
+            raise InvalidArgumentError(f"component {c.key!r}: validation_level must be a ValidationLevel or None")
+        if (isinstance(c.sharing_pattern, SharingPattern) and c.sharing_pattern not in REPLICA_PATTERNS
+                and c.validation_level not in (None, ValidationLevel.NONE)):
+            raise InvalidArgumentError(
+                f"component {c.key!r} is {c.sharing_pattern.name}, which keeps no replicas to compare, "
+                f"so validation_level={c.validation_level.name} can never be checked; replicas exist "
+                "for REPLICATED and PER_GROUP (leave validation_level unset here)")
         if c.sharing_pattern is SharingPattern.PER_GROUP and c.process_group is None:
             raise InvalidArgumentError(f"component {c.key!r} is PER_GROUP and needs a process_group "
                                        "(the ranks that share one copy)")
@@ -131,11 +138,26 @@ def replica_owners(sizes: list[int], topo: Topology) -> list[int]:
     return owners
 
 
-def stages_every_replica(pattern: SharingPattern, level: ValidationLevel, topo: Topology) -> bool:
-    """Whether every rank stages all of a component's tensors (to digest its replica), not only
-    those it writes."""
-    return (topo.world_size > 1 and pattern is SharingPattern.REPLICATED
-            and level is not ValidationLevel.NONE)
+def validation_level(c: StateComponent, pattern: SharingPattern) -> ValidationLevel:
+    """The level a component's replicas are checked at this save: its own, or (None) the
+    pattern's default, QUICK where ranks hold replicas. A level on a pattern without replicas
+    (possible only through a callable pattern; the constructor refuses it otherwise) checks
+    nothing, which the caller is told once."""
+    if pattern not in REPLICA_PATTERNS:
+        return ValidationLevel.NONE
+    return ValidationLevel.QUICK if c.validation_level is None else c.validation_level
+
+
+def stages_every_replica(pattern: SharingPattern, level: ValidationLevel, topo: Topology,
+                         members: tuple[int, ...] | None = None) -> bool:
+    """Whether every holder of a replica stages all of the component's tensors (to digest it off
+    the training thread), not only the writer: REPLICATED on several ranks, PER_GROUP in a group
+    of several, when validated."""
+    if level is ValidationLevel.NONE or topo.world_size == 1:
+        return False
+    if pattern is SharingPattern.REPLICATED:
+        return True
+    return pattern is SharingPattern.PER_GROUP and members is not None and len(members) > 1
 
 
 # -- loading --------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ class SharingPattern(enum.Enum):
 
 
 class ValidationLevel(enum.Enum):
-    """How hard to check that replicas of a REPLICATED component agree."""
+    """How hard to check that replicas agree (REPLICATED: every rank's copy; PER_GROUP: every
+    member's copy of its group). QUICK: one hash of the whole state per rank; TENSOR: one per
+    tensor (names the tensors that differ); FULL: TENSOR, then each odd replica compared element by
+    element with the written copy (max |diff|)."""
 
     NONE = "none"
     QUICK = "quick"
@@ -34,6 +37,9 @@ class StateComponent:
 
     `stateful` needs `state_dict()` and `load_state_dict(sd)` (nn.Module, Optimizer, RNGState,
     a dataloader, ...). `sharing_pattern` may be a callable, resolved at every save.
+    `validation_level` None means the pattern's default: replicas (REPLICATED, PER_GROUP) are
+    checked at least at QUICK level, other patterns have no replicas to check;
+    ``ValidationLevel.NONE`` opts out.
     """
 
     key: str
@@ -41,7 +47,7 @@ class StateComponent:
     sharing_pattern: SharingPattern | Callable[[], SharingPattern]
     process_group: Any = None
     required: bool = True
-    validation_level: ValidationLevel = ValidationLevel.NONE
+    validation_level: ValidationLevel | None = None
     metadata: dict | None = None
 
 

@@ -25,6 +25,7 @@ def test_delete_uncommits_first_then_frees_the_data(tmp_path, monkeypatch):
     ck = ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("b", Box(), ac.SharingPattern.GLOBAL)])
     for step in (1, 2, 3):
         ck.save(step).wait()
+    ck.wait()                                     # the post-commit sweeps have run
     calls = []
     real_delete, real_delete_dir = ck.storage.delete, ck.storage.delete_dir
     monkeypatch.setattr(ck.storage, "delete", lambda p: (calls.append(("delete", p)), real_delete(p)))

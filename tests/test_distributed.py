@@ -189,3 +189,18 @@ def test_every_rank_may_delete_a_step_and_returns_once_it_is_gone(tmp_path):
     for rank, res in results.items():
         assert res["gone"] and res["listed"] == [1, 3], (rank, res)
         assert res["after"] == [1, 2, 3], (rank, res)
+
+
+def test_per_group_copies_are_validated_within_their_group_and_replicas_by_default(tmp_path):
+    results = run("group_replicas", tmp_path / "ckpt", tmp_path / "out")
+    for rank, res in results.items():
+        bad = res["group_bad"]
+        assert bad["failed"] and bad["cause_type"] == "ReplicationError", (rank, bad)
+        # Two members, no majority: the copy that was written is the reference.
+        assert "(TENSOR, group copy 'group1'): tensor 'w' on rank(s) [" in bad["message"], bad
+        assert "no majority" in bad["message"] and sorted(bad["causes"]) in (["1"], ["3"]), bad
+        default = res["default_bad"]                      # no validation_level set: QUICK
+        assert default["failed"] and "'model' (QUICK)" in default["message"], (rank, default)
+        assert "ranks [2]" in default["message"]
+        assert not res["fixed"]["failed"] and res["steps"] == [3], res
+        assert not res["optout"]["failed"], res["optout"]   # ValidationLevel.NONE opts out

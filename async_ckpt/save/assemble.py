@@ -3,7 +3,7 @@
 Called by the coordinator once every node has reported. It puts each rank's records under their
 component's copy, checks that every copy is complete (its skeleton and every tensor reported
 exactly once), and computes the totals. It also returns, for replica validation, which rank wrote
-each REPLICATED tensor and the tensors' paths in the state.
+each tensor of a REPLICATED component or PER_GROUP copy, and each copy's skeleton.
 """
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from ..errors import CheckpointError
 from ..format.manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEntry
 from ..format.metrics_file import encode
 from ..types import SharingPattern
-from .replicas import tensor_paths
 
 
 @dataclass(frozen=True)
 class Assembled:
     manifest: Manifest
-    owners: dict[str, list[int]]            # REPLICATED component -> writer rank of each tensor
-    paths: dict[str, dict[int, str]]        # REPLICATED component -> tensor index -> its path
+    # the writer rank of each tensor: REPLICATED by component, PER_GROUP copies by (component, copy)
+    owners: dict[str | tuple[str, str], list[int]]
+    trees: dict[tuple[str, str], Any]       # (component, copy) -> its skeleton
 
 
 @dataclass
@@ -63,8 +63,8 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
                 part.tensors[t.index] = (_entry(t), written.rank)
                 part.owners.add(written.rank)
     components: dict[str, ComponentEntry] = {}
-    owners: dict[str, list[int]] = {}
-    paths: dict[str, dict[int, str]] = {}
+    owners: dict[str | tuple[str, str], list[int]] = {}
+    trees: dict[tuple[str, str], Any] = {}
     nbytes = 0
     for (key, shard), part in sorted(copies.items()):
         meta, tensors = part.meta, part.tensors
@@ -77,13 +77,15 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
         entry.shards[shard] = ShardEntry(part.tree, tuple(t for t, _ in ordered),
                                          tuple(sorted(part.owners)), tuple(meta.members))
         nbytes += sum(t.nbytes for t, _ in ordered)
+        trees[(key, shard)] = part.tree
         if meta.pattern == SharingPattern.REPLICATED.value:
             owners[key] = [rank for _, rank in ordered]
-            paths[key] = tensor_paths(part.tree)
+        elif meta.pattern == SharingPattern.PER_GROUP.value:
+            owners[(key, shard)] = [rank for _, rank in ordered]
     manifest = Manifest(
         step=step,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
         topology=topo.as_json(), metrics=encode(metrics), files=files, components=components,
         nbytes=nbytes, stored_nbytes=sum(f.size for f in files.values()), timings=dict(timings),
         versions=versions)
-    return Assembled(manifest, owners, paths)
+    return Assembled(manifest, owners, trees)

@@ -97,7 +97,7 @@ class Coordinator:
         assembled = assemble(job.step, topo, reports, job.metrics, {}, self.versions)
         mismatches = find_mismatches(announces, assembled.owners)
         if mismatches:
-            raise describe(mismatches, assembled.paths, self._full_compare(job, assembled.manifest, mismatches))
+            raise describe(mismatches, assembled.trees, self._full_compare(job, assembled.manifest, mismatches))
         job.timings["total_s"] = time.perf_counter() - job.started
         manifest = dataclasses.replace(assembled.manifest, timings=dict(job.timings))
         self.committer.commit(manifest)
@@ -147,7 +147,8 @@ class Coordinator:
         items = []
         for m in mismatches:
             if "tensor" in m and m["level"] == "full":
-                entry = manifest.components[m["component"]].shards["replicated"].tensors[m["tensor"]]
+                copy = m.get("copy", "replicated")
+                entry = manifest.components[m["component"]].shards[copy].tensors[m["tensor"]]
                 # Compare each odd replica with the written copy; when the writer is the odd one,
                 # a rank of the majority compares instead and the result is the writer's.
                 pairs = (tuple((r, r) for r in m["ranks"]) if m["owner"] in m["agree"]

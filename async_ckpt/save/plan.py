@@ -5,8 +5,9 @@ A plan fixes which tensors this rank stages, which of those it writes, where eac
 rank's staging buffer, and which copy (shard) of its component it belongs to.
 
 Who writes what is `sharing`'s to say (its table); the plan applies it to this rank's tensors.
-With validation, every replica of a REPLICATED component stages all its tensors (they are hashed
-off the training thread) but still writes only its own.
+With validation, every replica of a REPLICATED component (and every member's copy of a PER_GROUP
+one) stages all its tensors (they are hashed off the training thread) but still writes only its
+own.
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ class Planner:
                 tree_source = topo.rank == 0
             else:
                 mine = writer_rank(pattern, component, topo, members) == topo.rank
-                writes = staged = [mine] * len(metas)
+                writes = [mine] * len(metas)
+                staged = [mine or validate] * len(metas)     # validated PER_GROUP: every member
                 tree_source = mine
             slots = []
             for index, ((dtype, shape), nbytes) in enumerate(zip(metas, sizes, strict=True)):

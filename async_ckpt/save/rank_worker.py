@@ -31,7 +31,8 @@ from ..format.metrics_file import decode
 from ..format.names import step_dir
 from ..load.reader import read_tensors
 from ..storage import Storage
-from ..types import CheckpointInfo, SharingPattern, ValidationLevel
+from ..sharing import stages_every_replica
+from ..types import CheckpointInfo, ValidationLevel
 from .job import SaveJob
 from .replicas import compare_full, digest
 from .staging import BufferPool
@@ -120,8 +121,7 @@ class RankWorker:
             if comp.members:
                 groups[comp.key] = tuple(comp.members)
             level = ValidationLevel(comp.validation_level)
-            if (self.topo.world_size > 1 and shard.pattern is SharingPattern.REPLICATED
-                    and level is not ValidationLevel.NONE):
+            if stages_every_replica(shard.pattern, level, self.topo, comp.members):
                 digests[comp.key] = digest(shard, shard_views, tree, level)
         return Announcement(patterns, job.replicated_shapes, digests, groups)
 

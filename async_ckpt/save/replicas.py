@@ -1,4 +1,4 @@
-"""Replica validation of REPLICATED components, computed off the training thread.
+"""Replica validation of REPLICATED and PER_GROUP components, computed off the training thread.
 
 Every rank digests its staged copy (QUICK: one hash of the whole state; TENSOR and FULL: one hash
 per tensor plus one of the non-tensor skeleton). The coordinator compares the digests of all
@@ -9,13 +9,14 @@ absolute difference, so "bitwise different" and "numerically different" can be t
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from ..dist.messages import Announcement
 from ..format.codec import byte_view, new_hasher
 from ..errors import ReplicationError
+from ..sharing import group_copy_name
 from .plan import ShardPlan
 from ..types import SharingPattern, ValidationLevel
 
@@ -92,34 +93,55 @@ def check_agreement(announces: dict[int, Announcement]) -> str | None:
     return None
 
 
-def find_mismatches(announces: dict[int, Announcement], owners: dict[str, list[int]]
-                    ) -> list[dict]:
-    """Mismatches between replicas. Each: component, level, and either `ranks` groups (QUICK /
-    skeleton) or `tensor` index with the ranks whose copy differs from the written one."""
+def replica_sets(announces: dict[int, Announcement], key: str) -> list[tuple[str, list[int]]]:
+    """(copy, ranks holding a replica of it) for a validated component: REPLICATED, one copy held
+    by every rank; PER_GROUP, one copy per group of several members."""
+    pattern = next(iter(announces.values())).patterns[key][0]
+    if pattern == SharingPattern.REPLICATED.value:
+        return [("replicated", sorted(announces))]
+    groups = {tuple(a.groups[key]) for a in announces.values() if len(a.groups.get(key, ())) > 1}
+    return [(group_copy_name(members), list(members)) for members in sorted(groups)]
+
+
+def find_mismatches(announces: dict[int, Announcement],
+                    owners: Mapping[str | tuple[str, str], list[int]]) -> list[dict]:
+    """Mismatches between replicas. Each: component, level, and either `groups` of ranks that
+    agree (QUICK / skeleton) or a `tensor` index with the ranks whose copy differs from the
+    majority's. PER_GROUP mismatches also name their `copy` and are compared within the group.
+    `owners`: per tensor, the rank that wrote it: keyed by component for REPLICATED, by
+    (component, copy) for PER_GROUP copies."""
     found: list[dict[str, Any]] = []
     any_rank = next(iter(announces.values()))
-    for key, pattern_level in sorted(any_rank.patterns.items()):
-        pattern, level = pattern_level[0], pattern_level[1]
-        if pattern != SharingPattern.REPLICATED.value or level == ValidationLevel.NONE.value:
+    for key, (pattern, level) in sorted(any_rank.patterns.items()):
+        if level == ValidationLevel.NONE.value:
             continue
-        digests = {r: a.digests[key] for r, a in announces.items()}
-        if level == ValidationLevel.QUICK.value:
-            groups = _groups({r: d["quick"] for r, d in digests.items()})
-            if len(groups) > 1:
-                found.append({"component": key, "level": level, "groups": groups})
-            continue
-        tree_groups = _groups({r: d["tree"] for r, d in digests.items()})
-        if len(tree_groups) > 1:
-            found.append({"component": key, "level": level, "groups": tree_groups, "tree": True})
-        for index, owner in enumerate(owners[key]):
-            groups = _groups({r: d["tensors"][index] for r, d in digests.items()})
-            if len(groups) == 1:
+        for copy, ranks in replica_sets(announces, key):
+            extra = {} if pattern == SharingPattern.REPLICATED.value else {"copy": copy}
+            copy_owners = owners[key] if not extra else owners[(key, copy)]
+            digests = {r: announces[r].digests[key] for r in ranks if key in announces[r].digests}
+            if len(digests) < 2:
                 continue
-            # The largest agreeing set is the reference (ties: the set holding the written copy).
-            majority = max(groups, key=lambda g: (len(g), owner in g))
-            differ = sorted(r for g in groups if g is not majority for r in g)
-            found.append({"component": key, "level": level, "tensor": index, "owner": owner,
-                          "ranks": differ, "agree": majority})
+            if level == ValidationLevel.QUICK.value:
+                groups = _groups({r: d["quick"] for r, d in digests.items()})
+                if len(groups) > 1:
+                    found.append({"component": key, "level": level, "groups": groups, **extra})
+                continue
+            counts = _groups({r: len(d["tensors"]) for r, d in digests.items()})
+            tree_groups = _groups({r: d["tree"] for r, d in digests.items()})
+            if len(tree_groups) > 1 or len(counts) > 1:
+                found.append({"component": key, "level": level, "groups": tree_groups if len(counts) == 1
+                              else counts, "tree": True, **extra})
+            if len(counts) > 1:
+                continue            # replicas of different lengths: no tensor to compare one to one
+            for index, owner in enumerate(copy_owners):
+                groups = _groups({r: d["tensors"][index] for r, d in digests.items()})
+                if len(groups) == 1:
+                    continue
+                # The largest agreeing set is the reference (ties: the set holding the written copy).
+                majority = max(groups, key=lambda g: (len(g), owner in g))
+                differ = sorted(r for g in groups if g is not majority for r in g)
+                found.append({"component": key, "level": level, "tensor": index, "owner": owner,
+                              "ranks": differ, "agree": majority, **extra})
     return found
 
 
@@ -137,35 +159,47 @@ def compare_full(mine: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"max_abs_diff": None, "differing": int((a != b).sum())}
 
 
-def describe(mismatches: list[dict], paths: dict[str, dict[int, str]],
+def describe(mismatches: list[dict], trees: Mapping[tuple[str, str], Any],
              full: dict[tuple[str, int, int], dict] | None = None) -> ReplicationError:
-    """One ReplicationError naming every component, tensor and rank that disagrees."""
+    """One ReplicationError naming every component (and group copy), tensor and rank that
+    disagrees. `trees`: each copy's skeleton, for the tensors' paths in the state."""
+    paths: dict[tuple[str, str], dict[int, str]] = {}
+
+    def name_of(m: dict) -> str:
+        where = (m["component"], m.get("copy", "replicated"))
+        if where not in paths:
+            paths[where] = tensor_paths(trees.get(where))
+        return paths[where].get(m["tensor"], f"#{m['tensor']}")
+
+    def label(m: dict) -> str:
+        copy = f", group copy {m['copy']!r}" if "copy" in m else ""
+        return f"component {m['component']!r} ({m['level'].upper()}{copy})"
+
     lines = []
     for m in mismatches:
-        key, level = m["component"], m["level"].upper()
         if "groups" in m:
             what = "non-tensor state" if m.get("tree") else "state"
             groups = "; ".join(f"ranks {g}" for g in m["groups"])
-            lines.append(f"component {key!r} ({level}): replicas' {what} differs between {groups}")
+            lines.append(f"{label(m)}: replicas' {what} differs between {groups}")
             continue
-        name = paths.get(key, {}).get(m["tensor"], f"#{m['tensor']}")
         detail = ""
         for rank in m["ranks"]:
-            res = (full or {}).get((key, m["tensor"], rank))
+            res = (full or {}).get((m["component"], m["tensor"], rank))
             if res is not None:
                 diff = res["max_abs_diff"]
                 detail += (f"; rank {rank}: {res['differing']} element(s) differ, max |diff| = "
                            f"{diff:.6g}" if diff is not None else
                            f"; rank {rank}: {res['differing']} byte(s) differ")
-        lines.append(f"component {key!r} ({level}): tensor {name!r} on rank(s) {m['ranks']} differs "
-                     f"from ranks {m['agree']}{detail}")
+        tie = (f" (no majority: rank {m['owner']}'s copy, the written one, is the reference)"
+               if len(m["agree"]) <= len(m["ranks"]) else "")
+        lines.append(f"{label(m)}: tensor {name_of(m)!r} on rank(s) {m['ranks']} differs "
+                     f"from ranks {m['agree']}{tie}{detail}")
     message = ("replicas disagree: " + "; ".join(lines) +
-               ". Replicated state must be identical on every rank (check seeds, "
-               "gradient all-reduce, or use PER_RANK for state that differs)")
+               ". Replicated state must be identical on every rank holding a replica (check "
+               "seeds, gradient all-reduce, or use PER_RANK for state that differs)")
     per_rank: dict[int, list[str]] = {}
     for m in mismatches:
-        what = (f"{m['component']!r} tensor {paths.get(m['component'], {}).get(m['tensor'], m['tensor'])!r}"
-                if "tensor" in m else f"{m['component']!r}")
+        what = f"{m['component']!r} tensor {name_of(m)!r}" if "tensor" in m else f"{m['component']!r}"
         for rank in m.get("ranks", []) + [r for g in m.get("groups", [])[1:] for r in g]:
             per_rank.setdefault(rank, []).append(what)
     return ReplicationError(message, {r: f"its replica of {', '.join(w)} differs from the other ranks'"

@@ -108,9 +108,12 @@ def pattern_components(rank, node, local_rank, groups, zero: bool):
         StateComponent("per_rank", holders["per_rank"], SharingPattern.PER_RANK),
         StateComponent("global", holders["global"], SharingPattern.GLOBAL),
         StateComponent("per_node", holders["per_node"], SharingPattern.PER_NODE),
+        # These two hold rank-specific probes (who wrote the copy?), so their "replicas" differ on
+        # purpose: they opt out of the replica check that REPLICATED and PER_GROUP get by default.
         StateComponent("per_group", holders["per_group"], SharingPattern.PER_GROUP,
-                       process_group=groups[parity]),
-        StateComponent("dynamic", holders["dynamic"], lambda: DYNAMIC[0]),
+                       process_group=groups[parity], validation_level=ValidationLevel.NONE),
+        StateComponent("dynamic", holders["dynamic"], lambda: DYNAMIC[0],
+                       validation_level=ValidationLevel.NONE),
     ]
     return model, opt, holders, comps
 
@@ -284,6 +287,37 @@ def scenario_slow(rank, world, local_world, node, groups):
     write(result, rank)
 
 
+def scenario_group_replicas(rank, world, local_world, node, groups):
+    """PER_GROUP copies are validated within their group, and replicas are checked by default."""
+    parity = rank % 2
+    result = {}
+    member = Holder({"w": torch.arange(8.0) + parity, "b": torch.ones(3)})
+    shared = Holder({"w": torch.arange(16.0)})
+    comps = [StateComponent("stage", member, SharingPattern.PER_GROUP, process_group=groups[parity],
+                            validation_level=ValidationLevel.TENSOR),
+             StateComponent("model", shared, SharingPattern.REPLICATED)]      # default: QUICK
+    with AsyncCheckpointer(f"{ROOT}/groups", comps, timeout_s=60) as ckpt:
+        if rank == 3:
+            member.state["w"][5] += 1e-6                  # one member of group 1 drifted
+        result["group_bad"] = _failed_save(ckpt, 1)
+        if rank == 3:
+            member.state["w"][5] -= 1e-6
+            member.state["w"].copy_(torch.arange(8.0) + parity)
+        if rank == 2:
+            shared.state["w"][0] = 5.0                      # a REPLICATED replica differs
+        result["default_bad"] = _failed_save(ckpt, 2)
+        if rank == 2:
+            shared.state["w"][0] = 0.0
+        result["fixed"] = _failed_save(ckpt, 3)
+        result["steps"] = [i.step for i in ckpt.list_checkpoints()]
+    optout = [StateComponent("model", shared, SharingPattern.REPLICATED, validation_level=ValidationLevel.NONE)]
+    with AsyncCheckpointer(f"{ROOT}/optout", optout, timeout_s=60) as ckpt:
+        if rank == 2:
+            shared.state["w"][0] = 5.0
+        result["optout"] = _failed_save(ckpt, 1)
+    write(result, rank)
+
+
 def scenario_delete(rank, world, local_world, node, groups):
     """Every rank deletes a committed step (only rank 0 acts, no collective), sees it gone when
     delete() returns, and the step is saved anew, as a divergence rollback does."""
@@ -305,5 +339,5 @@ if __name__ == "__main__":
     ctx = setup()
     {"save": scenario_save, "load": scenario_load, "resize": scenario_resize,
      "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow,
-     "delete": scenario_delete}[SCENARIO](*ctx)
+     "delete": scenario_delete, "group_replicas": scenario_group_replicas}[SCENARIO](*ctx)
     dist.destroy_process_group()
