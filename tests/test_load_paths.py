@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from async_ckpt import (AsyncCheckpointer, CorruptCheckpointError, SharingPattern, StateComponent,
-                        readbuf)
+from async_ckpt import AsyncCheckpointer, CorruptCheckpointError, SharingPattern, StateComponent
+from async_ckpt.load import readbuf
 from async_ckpt.storage import LocalStorage
 
 P = SharingPattern.PER_RANK
