@@ -19,7 +19,7 @@ from async_ckpt.format.codec import (CODECS, PIECE, Compressor, byte_view, codec
                               decompress_frames, piece_sizes)
 from async_ckpt.save.datafile import DataFileWriter
 from async_ckpt.format.shuffle import shuffle, shuffle_width, unshuffle
-from fixture_state import Holder, codec_state
+from support.fixture_state import Holder, codec_state
 from test_format_fixtures import assert_same
 
 G = ac.SharingPattern.GLOBAL
@@ -262,7 +262,7 @@ def test_old_plain_zstd_fixture_still_loads_with_its_codec():
     old = os.path.join(os.path.dirname(__file__), "fixtures", "format_v1")
     holder = Holder()
     ac.AsyncCheckpointer(old, [ac.StateComponent("state", holder, G)]).load(2)
-    from fixture_state import expected_state
+    from support.fixture_state import expected_state
     assert_same(holder.state, expected_state())
     doc = json.load(open(os.path.join(old, "step-0000000002", "manifest.json")))
     assert {t["codec"] for t in doc["components"]["state"]["shards"]["global"]["tensors"]} == {"zstd"}
@@ -286,7 +286,7 @@ def test_grouping_compresses_bf16_weights_better_than_plain_zstd(tmp_path):
 @pytest.mark.timeout(900)
 def test_two_nodes_save_grouped_records_and_reload_them(tmp_path):
     """The node writers' path (node_save.py): 4 ranks on 2 nodes, compression="zstd"."""
-    from dist_support import run
+    from support.dist import run
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # This checkout's package in the workers, whatever an installed copy says.
     env = {"DIST_TEST_COMPRESSION": "zstd",

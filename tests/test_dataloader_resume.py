@@ -7,7 +7,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import async_ckpt as ac
-from resume_support import check_resume_is_bit_exact
+from support.resume import check_resume_is_bit_exact
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
 

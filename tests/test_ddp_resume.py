@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from resume_support import check_resume_is_bit_exact
+from support.resume import check_resume_is_bit_exact
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 

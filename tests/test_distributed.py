@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_support import launch, run
+from support.dist import launch, run
 
 pytestmark = pytest.mark.timeout(900)
 

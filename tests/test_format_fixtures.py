@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import async_ckpt as ac
-from fixture_state import Holder, expected_state
+from support.fixture_state import Holder, expected_state
 
 FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "format_v*")))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from async_ckpt import AsyncCheckpointer, CheckpointNotFoundError, CorruptCheckpointError, StateComponent
-from corruption_support import G, Recorder, a_module, assert_same, b_state
+from support.corruption import G, Recorder, a_module, assert_same, b_state
 from s3_support import Remote
 
 COMPRESSION = [None, "zstd"]

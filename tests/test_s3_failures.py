@@ -21,7 +21,7 @@ import torch
 from async_ckpt import (AsyncCheckpointer, CheckpointError, InvalidArgumentError, SaveFailedError,
                         StateComponent)
 from async_ckpt.storage import StorageConfigError, StorageUnavailableError, open_storage
-from corruption_support import G, Recorder, assert_same, b_state
+from support.corruption import G, Recorder, assert_same, b_state
 from s3_faults import FaultProxy
 from s3_servers import free_port
 from s3_support import Remote

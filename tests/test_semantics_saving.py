@@ -14,7 +14,7 @@ import async_ckpt as ac
 
 G = ac.SharingPattern.GLOBAL
 
-from semantics_support import (Box, FailOnce, GatedWrites, FAILING_METHODS, _after_failure_all_is_well,  # noqa: F401
+from support.semantics import (Box, FailOnce, GatedWrites, FAILING_METHODS, _after_failure_all_is_well,  # noqa: F401
                                comps, step_folders, wait_until)
 
 # ------------------------------------------------------------------------------------------

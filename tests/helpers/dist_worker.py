@@ -1,4 +1,4 @@
-"""One rank of a distributed test run, started by torchrun (see tests/dist_support.py).
+"""One rank of a distributed test run, started by torchrun (see tests/support/dist.py).
 
 Usage: dist_worker.py <scenario> <checkpoint root> <output dir> [args...]
 Each rank writes its observations to ``<out>/<scenario>-r<rank>.json``; the tests assert on them.
