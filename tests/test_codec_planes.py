@@ -17,10 +17,10 @@ import async_ckpt as ac
 from async_ckpt.format import planes
 from async_ckpt.format.codec import PIECE, Compressor, byte_view, codec_for, codec_width, decompress_frames
 from async_ckpt.save.datafile import DataFileWriter
+from support.compare import assert_same
 from support.fixture_state import Holder, planes_state
 from test_codec_shuffle import (COMPLEX, FLOATS, FP8, OTHERS, load_fails, manifest, sample,
                                 save_load, tensors)
-from test_format_fixtures import assert_same
 
 G = ac.SharingPattern.GLOBAL
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "codec_zstd-planes_v1")

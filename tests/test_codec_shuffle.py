@@ -19,8 +19,8 @@ from async_ckpt.format.codec import (CODECS, PIECE, Compressor, byte_view, codec
                               decompress_frames, piece_sizes)
 from async_ckpt.save.datafile import DataFileWriter
 from async_ckpt.format.shuffle import shuffle, shuffle_width, unshuffle
+from support.compare import assert_same
 from support.fixture_state import Holder, codec_state
-from test_format_fixtures import assert_same
 
 G = ac.SharingPattern.GLOBAL
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "codec_zstd-shuffle_v1")

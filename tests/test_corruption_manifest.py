@@ -14,7 +14,8 @@ import random
 import pytest
 
 from async_ckpt import CheckpointNotFoundError
-from support.corruption import (AT_COMP, AT_F0, AT_ROOT, AT_SHARD, AT_T0, Replace, Saved, a_module, assert_same, assert_untouched, b_state, edit_manifest, fresh, load_fails, load_ok, pop_field, set_field)
+from support.compare import assert_same
+from support.corruption import (AT_COMP, AT_F0, AT_ROOT, AT_SHARD, AT_T0, Replace, Saved, a_module, assert_untouched, b_state, edit_manifest, fresh, load_fails, load_ok, pop_field, set_field)
 
 # -- the manifest -------------------------------------------------------------------------------
 def test_deleted_manifest_makes_the_step_invisible(saved):

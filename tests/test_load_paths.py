@@ -13,6 +13,7 @@ import torch
 from async_ckpt import AsyncCheckpointer, CorruptCheckpointError, SharingPattern, StateComponent
 from async_ckpt.load import readbuf
 from async_ckpt.storage import LocalStorage
+from support.compare import assert_same
 
 P = SharingPattern.PER_RANK
 PAGE = 4096
@@ -81,13 +82,6 @@ def mapped_files() -> str:
     return text
 
 
-def assert_equal(got, want):
-    assert list(got) == list(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
-        assert torch.equal(got[k], want[k]), k
-
-
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Two-page chunks: every record of make_state() straddles chunk boundaries."""
@@ -125,7 +119,7 @@ def test_round_trip_bit_exact(tmp_path, small_chunks, spy_map, path_kind, compre
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.sd, sd)
     assert bool(spy_map) == (path_kind == "mapped")
     assert str(tmp_path) not in mapped_files()     # nothing kept: the mapping is gone
 
@@ -136,7 +130,7 @@ def test_default_chunks_round_trip(tmp_path, spy_map):
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.sd, sd)
     assert spy_map
 
 
@@ -147,7 +141,7 @@ def test_kept_tensors_leave_the_file(tmp_path, small_chunks, path_kind):
     target = Keeping({})
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.sd, sd)
     assert str(tmp_path) not in mapped_files()
     for t in target.sd.values():
         if t.numel():
@@ -201,7 +195,7 @@ def test_detach_failure_keeps_data_and_warns(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="async_ckpt"):
         with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
             ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.sd, sd)
     assert "stay mapped" in caplog.text
 
 
@@ -281,7 +275,7 @@ def test_unmappable_file_falls_back_to_reading(tmp_path, small_chunks, monkeypat
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.sd, sd)
 
 
 @pytest.mark.parametrize("compression", [None, "zstd"])
@@ -292,7 +286,7 @@ def test_memory_filesystem_round_trip(small_chunks, compression):
     target = Keeping({})
     with AsyncCheckpointer(root, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.sd, sd)
 
 
 def test_group_starting_mid_page(tmp_path, small_chunks, spy_map):
@@ -304,5 +298,5 @@ def test_group_starting_mid_page(tmp_path, small_chunks, spy_map):
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("y", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.sd, sd)
     assert spy_map and all(start % PAGE for _, start, _ in spy_map)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from async_ckpt import AsyncCheckpointer, CheckpointNotFoundError, CorruptCheckpointError, StateComponent
-from support.corruption import G, Recorder, a_module, assert_same, b_state
+from support.compare import assert_same
+from support.corruption import G, Recorder, a_module, b_state
 from s3_support import Remote
 
 COMPRESSION = [None, "zstd"]

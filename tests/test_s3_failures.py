@@ -21,7 +21,8 @@ import torch
 from async_ckpt import (AsyncCheckpointer, CheckpointError, InvalidArgumentError, SaveFailedError,
                         StateComponent)
 from async_ckpt.storage import StorageConfigError, StorageUnavailableError, open_storage
-from support.corruption import G, Recorder, assert_same, b_state
+from support.compare import assert_same
+from support.corruption import G, Recorder, b_state
 from s3_faults import FaultProxy
 from s3_servers import free_port
 from s3_support import Remote

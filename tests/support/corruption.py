@@ -13,6 +13,7 @@ import torch
 
 from async_ckpt import (AsyncCheckpointer, CheckpointError,
                         CorruptCheckpointError, SharingPattern, StateComponent)
+from support.compare import assert_same
 
 G = SharingPattern.GLOBAL
 
@@ -44,22 +45,6 @@ def b_state(step: int) -> dict:
 def a_module(step: int) -> torch.nn.Linear:
     torch.manual_seed(step)
     return torch.nn.Linear(16, 8)
-
-
-def assert_same(x: Any, y: Any, path: str = "") -> None:
-    assert type(x) is type(y), f"{path}: {type(x)} vs {type(y)}"
-    if isinstance(x, torch.Tensor):
-        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), path
-    elif isinstance(x, dict):
-        assert list(x) == list(y), path
-        for k in x:
-            assert_same(x[k], y[k], f"{path}/{k}")
-    elif isinstance(x, (list, tuple)):
-        assert len(x) == len(y), path
-        for i, (u, v) in enumerate(zip(x, y)):
-            assert_same(u, v, f"{path}/{i}")
-    else:
-        assert x == y, path
 
 
 @dataclass
