@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +21,9 @@ import torch
 import async_ckpt as ac
 from bench.common import TensorState
 from support.compare import assert_same
+from support.paths import HELPERS, child_env
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-HELPERS = Path(__file__).parent / "helpers"
 
 
 def make_model(device: str, seed: int = 0):
@@ -133,8 +131,7 @@ def test_staging_buffers_are_page_locked_with_cuda(tmp_path, device):
 def test_two_ranks_share_one_device(tmp_path, device):
     """Rank 1 stages into a shared-memory buffer for rank 0's writer: it must be page-locked with
     CUDA, and both ranks' state must come back bit-exact on the device."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(ac.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     reports = {}
     for mode in ("save", "load"):
         out = tmp_path / f"{mode}.json"

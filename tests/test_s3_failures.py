@@ -23,8 +23,8 @@ from async_ckpt import (AsyncCheckpointer, CheckpointError, InvalidArgumentError
 from async_ckpt.storage import StorageConfigError, StorageUnavailableError, open_storage
 from support.compare import assert_same
 from support.corruption import G, Recorder, b_state
+from support.net import free_port
 from s3_faults import FaultProxy
-from s3_servers import free_port
 from s3_support import Remote
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "crash_saver.py"
