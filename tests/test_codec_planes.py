@@ -18,7 +18,8 @@ from async_ckpt.format import planes
 from async_ckpt.format.codec import PIECE, Compressor, byte_view, codec_for, codec_width, decompress_frames
 from async_ckpt.save.datafile import DataFileWriter
 from support.compare import assert_same
-from support.fixture_state import Holder, planes_state
+from support.fixture_state import planes_state
+from support.stateful import Holder
 from test_codec_shuffle import (COMPLEX, FLOATS, FP8, OTHERS, load_fails, manifest, sample,
                                 save_load, tensors)
 

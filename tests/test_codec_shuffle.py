@@ -20,7 +20,8 @@ from async_ckpt.format.codec import (CODECS, PIECE, Compressor, byte_view, codec
 from async_ckpt.save.datafile import DataFileWriter
 from async_ckpt.format.shuffle import shuffle, shuffle_width, unshuffle
 from support.compare import assert_same
-from support.fixture_state import Holder, codec_state
+from support.fixture_state import codec_state
+from support.stateful import Box, Holder
 
 G = ac.SharingPattern.GLOBAL
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "codec_zstd-shuffle_v1")
@@ -35,17 +36,6 @@ WANT = {torch.bfloat16: "zstd-shuffle2", torch.float16: "zstd-shuffle2",
         torch.float32: "zstd-shuffle4", torch.float64: "zstd-shuffle8",
         torch.complex32: "zstd-shuffle2", torch.complex64: "zstd-shuffle4",
         torch.complex128: "zstd-shuffle8", **{d: "zstd" for d in FP8 + OTHERS}}
-
-
-class Box:
-    def __init__(self, state=None):
-        self.state, self.loaded = state, None
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, sd):
-        self.loaded = sd
 
 
 def sample(dtype: torch.dtype, numel: int, seed: int = 0) -> torch.Tensor:

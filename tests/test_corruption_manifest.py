@@ -28,7 +28,7 @@ def test_deleted_manifest_makes_the_step_invisible(saved):
     assert_untouched(a, b)
     info = ckpt.load()                     # latest falls back to step 1
     assert info.step == 1
-    assert_same(b.loaded[0], b_state(1))
+    assert_same(b.loaded, b_state(1))
     assert_same(dict(a.state_dict()), dict(a_module(1).state_dict()))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from async_ckpt import AsyncCheckpointer, CheckpointNotFoundError, SharingPattern, StateComponent
+from support.stateful import Box
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "crash_saver.py"
 _spec = importlib.util.spec_from_file_location("crash_saver", HELPER)
@@ -132,23 +133,8 @@ def children():
         child.stop()
 
 
-class Sink:
-    """Receives loaded state; never saved from."""
-
-    def __init__(self):
-        self.loaded = None
-        self.loads = 0
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, sd) -> None:
-        self.loaded = sd
-        self.loads += 1
-
-
-def open_reader(root: Path) -> tuple[AsyncCheckpointer, Sink]:
-    sink = Sink()
+def open_reader(root: Path) -> tuple[AsyncCheckpointer, Box]:
+    sink = Box({})       # receives loaded state; never saved from
     return AsyncCheckpointer(root, [StateComponent(saver.COMPONENT, sink, SharingPattern.GLOBAL)]), sink
 
 
@@ -164,7 +150,7 @@ def uncommitted(root: Path) -> set[int]:
     return {s for s, p in step_folders(root).items() if not (p / "manifest.json").exists()}
 
 
-def load_and_check(ckpt: AsyncCheckpointer, sink: Sink, step: int, context: str) -> None:
+def load_and_check(ckpt: AsyncCheckpointer, sink: Box, step: int, context: str) -> None:
     loads = sink.loads
     info = ckpt.load(step=step)
     assert info is not None and info.step == step, f"{context}: load(step={step}) returned {info}"

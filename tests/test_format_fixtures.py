@@ -7,7 +7,8 @@ import pytest
 
 import async_ckpt as ac
 from support.compare import assert_same
-from support.fixture_state import Holder, expected_state
+from support.fixture_state import expected_state
+from support.stateful import Holder
 
 FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "format_v*")))
 

@@ -19,23 +19,10 @@ from torch import nn
 
 import async_ckpt as ac
 from support.compare import assert_same
+from support.stateful import Box
 
 COMPRESSIONS = [None, "zstd"]
 G = ac.SharingPattern.GLOBAL
-
-
-class Box:
-    """A minimal stateful: saves `state`, keeps what load hands it in `loaded`."""
-
-    def __init__(self, state=None):
-        self.state = state
-        self.loaded = None
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, sd):
-        self.loaded = sd
 
 
 def roundtrip(tmp_path, state, compression=None, **opts):

@@ -22,8 +22,9 @@ from async_ckpt import (AsyncCheckpointer, CheckpointError, InvalidArgumentError
                         StateComponent)
 from async_ckpt.storage import StorageConfigError, StorageUnavailableError, open_storage
 from support.compare import assert_same
-from support.corruption import G, Recorder, b_state
+from support.corruption import G, b_state
 from support.net import free_port
+from support.stateful import Box
 from s3_faults import FaultProxy
 from s3_support import Remote
 
@@ -33,7 +34,7 @@ HELPER = Path(__file__).resolve().parent / "helpers" / "crash_saver.py"
 def construct(url: str, options: dict) -> tuple[BaseException, float]:
     start = time.monotonic()
     with pytest.raises(StorageConfigError) as info:
-        AsyncCheckpointer(url, [StateComponent("b", Recorder(b_state(1)), G)], storage_options=options)
+        AsyncCheckpointer(url, [StateComponent("b", Box(b_state(1)), G)], storage_options=options)
     err = info.value
     assert isinstance(err, InvalidArgumentError) and isinstance(err, CheckpointError)
     assert url in str(err)
@@ -67,7 +68,7 @@ def test_wrong_credentials(seaweedfs):
 
 def test_server_that_ignores_if_none_match_is_refused(seaweedfs):
     remote = Remote(seaweedfs)
-    ck = AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(b_state(1)), G)],
+    ck = AsyncCheckpointer(remote.url, [StateComponent("b", Box(b_state(1)), G)],
                            storage_options=remote.options())
     real_call = ck.storage.call
 
@@ -92,25 +93,25 @@ def test_transient_faults_are_retried(seaweedfs, proxy):
     remote = Remote(seaweedfs)
     options = remote.options(endpoint_url=proxy.endpoint)
     proxy.fail_next(3, "slowdown")
-    with AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(b_state(1)), G)],
+    with AsyncCheckpointer(remote.url, [StateComponent("b", Box(b_state(1)), G)],
                            storage_options=options) as ck:
         ck.save(1).wait()
     assert proxy.injected == ["slowdown"] * 3
     proxy.fail_next(2, "reset")
-    back = Recorder(None)
+    back = Box(None)
     ck = AsyncCheckpointer(remote.url, [StateComponent("b", back, G)], storage_options=options)
     assert ck.load().step == 1
-    assert_same(back.loaded[0], b_state(1))
+    assert_same(back.loaded, b_state(1))
     assert proxy.injected[3:] == ["reset"] * 2
 
 
 def test_persistent_faults_fail_in_bounded_time(seaweedfs, proxy):
     remote = Remote(seaweedfs)
     options = remote.options(endpoint_url=proxy.endpoint, retry_deadline_s=3)
-    with AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(b_state(1)), G)],
+    with AsyncCheckpointer(remote.url, [StateComponent("b", Box(b_state(1)), G)],
                            storage_options=options) as ck:
         ck.save(1).wait()
-    reader = AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(None), G)],
+    reader = AsyncCheckpointer(remote.url, [StateComponent("b", Box(None), G)],
                                storage_options=options)
     proxy.fail_always("slowdown")
     start = time.monotonic()
@@ -120,14 +121,14 @@ def test_persistent_faults_fail_in_bounded_time(seaweedfs, proxy):
     assert time.monotonic() - start < 8
     start = time.monotonic()
     with pytest.raises(StorageConfigError, match="kept failing"):
-        AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(None), G)], storage_options=options)
+        AsyncCheckpointer(remote.url, [StateComponent("b", Box(None), G)], storage_options=options)
     assert time.monotonic() - start < 8
 
 
 def test_a_save_during_an_outage_fails_cleanly_and_the_next_one_works(seaweedfs, proxy):
     remote = Remote(seaweedfs)
     options = remote.options(endpoint_url=proxy.endpoint, retry_deadline_s=2)
-    box = Recorder({"t": torch.arange(100.0)})
+    box = Box({"t": torch.arange(100.0)})
     ck = AsyncCheckpointer(remote.url, [StateComponent("b", box, G)], storage_options=options)
     ck.save(1).wait()
     handle = ck.save(2)
@@ -138,7 +139,7 @@ def test_a_save_during_an_outage_fails_cleanly_and_the_next_one_works(seaweedfs,
     proxy.always = None
     ck.save(3).wait()
     ck.close()
-    assert [i.step for i in AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(None), G)],
+    assert [i.step for i in AsyncCheckpointer(remote.url, [StateComponent("b", Box(None), G)],
                                               storage_options=options).list_checkpoints()] == [1, 3]
 
 
