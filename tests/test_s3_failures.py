@@ -5,7 +5,6 @@ multipart upload. All against real servers (SeaweedFS with SigV4 identities, a r
 faults, a real child process and a real kill -9)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import queue
 import signal
@@ -23,12 +22,14 @@ from async_ckpt import (AsyncCheckpointer, CheckpointError, InvalidArgumentError
 from async_ckpt.storage import StorageConfigError, StorageUnavailableError, open_storage
 from support.compare import assert_same
 from support.corruption import G, b_state
+from support.crash_state import COMPONENT, CrashState, check_state
 from support.net import free_port
+from support.paths import HELPERS, child_env
 from support.stateful import Box
 from s3_faults import FaultProxy
 from s3_support import Remote
 
-HELPER = Path(__file__).resolve().parent / "helpers" / "crash_saver.py"
+HELPER = HELPERS / "crash_saver.py"
 
 
 def construct(url: str, options: dict) -> tuple[BaseException, float]:
@@ -160,13 +161,6 @@ def test_unfinished_uploads_are_listed_and_cleaned(seaweedfs):
 
 
 # -- a saver killed with SIGKILL in the middle of an upload --------------------------------------
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("crash_saver", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
     lines: queue.Queue = queue.Queue()
 
@@ -189,11 +183,10 @@ def _expect(lines: queue.Queue, prefix: str, timeout: float, err: Path) -> str:
 
 
 def test_sigkill_mid_upload(seaweedfs, tmp_path):
-    saver = _load_helper()
     remote = Remote(seaweedfs)
-    env = dict(os.environ, OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=seaweedfs.endpoint,
-               AWS_ACCESS_KEY_ID="testkey", AWS_SECRET_ACCESS_KEY="testsecret",
-               AWS_DEFAULT_REGION="us-east-1")
+    env = child_env(OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=seaweedfs.endpoint,
+                    AWS_ACCESS_KEY_ID="testkey", AWS_SECRET_ACCESS_KEY="testsecret",
+                    AWS_DEFAULT_REGION="us-east-1")
     err = tmp_path / "saver.stderr"
     with open(err, "wb") as err_file:
         proc = subprocess.Popen([sys.executable, str(HELPER), remote.url, "--idle", "0"], env=env,
@@ -219,16 +212,16 @@ def test_sigkill_mid_upload(seaweedfs, tmp_path):
     assert [k.split("/")[0] for k in remote.uploads()] == ["step-0000000001"], "no upload was cut short"
     assert not any(k.startswith("step-0000000001/manifest") for k in remote.keys())
 
-    state = saver.CrashState()
+    state = CrashState()
     options = remote.options()
-    ck = AsyncCheckpointer(remote.url, [StateComponent(saver.COMPONENT, state, G)], storage_options=options)
+    ck = AsyncCheckpointer(remote.url, [StateComponent(COMPONENT, state, G)], storage_options=options)
     assert [i.step for i in ck.list_checkpoints()] == [0] and ck.latest_step() == 0
-    assert ck.load().step == 0 and saver.check_state(state.loaded, 0) == []
+    assert ck.load().step == 0 and check_state(state.loaded, 0) == []
     state.set_step(1)                        # the next run resumes where the killed one stopped
     ck.save(1).wait()
     ck.close()
     assert remote.uploads() == [], "the killed saver's multipart upload is still dangling"
-    again = saver.CrashState()
-    ck = AsyncCheckpointer(remote.url, [StateComponent(saver.COMPONENT, again, G)], storage_options=options)
+    again = CrashState()
+    ck = AsyncCheckpointer(remote.url, [StateComponent(COMPONENT, again, G)], storage_options=options)
     assert [i.step for i in ck.list_checkpoints()] == [0, 1]
-    assert ck.load(1).step == 1 and saver.check_state(again.loaded, 1) == []
+    assert ck.load(1).step == 1 and check_state(again.loaded, 1) == []
