@@ -213,6 +213,7 @@ def test_grouping_compresses_bf16_weights_better_than_plain_zstd(tmp_path):
     assert entry["codec"] == "zstd-planes2" and entry["nbytes"] / entry["length"] >= 1.4
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(900)
 def test_two_nodes_save_grouped_records_and_reload_them(tmp_path):
     """The node writers' path (node_save.py): 4 ranks on 2 nodes, compression="zstd"."""

@@ -28,6 +28,8 @@ from support.stateful import Box
 
 HELPER = HELPERS / "crash_saver.py"
 
+pytestmark = pytest.mark.crash
+
 STARTUP_TIMEOUT = 120.0
 AHEAD = 2                  # children importing torch ahead of the running one
 

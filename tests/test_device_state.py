@@ -23,6 +23,8 @@ from bench.common import TensorState
 from support.compare import assert_same
 from support.paths import HELPERS, child_env
 
+pytestmark = pytest.mark.gpu
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -127,6 +129,7 @@ def test_staging_buffers_are_page_locked_with_cuda(tmp_path, device):
         assert buf.tensor.is_pinned() == torch.cuda.is_available()
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("device", DEVICES)
 def test_two_ranks_share_one_device(tmp_path, device):
     """Rank 1 stages into a shared-memory buffer for rank 0's writer: it must be page-locked with

@@ -182,6 +182,7 @@ def _expect(lines: queue.Queue, prefix: str, timeout: float, err: Path) -> str:
             return line
 
 
+@pytest.mark.crash
 def test_sigkill_mid_upload(seaweedfs, tmp_path):
     remote = Remote(seaweedfs)
     env = child_env(OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=seaweedfs.endpoint,
