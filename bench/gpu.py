@@ -39,11 +39,10 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import closing
 
 import torch
 
-from .common import TensorState
+from .common import TensorState, free_port
 from .gpu_common import (GB, Control, Env, dcp_parts, reusable_stager,  # noqa: F401
                          missing_deps, stats)
 from .gpu_overlap import OverlapBench
@@ -300,12 +299,6 @@ def parse_args(argv=None):
             or not 1 <= args.every < args.steps:
         p.error("need sizes > 0, --repeats/--tensors >= 1 and 1 <= --every < --steps")
     return args
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:

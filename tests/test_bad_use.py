@@ -11,7 +11,8 @@ import torch
 
 import async_ckpt as ac
 
-from semantics_support import G, Box, comps  # noqa: F401
+from support.semantics import G, comps  # noqa: F401
+from support.stateful import Box
 
 
 def nothing_on_disk(root) -> bool:

@@ -17,12 +17,12 @@ import async_ckpt as ac
 from async_ckpt.format import planes
 from async_ckpt.format.codec import PIECE, Compressor, byte_view, codec_for, codec_width, decompress_frames
 from async_ckpt.save.datafile import DataFileStreamer
-from fixture_state import Holder, planes_state
-from test_codec_shuffle import (COMPLEX, FLOATS, FP8, OTHERS, load_fails, manifest, sample,
-                                save_load, tensors)
-from test_format_fixtures import assert_same
+from support.codec import (COMPLEX, FLOATS, FP8, OTHERS, G, Sink, edit, load_fails, manifest, sample,
+                           save_load, tensors)
+from support.compare import assert_same
+from support.fixture_state import planes_state
+from support.stateful import Holder
 
-G = ac.SharingPattern.GLOBAL
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "codec_zstd-planes_v1")
 WIDTH = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4, torch.float64: 8,
          torch.complex32: 2, torch.complex64: 4, torch.complex128: 8,
@@ -136,12 +136,6 @@ def test_decisions_differ_across_the_pieces_of_one_tensor(tmp_path):
 
 
 def test_records_of_partial_elements_fall_back_to_one_plane():
-    class Sink:
-        def __init__(self):
-            self.data = bytearray()
-
-        def write(self, b):
-            self.data += b
     writer, sink = DataFileStreamer(Compressor()), Sink()
     odd, even = memoryview(bytes(range(7)) * 3), memoryview(bytes(8) * 4)
     try:
@@ -185,13 +179,6 @@ def test_frames_are_plain_zstd_frames_with_their_size():
 def saved(tmp_path):
     save_load(tmp_path, {"w": weights(N_SAMPLED * 2)})
     return tmp_path
-
-
-def edit(tmp_path, change) -> None:
-    path = tmp_path / "ckpt" / "step-0000000001" / "manifest.json"
-    doc = json.loads(path.read_text())
-    change(tensors(doc)[0])
-    path.write_text(json.dumps(doc))
 
 
 def _swap(t, frames):

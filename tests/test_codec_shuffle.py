@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -19,17 +18,14 @@ from async_ckpt.format.codec import (CODECS, PIECE, Compressor, byte_view, codec
                               decompress_frames, piece_sizes)
 from async_ckpt.save.datafile import DataFileStreamer
 from async_ckpt.format.shuffle import shuffle, shuffle_width, unshuffle
-from fixture_state import Holder, codec_state
-from test_format_fixtures import assert_same
+from support.codec import (COMPLEX, FLOATS, FP8, OTHERS, G, Sink, edit, load_fails, manifest, sample,
+                           save_load, tensors)
+from support.compare import assert_same
+from support.fixture_state import codec_state
+from support.stateful import Holder
 
-G = ac.SharingPattern.GLOBAL
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "codec_zstd-shuffle_v1")
 
-FLOATS = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-FP8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                   "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, n)]
-COMPLEX = [torch.complex32, torch.complex64, torch.complex128]
-OTHERS = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
 # Grouping width per dtype: element (complex: component) size; 1-byte types and integers: none.
 WANT = {torch.bfloat16: "zstd-shuffle2", torch.float16: "zstd-shuffle2",
         torch.float32: "zstd-shuffle4", torch.float64: "zstd-shuffle8",
@@ -37,54 +33,8 @@ WANT = {torch.bfloat16: "zstd-shuffle2", torch.float16: "zstd-shuffle2",
         torch.complex128: "zstd-shuffle8", **{d: "zstd" for d in FP8 + OTHERS}}
 
 
-class Box:
-    def __init__(self, state=None):
-        self.state, self.loaded = state, None
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, sd):
-        self.loaded = sd
-
-
-def sample(dtype: torch.dtype, numel: int, seed: int = 0) -> torch.Tensor:
-    """Random bytes viewed as `dtype`: every bit pattern (NaNs, -0.0, denormals) must survive."""
-    itemsize = dtype.itemsize
-    raw = torch.randint(0, 256, (numel * itemsize,), dtype=torch.uint8,
-                        generator=torch.Generator().manual_seed(seed))
-    if dtype == torch.bool:
-        return raw[:numel] % 2 == 1
-    return raw.view(dtype)
-
-
-def save_load(tmp_path, state, compression="zstd"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")    # complex32 is "experimental" in torch
-        with ac.AsyncCheckpointer(tmp_path / "ckpt", [ac.StateComponent("c", Box(state), G)],
-                                  compression=compression) as ckpt:
-            ckpt.save(1).wait()
-        box = Box()
-        ac.AsyncCheckpointer(tmp_path / "ckpt", [ac.StateComponent("c", box, G)]).load(1)
-    return box.loaded
-
-
-def manifest(tmp_path) -> dict:
-    return json.loads((tmp_path / "ckpt" / "step-0000000001" / "manifest.json").read_text())
-
-
-def tensors(doc: dict) -> list[dict]:
-    return doc["components"]["c"]["shards"]["global"]["tensors"]
-
-
 def write_records(records, codecs):
     """DataFileStreamer into memory: (stored bytes, results)."""
-    class Sink:
-        def __init__(self):
-            self.data = bytearray()
-
-        def write(self, b):
-            self.data += b
     writer, sink = DataFileStreamer(Compressor()), Sink()
     try:
         result = writer.write(sink, records, codecs)
@@ -147,12 +97,6 @@ def test_shuffle_groups_bytes_and_inverts():
 def test_a_record_whose_length_is_not_whole_elements_falls_back_to_plain_zstd():
     """The writer never groups bytes it cannot ungroup: an odd-length record asked to be
     shuffled is stored (and recorded) as plain zstd."""
-    class Sink:
-        def __init__(self):
-            self.data = bytearray()
-
-        def write(self, b):
-            self.data += b
     writer = DataFileStreamer(Compressor())
     try:
         odd, even = memoryview(bytes(range(7)) * 3), memoryview(bytes(range(8)) * 4)
@@ -185,20 +129,6 @@ def saved(tmp_path):
     w = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     save_load(tmp_path, {"w": w})
     return tmp_path, w
-
-
-def edit(tmp_path, change) -> None:
-    path = tmp_path / "ckpt" / "step-0000000001" / "manifest.json"
-    doc = json.loads(path.read_text())
-    change(tensors(doc)[0])
-    path.write_text(json.dumps(doc))
-
-
-def load_fails(tmp_path, match: str) -> None:
-    box = Box()
-    with pytest.raises(ac.CorruptCheckpointError, match=match):
-        ac.AsyncCheckpointer(tmp_path / "ckpt", [ac.StateComponent("c", box, G)]).load(1)
-    assert box.loaded is None
 
 
 @pytest.mark.parametrize("codec, match", [
@@ -262,7 +192,7 @@ def test_old_plain_zstd_fixture_still_loads_with_its_codec():
     old = os.path.join(os.path.dirname(__file__), "fixtures", "format_v1")
     holder = Holder()
     ac.AsyncCheckpointer(old, [ac.StateComponent("state", holder, G)]).load(2)
-    from fixture_state import expected_state
+    from support.fixture_state import expected_state
     assert_same(holder.state, expected_state())
     doc = json.load(open(os.path.join(old, "step-0000000002", "manifest.json")))
     assert {t["codec"] for t in doc["components"]["state"]["shards"]["global"]["tensors"]} == {"zstd"}
@@ -283,14 +213,12 @@ def test_grouping_compresses_bf16_weights_better_than_plain_zstd(tmp_path):
     assert entry["codec"] == "zstd-planes2" and entry["nbytes"] / entry["length"] >= 1.4
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(900)
 def test_two_nodes_save_grouped_records_and_reload_them(tmp_path):
     """The node writers' path (node_save.py): 4 ranks on 2 nodes, compression="zstd"."""
-    from dist_support import run
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # This checkout's package in the workers, whatever an installed copy says.
-    env = {"DIST_TEST_COMPRESSION": "zstd",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    from support.dist import run
+    env = {"DIST_TEST_COMPRESSION": "zstd"}     # launch() puts this checkout first on PYTHONPATH
     before = run("save", tmp_path / "ckpt", tmp_path / "out-save", env=env)
     after = run("load", tmp_path / "ckpt", tmp_path / "out-load", env=env)
     for rank, res in after.items():

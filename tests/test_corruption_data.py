@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from corruption_support import (AT_T0, Saved, edit_manifest, file0, flip_bit, fresh, live_payload, load_fails, load_ok, save_steps, set_field, shard, tensor0)
+from support.corruption import (AT_T0, Saved, edit_manifest, file0, flip_bit, fresh, live_payload, load_fails, load_ok, save_steps, set_field, shard, tensor0)
 
 # -- control ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("compression", [None, "zstd"])

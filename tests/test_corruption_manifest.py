@@ -14,7 +14,8 @@ import random
 import pytest
 
 from async_ckpt import CheckpointNotFoundError
-from corruption_support import (AT_COMP, AT_F0, AT_ROOT, AT_SHARD, AT_T0, Replace, Saved, a_module, assert_same, assert_untouched, b_state, edit_manifest, fresh, load_fails, load_ok, pop_field, set_field)
+from support.compare import assert_same
+from support.corruption import (AT_COMP, AT_F0, AT_ROOT, AT_SHARD, AT_T0, Replace, Saved, a_module, assert_untouched, b_state, edit_manifest, fresh, load_fails, load_ok, pop_field, set_field)
 
 # -- the manifest -------------------------------------------------------------------------------
 def test_deleted_manifest_makes_the_step_invisible(saved):
@@ -27,7 +28,7 @@ def test_deleted_manifest_makes_the_step_invisible(saved):
     assert_untouched(a, b)
     info = ckpt.load()                     # latest falls back to step 1
     assert info.step == 1
-    assert_same(b.loaded[0], b_state(1))
+    assert_same(b.loaded, b_state(1))
     assert_same(dict(a.state_dict()), dict(a_module(1).state_dict()))
 
 

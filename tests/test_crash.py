@@ -8,7 +8,6 @@ later save of the same step. The child is tests/helpers/crash_saver.py.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import os
 import queue
 import random
@@ -23,11 +22,13 @@ from pathlib import Path
 import pytest
 
 from async_ckpt import AsyncCheckpointer, CheckpointNotFoundError, SharingPattern, StateComponent
+from support.crash_state import COMPONENT, CrashState, check_state
+from support.paths import HELPERS, child_env
+from support.stateful import Box
 
-HELPER = Path(__file__).resolve().parent / "helpers" / "crash_saver.py"
-_spec = importlib.util.spec_from_file_location("crash_saver", HELPER)
-saver = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(saver)
+HELPER = HELPERS / "crash_saver.py"
+
+pytestmark = pytest.mark.crash
 
 STARTUP_TIMEOUT = 120.0
 AHEAD = 2                  # children importing torch ahead of the running one
@@ -47,7 +48,7 @@ class Child:
         self.compression = compression
         self.err_path = log_dir / f"{name}.stderr"
         self._err = open(self.err_path, "wb")
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = child_env(OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._err, env=env)
         self.lines: list[tuple[float, str]] = []
@@ -132,24 +133,9 @@ def children():
         child.stop()
 
 
-class Sink:
-    """Receives loaded state; never saved from."""
-
-    def __init__(self):
-        self.loaded = None
-        self.loads = 0
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, sd) -> None:
-        self.loaded = sd
-        self.loads += 1
-
-
-def open_reader(root: Path) -> tuple[AsyncCheckpointer, Sink]:
-    sink = Sink()
-    return AsyncCheckpointer(root, [StateComponent(saver.COMPONENT, sink, SharingPattern.GLOBAL)]), sink
+def open_reader(root: Path) -> tuple[AsyncCheckpointer, Box]:
+    sink = Box({})       # receives loaded state; never saved from
+    return AsyncCheckpointer(root, [StateComponent(COMPONENT, sink, SharingPattern.GLOBAL)]), sink
 
 
 def step_folders(root: Path) -> dict[int, Path]:
@@ -164,12 +150,12 @@ def uncommitted(root: Path) -> set[int]:
     return {s for s, p in step_folders(root).items() if not (p / "manifest.json").exists()}
 
 
-def load_and_check(ckpt: AsyncCheckpointer, sink: Sink, step: int, context: str) -> None:
+def load_and_check(ckpt: AsyncCheckpointer, sink: Box, step: int, context: str) -> None:
     loads = sink.loads
     info = ckpt.load(step=step)
     assert info is not None and info.step == step, f"{context}: load(step={step}) returned {info}"
     assert sink.loads == loads + 1, f"{context}: load(step={step}) did not call load_state_dict"
-    problems = saver.check_state(sink.loaded, step)
+    problems = check_state(sink.loaded, step)
     assert not problems, f"{context}: step {step} loaded with wrong content: {problems}"
     sink.loaded = None
 
@@ -252,9 +238,9 @@ def test_sigkill_at_random_instants_never_exposes_partial_checkpoints(tmp_path, 
     # by the last child); after the commit, no uncommitted folder is left behind.
     ckpt, sink = open_reader(root)
     step = ckpt.latest_step() + 1
-    state = saver.CrashState()
+    state = CrashState()
     state.set_step(step)
-    with AsyncCheckpointer(root, [StateComponent(saver.COMPONENT, state, SharingPattern.GLOBAL)]) as writer:
+    with AsyncCheckpointer(root, [StateComponent(COMPONENT, state, SharingPattern.GLOBAL)]) as writer:
         writer.save(step).wait()
     assert uncommitted(root) == set(), f"leftovers not cleaned up: {sorted(uncommitted(root))}"
     load_and_check(ckpt, sink, step, "final save after the crashes")
@@ -307,7 +293,7 @@ def test_half_written_step_is_invisible_and_can_be_saved_again(tmp_path, root, c
     assert sink.loads == 0
     info = ckpt.load()                               # newest committed: the one before the crash
     assert info.step == victim - 1
-    assert not saver.check_state(sink.loaded, victim - 1)
+    assert not check_state(sink.loaded, victim - 1)
     sink.loaded = None
 
     # Another leftover, of a step no one is saving: garbage that a later commit cleans up.
@@ -315,9 +301,9 @@ def test_half_written_step_is_invisible_and_can_be_saved_again(tmp_path, root, c
     stray.mkdir()
     (stray / "data-r00000-deadbeef.bin").write_bytes(b"\0" * 4096)
 
-    state = saver.CrashState()
+    state = CrashState()
     state.set_step(victim)
-    with AsyncCheckpointer(root, [StateComponent(saver.COMPONENT, state, SharingPattern.GLOBAL)]) as writer:
+    with AsyncCheckpointer(root, [StateComponent(COMPONENT, state, SharingPattern.GLOBAL)]) as writer:
         info = writer.save(victim).wait()
     assert info.step == victim
     names = sorted(p.name for p in folder.iterdir())

@@ -7,7 +7,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import async_ckpt as ac
-from resume_support import check_resume_is_bit_exact
+from support.resume import check_resume_is_bit_exact
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
 
@@ -137,6 +137,7 @@ def test_stateful_dataloader_with_workers_resumes_through_a_checkpoint(tmp_path,
 
 
 # -- a real crash --------------------------------------------------------------------------------
+@pytest.mark.crash
 def test_killed_mid_epoch_resumes_bit_exact(tmp_path):
     """One process, StatefulDataLoader with 2 workers, SIGKILLed at step 15 of 26."""
     check_resume_is_bit_exact(tmp_path, world=1)

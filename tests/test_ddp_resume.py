@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from resume_support import check_resume_is_bit_exact
+from support.resume import check_resume_is_bit_exact
 
-pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+pytestmark = [pytest.mark.multiproc, pytest.mark.crash,
+              pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")]
 
 
 def test_ddp_two_ranks_killed_mid_epoch_resume_bit_exact(tmp_path):

@@ -5,20 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
-
 import async_ckpt as ac
-
-
-class Box:
-    def __init__(self, value: float = 0.0):
-        self.sd = {"w": torch.full((256,), value)}
-
-    def state_dict(self):
-        return self.sd
-
-    def load_state_dict(self, sd):
-        self.sd = sd
+from support.stateful import Box
 
 
 def test_delete_uncommits_first_then_frees_the_data(tmp_path, monkeypatch):

@@ -10,20 +10,22 @@ device with the optimizer state beside its parameters.
 """
 from __future__ import annotations
 
+import copy
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import async_ckpt as ac
 from bench.common import TensorState
+from support.compare import assert_same
+from support.paths import HELPERS, child_env
+
+pytestmark = pytest.mark.gpu
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-HELPERS = Path(__file__).parent / "helpers"
 
 
 def make_model(device: str, seed: int = 0):
@@ -44,29 +46,17 @@ def train(model, opt, steps: int, device: str) -> None:
 
 
 def cpu_copy(obj):
+    """A snapshot on the CPU, with the containers' types (and a module state dict's _metadata)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone()
     if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
+        out = type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(cpu_copy(v) for v in obj)
     return obj
-
-
-def assert_same(got, want, where="state") -> None:
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor), where
-        assert got.dtype == want.dtype and torch.equal(got.detach().cpu(), want), where
-    elif isinstance(want, dict):
-        assert set(got) == set(want), where
-        for k in want:
-            assert_same(got[k], want[k], f"{where}/{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same(g, w, f"{where}/{i}")
-    else:
-        assert got == want, where
 
 
 def components(model, opt):
@@ -139,12 +129,12 @@ def test_staging_buffers_are_page_locked_with_cuda(tmp_path, device):
         assert buf.tensor.is_pinned() == torch.cuda.is_available()
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("device", DEVICES)
 def test_two_ranks_share_one_device(tmp_path, device):
     """Rank 1 stages into a shared-memory buffer for rank 0's writer: it must be page-locked with
     CUDA, and both ranks' state must come back bit-exact on the device."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(ac.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     reports = {}
     for mode in ("save", "load"):
         out = tmp_path / f"{mode}.json"

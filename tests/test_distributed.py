@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_support import launch, run
+from support.dist import launch, run
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(900)]
 
 
 def manifest(root: Path, step: int) -> dict:
@@ -155,6 +155,7 @@ def test_replica_mismatch_fails_every_rank_and_commits_nothing(tmp_path):
         assert not (tmp_path / "ckpt" / level / "step-0000000010" / "manifest.json").exists()
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("victim", [3, 1], ids=["node1-rank", "coordinator-node-rank"])
 def test_rank_killed_mid_save_fails_survivors_within_deadline(tmp_path, victim):
     """torchrun tears down the victim's node-mates, so the other node's ranks are the survivors:

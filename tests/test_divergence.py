@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import async_ckpt as ac
+from support.stateful import Copying
 
 
 def converging(n: int, seed: int, noise: float = 0.05) -> list[float]:
@@ -117,24 +118,16 @@ def test_stop_and_abort_events(action, stop, save):
 
 
 # -- rollback ----------------------------------------------------------------------------------
-class Model:
+def new_model() -> Copying:
     """Stands in for model + optimizer: its value is the step it was trained to."""
-
-    def __init__(self):
-        self.w = torch.zeros(3)
-
-    def state_dict(self):
-        return {"w": self.w}
-
-    def load_state_dict(self, sd):
-        self.w.copy_(sd["w"])
+    return Copying({"w": torch.zeros(3)})
 
 
 def run(tmp_path, monitor_kwargs=None, ckpt_kwargs=None, spike=range(33, 60), every=5, steps=60,
         metric=lambda step, rolled_back: 1.0 / step, register_monitor=True):
     """Feed a flat loss with a spike; save every `every` steps with `metric`; returns what
     happened. After a rollback the run continues with healthy values (the data was skipped)."""
-    model = Model()
+    model = new_model()
     comps = [ac.StateComponent("model", model, ac.SharingPattern.GLOBAL)]
     # components as a callable (contract): the monitor joins after the checkpointer it needs
     ckpt = ac.AsyncCheckpointer(tmp_path, lambda: comps, **(ckpt_kwargs or {}))
@@ -145,7 +138,7 @@ def run(tmp_path, monitor_kwargs=None, ckpt_kwargs=None, spike=range(33, 60), ev
     events, skip, step = [], False, 0
     while step < steps:
         step += 1
-        model.w.fill_(step)
+        model.state["w"].fill_(step)
         value = 2.0 if step in spike and not skip else 1.0
         event = monitor.update(step, value)
         if event is not None:
@@ -170,7 +163,7 @@ def test_rollback_restores_the_newest_checkpoint_before_the_divergence(tmp_path)
     assert monitor.rollbacks == 1
     # the run then went on from 30, re-saving 35..60 without colliding with anything
     assert [i.step for i in ckpt.list_checkpoints()] == list(range(5, 61, 5))
-    assert model.w[0].item() == 60
+    assert model.state["w"][0].item() == 60
 
 
 def test_rollback_discards_diverged_checkpoints_and_retention_ranks_the_new_ones(tmp_path):
@@ -182,7 +175,7 @@ def test_rollback_discards_diverged_checkpoints_and_retention_ranks_the_new_ones
                                        metric=lambda s, rolled_back: 0.9 if rolled_back else first[s])
     [event] = events
     assert event.step == 21 and event.restored.step == 15 and event.discarded == (20,)
-    with ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("model", Model(), ac.SharingPattern.GLOBAL)]) as again:
+    with ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("model", new_model(), ac.SharingPattern.GLOBAL)]) as again:
         infos = again.list_checkpoints()
     # 15 is the best real checkpoint; the discarded 20 (0.1) must not be remembered
     assert [(i.step, i.metrics["val_loss"]) for i in infos] == [(15, 0.3), (25, 0.9), (30, 0.9)]
@@ -198,7 +191,7 @@ def test_rollback_to_best(tmp_path):
 
 def test_rollbacks_are_bounded_then_abort(tmp_path):
     """The spike is data-driven and comes back after every rollback: the third event aborts."""
-    model = Model()
+    model = new_model()
     comps = [ac.StateComponent("model", model, ac.SharingPattern.GLOBAL)]
     ckpt = ac.AsyncCheckpointer(tmp_path, lambda: comps)
     monitor = ac.DivergenceMonitor(ac.WindowDetector(2, 6, threshold=0.5), "rollback", checkpointer=ckpt,

@@ -4,30 +4,13 @@ import json
 import os
 
 import pytest
-import torch
 
 import async_ckpt as ac
-from fixture_state import Holder, expected_state
+from support.compare import assert_same
+from support.fixture_state import expected_state
+from support.stateful import Holder
 
 FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "format_v*")))
-
-
-def assert_same(got, want, path="state"):
-    assert type(got) is type(want), f"{path}: {type(got)} != {type(want)}"
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and got.shape == want.shape, path
-        assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got,
-                           want.reshape(-1).view(torch.uint8) if want.numel() else want), path
-    elif isinstance(want, dict):
-        assert list(got) == list(want), path
-        for k in want:
-            assert_same(got[k], want[k], f"{path}/{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same(g, w, f"{path}/{i}")
-    else:
-        assert got == want, path
 
 
 def test_there_is_a_fixture_for_the_current_version():

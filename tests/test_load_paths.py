@@ -13,33 +13,11 @@ import torch
 from async_ckpt import AsyncCheckpointer, CorruptCheckpointError, SharingPattern, StateComponent
 from async_ckpt.load import readbuf
 from async_ckpt.storage import LocalStorage
+from support.compare import assert_same
+from support.stateful import Copying, Holder
 
 P = SharingPattern.PER_RANK
 PAGE = 4096
-
-
-class Copying:
-    """Copies into its own tensors, as nn.Module.load_state_dict does."""
-
-    def __init__(self, sd):
-        self.sd = sd
-        self.calls = 0
-
-    def state_dict(self):
-        return self.sd
-
-    def load_state_dict(self, sd):
-        self.calls += 1
-        for k, v in sd.items():
-            self.sd[k].copy_(v)
-
-
-class Keeping(Copying):
-    """Keeps what it is given, as torch.optim.Optimizer.load_state_dict does."""
-
-    def load_state_dict(self, sd):
-        self.calls += 1
-        self.sd = sd
 
 
 def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -81,13 +59,6 @@ def mapped_files() -> str:
     return text
 
 
-def assert_equal(got, want):
-    assert list(got) == list(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
-        assert torch.equal(got[k], want[k]), k
-
-
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Two-page chunks: every record of make_state() straddles chunk boundaries."""
@@ -125,7 +96,7 @@ def test_round_trip_bit_exact(tmp_path, small_chunks, spy_map, path_kind, compre
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.state, sd)
     assert bool(spy_map) == (path_kind == "mapped")
     assert str(tmp_path) not in mapped_files()     # nothing kept: the mapping is gone
 
@@ -136,7 +107,7 @@ def test_default_chunks_round_trip(tmp_path, spy_map):
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.state, sd)
     assert spy_map
 
 
@@ -144,17 +115,17 @@ def test_kept_tensors_leave_the_file(tmp_path, small_chunks, path_kind):
     sd = make_state(1)
     save(tmp_path, sd)
     before = [open(p, "rb").read() for p in data_files(tmp_path)]
-    target = Keeping({})
+    target = Holder({})
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.state, sd)
     assert str(tmp_path) not in mapped_files()
-    for t in target.sd.values():
+    for t in target.state.values():
         if t.numel():
             t.view(torch.uint8).view(-1)[0] ^= 0xFF       # writable, and private
     assert [open(p, "rb").read() for p in data_files(tmp_path)] == before
     # small records have their own storage (Generator.set_state reads from the storage start)
-    small = target.sd["small"]
+    small = target.state["small"]
     assert small.untyped_storage().data_ptr() == small.data_ptr()
     assert small.untyped_storage().nbytes() == small.numel() * small.element_size()
 
@@ -197,11 +168,11 @@ def test_detach_failure_keeps_data_and_warns(tmp_path, monkeypatch, caplog):
         raise OSError(errno.ENOMEM, "no memory")
 
     monkeypatch.setattr(readbuf, "_detach", fail)
-    target = Keeping({})
+    target = Holder({})
     with caplog.at_level(logging.WARNING, logger="async_ckpt"):
         with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
             ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.state, sd)
     assert "stay mapped" in caplog.text
 
 
@@ -225,8 +196,8 @@ def test_corruption_found_before_any_load_state_dict(tmp_path, small_chunks, pat
     with AsyncCheckpointer(tmp_path, [StateComponent("a", a, P), StateComponent("b", b, P)]) as ck:
         with pytest.raises(CorruptCheckpointError):
             ck.load()
-    assert a.calls == b.calls == 0
-    assert all(not t.any() for t in a.sd.values()) and all(not t.any() for t in b.sd.values())
+    assert a.loads == b.loads == 0
+    assert all(not t.any() for t in a.state.values()) and all(not t.any() for t in b.state.values())
     assert str(tmp_path) not in mapped_files()
 
 
@@ -246,7 +217,7 @@ def test_populate_error_is_a_corrupt_checkpoint(tmp_path, small_chunks, monkeypa
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         with pytest.raises(CorruptCheckpointError, match="cannot read bytes"):
             ck.load()
-    assert target.calls == 0
+    assert target.loads == 0
 
 
 def test_chunked_read_error_is_a_corrupt_checkpoint(tmp_path, small_chunks, monkeypatch):
@@ -267,7 +238,7 @@ def test_chunked_read_error_is_a_corrupt_checkpoint(tmp_path, small_chunks, monk
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         with pytest.raises(CorruptCheckpointError, match="cannot read bytes"):
             ck.load()
-    assert target.calls == 0
+    assert target.loads == 0
 
 
 def test_unmappable_file_falls_back_to_reading(tmp_path, small_chunks, monkeypatch):
@@ -281,7 +252,7 @@ def test_unmappable_file_falls_back_to_reading(tmp_path, small_chunks, monkeypat
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.state, sd)
 
 
 @pytest.mark.parametrize("compression", [None, "zstd"])
@@ -289,10 +260,10 @@ def test_memory_filesystem_round_trip(small_chunks, compression):
     root = f"memory://load-paths-{compression}"
     sd = make_state(8)
     save(root, sd, compression)
-    target = Keeping({})
+    target = Holder({})
     with AsyncCheckpointer(root, [StateComponent("c", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.state, sd)
 
 
 def test_group_starting_mid_page(tmp_path, small_chunks, spy_map):
@@ -304,5 +275,5 @@ def test_group_starting_mid_page(tmp_path, small_chunks, spy_map):
     target = Copying(blank(sd))
     with AsyncCheckpointer(tmp_path, [StateComponent("y", target, P)]) as ck:
         ck.load()
-    assert_equal(target.sd, sd)
+    assert_same(target.state, sd)
     assert spy_map and all(start % PAGE for _, start, _ in spy_map)

@@ -6,6 +6,7 @@ import torch
 
 import async_ckpt as ac
 from async_ckpt.retention import steps_to_keep
+from support.stateful import Copying
 
 STEPS = [10, 20, 30, 40, 50]
 
@@ -43,30 +44,19 @@ def test_keep_best_table(metrics, kwargs, want):
     assert steps_to_keep(STEPS, per_step, keep_last=1, **kwargs) == want
 
 
-class Box:
-    def __init__(self):
-        self.t = torch.zeros(1000)
-
-    def state_dict(self):
-        return {"t": self.t}
-
-    def load_state_dict(self, sd):
-        self.t.copy_(sd["t"])
-
-
 def step_folders(root):
     return sorted(n for n in os.listdir(root) if n.startswith("step-"))
 
 
 def test_keep_last_on_disk_and_manifest_deleted_first(tmp_path, monkeypatch):
-    box = Box()
+    box = Copying({"t": torch.zeros(1000)})
     ckpt = ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("box", box, ac.SharingPattern.GLOBAL)], keep_last=2)
     calls = []
     real_delete, real_delete_dir = ckpt.storage.delete, ckpt.storage.delete_dir
     monkeypatch.setattr(ckpt.storage, "delete", lambda p: (calls.append(("delete", p)), real_delete(p)))
     monkeypatch.setattr(ckpt.storage, "delete_dir", lambda p: (calls.append(("rmdir", p)), real_delete_dir(p)))
     for step in range(5):
-        box.t.fill_(step)
+        box.state["t"].fill_(step)
         ckpt.save(step)
     ckpt.wait()
     assert step_folders(tmp_path) == ["step-0000000003", "step-0000000004"]
@@ -74,12 +64,12 @@ def test_keep_last_on_disk_and_manifest_deleted_first(tmp_path, monkeypatch):
     uncommit = calls.index(("delete", "step-0000000000/manifest.json"))
     assert ("rmdir", "step-0000000000") in calls[uncommit + 1:]   # data goes after the manifest
     ckpt.load(3)
-    assert box.t[0].item() == 3
+    assert box.state["t"][0].item() == 3
     ckpt.close()
 
 
 def test_keep_best_with_late_metrics_survives_restart(tmp_path):
-    box = Box()
+    box = Copying({"t": torch.zeros(1000)})
     comps = [ac.StateComponent("box", box, ac.SharingPattern.GLOBAL)]
     opts = dict(keep_last=1, keep_best=1, best_metric="val_loss")
     with ac.AsyncCheckpointer(tmp_path, comps, **opts) as ckpt:

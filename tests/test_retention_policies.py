@@ -10,6 +10,7 @@ import torch
 
 import async_ckpt as ac
 from async_ckpt.retention import best_steps, steps_to_keep
+from support.stateful import Copying
 
 STEPS = [100, 200, 300, 400, 500, 600]
 
@@ -82,19 +83,8 @@ def test_ties_are_deterministic_whatever_the_arrival_order():
 
 
 # -- on disk -----------------------------------------------------------------------------------
-class Box:
-    def __init__(self):
-        self.t = torch.zeros(64)
-
-    def state_dict(self):
-        return {"t": self.t}
-
-    def load_state_dict(self, sd):
-        self.t.copy_(sd["t"])
-
-
 def comps(box=None):
-    return [ac.StateComponent("box", box or Box(), ac.SharingPattern.GLOBAL)]
+    return [ac.StateComponent("box", box or Copying({"t": torch.zeros(64)}), ac.SharingPattern.GLOBAL)]
 
 
 def committed(ckpt):

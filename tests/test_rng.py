@@ -36,6 +36,7 @@ def rng_component(stateful=None):
     return [ac.StateComponent("rng", stateful or ac.RNGState(), ac.SharingPattern.PER_RANK)]
 
 
+@pytest.mark.gpu
 def test_draws_after_restore_equal_draws_after_save(tmp_path):
     seed_everything(1234)
     with ac.AsyncCheckpointer(tmp_path, rng_component()) as ckpt:
@@ -50,6 +51,7 @@ def test_draws_after_restore_equal_draws_after_save(tmp_path):
         assert draws() == after_save
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("generator", ["torch", "python", "numpy"])
 def test_each_generator_is_restored(generator):
     """Each generator on its own: restoring only works if that generator's state is captured."""
@@ -80,6 +82,7 @@ class GPUMachineRNG:
         raise AssertionError("not loaded in this test")
 
 
+@pytest.mark.gpu
 def test_fewer_gpus_than_saved_warns_and_restores_the_rest(tmp_path):
     seed_everything(42)
     with ac.AsyncCheckpointer(tmp_path, rng_component(GPUMachineRNG(extra_devices=2))) as ckpt:

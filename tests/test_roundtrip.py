@@ -18,53 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import async_ckpt as ac
+from support.compare import assert_same
+from support.stateful import Box
 
 COMPRESSIONS = [None, "zstd"]
 G = ac.SharingPattern.GLOBAL
-
-
-class Box:
-    """A minimal stateful: saves `state`, keeps what load hands it in `loaded`."""
-
-    def __init__(self, state=None):
-        self.state = state
-        self.loaded = None
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, sd):
-        self.loaded = sd
-
-
-def raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same(a, b, path="") -> None:
-    """Exact structural equality: same types (containers and keys), bit-identical tensors,
-    NaN == NaN and -0.0 distinguished from 0.0."""
-    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
-        assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-        assert torch.equal(raw_bytes(a), raw_bytes(b)), f"{path}: tensor bytes differ"
-    elif isinstance(a, float):
-        if math.isnan(a):
-            assert math.isnan(b), f"{path}: {a!r} != {b!r}"
-        else:
-            assert a == b and math.copysign(1.0, a) == math.copysign(1.0, b), f"{path}: {a!r} != {b!r}"
-    elif isinstance(a, dict):
-        assert [(type(k), k) for k in a] == [(type(k), k) for k in b], f"{path}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
-        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{path}: _metadata differs"
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}/{i}")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def roundtrip(tmp_path, state, compression=None, **opts):

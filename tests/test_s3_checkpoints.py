@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from async_ckpt import AsyncCheckpointer, CheckpointNotFoundError, CorruptCheckpointError, StateComponent
-from corruption_support import G, Recorder, a_module, assert_same, b_state
-from s3_support import Remote
+from support.compare import assert_same
+from support.corruption import G, a_module, b_state
+from support.stateful import Box
+from support.s3 import Remote
 
 COMPRESSION = [None, "zstd"]
 
@@ -20,7 +22,7 @@ def checkpointer(remote: Remote, a, b, **kwargs) -> AsyncCheckpointer:
 
 def save(remote: Remote, steps, **kwargs) -> None:
     for step in steps:
-        with checkpointer(remote, a_module(step), Recorder(b_state(step)), **kwargs) as ck:
+        with checkpointer(remote, a_module(step), Box(b_state(step)), **kwargs) as ck:
             ck.save(step, metrics={"loss": 1.0 / (step + 1)}).wait()
 
 
@@ -29,7 +31,7 @@ def fresh(remote: Remote):
     with torch.no_grad():
         a.weight.zero_()
         a.bias.zero_()
-    b = Recorder({"sentinel": torch.zeros(1)})
+    b = Box({"sentinel": torch.zeros(1)})
     return checkpointer(remote, a, b), a, b
 
 
@@ -39,7 +41,7 @@ def load_exact(remote: Remote, step: int | None, want_step: int) -> None:
     assert info is not None and info.step == want_step
     assert info.url == f"{remote.url}/step-{want_step:010d}"
     assert_same(dict(a.state_dict()), dict(a_module(want_step).state_dict()))
-    assert_same(b.loaded[0], b_state(want_step))
+    assert_same(b.loaded, b_state(want_step))
 
 
 def load_fails(remote: Remote, step: int, *words: str) -> None:
@@ -48,7 +50,7 @@ def load_fails(remote: Remote, step: int, *words: str) -> None:
         ck.load(step)
     for word in words:
         assert word in str(info.value)
-    assert b.loaded == [] and not a.weight.any(), "a failed load changed the components"
+    assert b.loads == 0 and not a.weight.any(), "a failed load changed the components"
 
 
 @pytest.fixture
@@ -109,7 +111,7 @@ def test_retention_keeps_the_last_two(seaweedfs, compression):
 def test_keep_best_with_late_metrics(seaweedfs):
     remote = Remote(seaweedfs)
     for step, loss in ((1, 0.1), (2, 0.5), (3, 0.9)):
-        with checkpointer(remote, a_module(step), Recorder(b_state(step)), keep_last=1,
+        with checkpointer(remote, a_module(step), Box(b_state(step)), keep_last=1,
                           keep_best=1, best_metric="loss") as ck:
             ck.save(step).wait()
             ck.report_metrics(step, {"loss": loss})
@@ -154,7 +156,7 @@ def test_tensor_larger_than_100_mib_uses_several_parts(seaweedfs, compression):
     big = torch.arange(27 << 20, dtype=torch.float32)          # 108 MiB, half of it compressible
     # Every other value is noise: byte-grouped zstd squeezes a clean ramp into one part.
     big[::2] = torch.randn(big[::2].shape)
-    state = Recorder({"big": big, "tail": torch.ones(3)})
+    state = Box({"big": big, "tail": torch.ones(3)})
     with AsyncCheckpointer(remote.url, [StateComponent("s", state, G)], compression=compression,
                            storage_options=remote.options()) as ck:
         ck.save(7).wait()
@@ -164,8 +166,8 @@ def test_tensor_larger_than_100_mib_uses_several_parts(seaweedfs, compression):
     stored = remote.manifest(7)["stored_nbytes"]
     assert parts == -(-stored // (16 << 20)) and parts >= (2 if compression else 7)
     assert remote.uploads() == []
-    back = Recorder(None)
+    back = Box(None)
     with AsyncCheckpointer(remote.url, [StateComponent("s", back, G)],
                            storage_options=remote.options()) as ck:
         assert ck.load().step == 7
-    assert torch.equal(back.loaded[0]["big"], big) and torch.equal(back.loaded[0]["tail"], torch.ones(3))
+    assert torch.equal(back.loaded["big"], big) and torch.equal(back.loaded["tail"], torch.ones(3))

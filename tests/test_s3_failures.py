@@ -5,7 +5,6 @@ multipart upload. All against real servers (SeaweedFS with SigV4 identities, a r
 faults, a real child process and a real kill -9)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import queue
 import signal
@@ -22,17 +21,21 @@ from async_ckpt import (AsyncCheckpointer, CheckpointError, InvalidArgumentError
                         StateComponent, StorageConfigError, StorageUnavailableError)
 from async_ckpt.storage import open_storage
 from async_ckpt.storage.testing.faults import FaultProxy
-from async_ckpt.storage.testing.servers import free_port
-from corruption_support import G, Recorder, assert_same, b_state
-from s3_support import Remote
+from support.compare import assert_same
+from support.corruption import G, b_state
+from support.crash_state import COMPONENT, CrashState, check_state
+from support.net import free_port
+from support.paths import HELPERS, child_env
+from support.stateful import Box
+from support.s3 import Remote
 
-HELPER = Path(__file__).resolve().parent / "helpers" / "crash_saver.py"
+HELPER = HELPERS / "crash_saver.py"
 
 
 def construct(url: str, options: dict) -> tuple[BaseException, float]:
     start = time.monotonic()
     with pytest.raises(StorageConfigError) as info:
-        AsyncCheckpointer(url, [StateComponent("b", Recorder(b_state(1)), G)], storage_options=options)
+        AsyncCheckpointer(url, [StateComponent("b", Box(b_state(1)), G)], storage_options=options)
     err = info.value
     assert isinstance(err, InvalidArgumentError) and isinstance(err, CheckpointError)
     assert url in str(err)
@@ -66,7 +69,7 @@ def test_wrong_credentials(seaweedfs):
 
 def test_server_that_ignores_if_none_match_is_refused(seaweedfs):
     remote = Remote(seaweedfs)
-    ck = AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(b_state(1)), G)],
+    ck = AsyncCheckpointer(remote.url, [StateComponent("b", Box(b_state(1)), G)],
                            storage_options=remote.options())
     real_call = ck.storage.call
 
@@ -91,25 +94,25 @@ def test_transient_faults_are_retried(seaweedfs, proxy):
     remote = Remote(seaweedfs)
     options = remote.options(endpoint_url=proxy.endpoint)
     proxy.fail_next(3, "slowdown")
-    with AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(b_state(1)), G)],
+    with AsyncCheckpointer(remote.url, [StateComponent("b", Box(b_state(1)), G)],
                            storage_options=options) as ck:
         ck.save(1).wait()
     assert proxy.injected == ["slowdown"] * 3
     proxy.fail_next(2, "reset")
-    back = Recorder(None)
+    back = Box(None)
     ck = AsyncCheckpointer(remote.url, [StateComponent("b", back, G)], storage_options=options)
     assert ck.load().step == 1
-    assert_same(back.loaded[0], b_state(1))
+    assert_same(back.loaded, b_state(1))
     assert proxy.injected[3:] == ["reset"] * 2
 
 
 def test_persistent_faults_fail_in_bounded_time(seaweedfs, proxy):
     remote = Remote(seaweedfs)
     options = remote.options(endpoint_url=proxy.endpoint, retry_deadline_s=3)
-    with AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(b_state(1)), G)],
+    with AsyncCheckpointer(remote.url, [StateComponent("b", Box(b_state(1)), G)],
                            storage_options=options) as ck:
         ck.save(1).wait()
-    reader = AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(None), G)],
+    reader = AsyncCheckpointer(remote.url, [StateComponent("b", Box(None), G)],
                                storage_options=options)
     proxy.fail_always("slowdown")
     start = time.monotonic()
@@ -119,14 +122,14 @@ def test_persistent_faults_fail_in_bounded_time(seaweedfs, proxy):
     assert time.monotonic() - start < 8
     start = time.monotonic()
     with pytest.raises(StorageConfigError, match="kept failing"):
-        AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(None), G)], storage_options=options)
+        AsyncCheckpointer(remote.url, [StateComponent("b", Box(None), G)], storage_options=options)
     assert time.monotonic() - start < 8
 
 
 def test_a_save_during_an_outage_fails_cleanly_and_the_next_one_works(seaweedfs, proxy):
     remote = Remote(seaweedfs)
     options = remote.options(endpoint_url=proxy.endpoint, retry_deadline_s=2)
-    box = Recorder({"t": torch.arange(100.0)})
+    box = Box({"t": torch.arange(100.0)})
     ck = AsyncCheckpointer(remote.url, [StateComponent("b", box, G)], storage_options=options)
     ck.save(1).wait()
     handle = ck.save(2)
@@ -137,7 +140,7 @@ def test_a_save_during_an_outage_fails_cleanly_and_the_next_one_works(seaweedfs,
     proxy.always = None
     ck.save(3).wait()
     ck.close()
-    assert [i.step for i in AsyncCheckpointer(remote.url, [StateComponent("b", Recorder(None), G)],
+    assert [i.step for i in AsyncCheckpointer(remote.url, [StateComponent("b", Box(None), G)],
                                               storage_options=options).list_checkpoints()] == [1, 3]
 
 
@@ -158,13 +161,6 @@ def test_unfinished_uploads_are_listed_and_cleaned(seaweedfs):
 
 
 # -- a saver killed with SIGKILL in the middle of an upload --------------------------------------
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("crash_saver", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
     lines: queue.Queue = queue.Queue()
 
@@ -186,12 +182,12 @@ def _expect(lines: queue.Queue, prefix: str, timeout: float, err: Path) -> str:
             return line
 
 
+@pytest.mark.crash
 def test_sigkill_mid_upload(seaweedfs, tmp_path):
-    saver = _load_helper()
     remote = Remote(seaweedfs)
-    env = dict(os.environ, OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=seaweedfs.endpoint,
-               AWS_ACCESS_KEY_ID="testkey", AWS_SECRET_ACCESS_KEY="testsecret",
-               AWS_DEFAULT_REGION="us-east-1")
+    env = child_env(OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=seaweedfs.endpoint,
+                    AWS_ACCESS_KEY_ID="testkey", AWS_SECRET_ACCESS_KEY="testsecret",
+                    AWS_DEFAULT_REGION="us-east-1")
     err = tmp_path / "saver.stderr"
     with open(err, "wb") as err_file:
         proc = subprocess.Popen([sys.executable, str(HELPER), remote.url, "--idle", "0"], env=env,
@@ -217,16 +213,16 @@ def test_sigkill_mid_upload(seaweedfs, tmp_path):
     assert [k.split("/")[0] for k in remote.uploads()] == ["step-0000000001"], "no upload was cut short"
     assert not any(k.startswith("step-0000000001/manifest") for k in remote.keys())
 
-    state = saver.CrashState()
+    state = CrashState()
     options = remote.options()
-    ck = AsyncCheckpointer(remote.url, [StateComponent(saver.COMPONENT, state, G)], storage_options=options)
+    ck = AsyncCheckpointer(remote.url, [StateComponent(COMPONENT, state, G)], storage_options=options)
     assert [i.step for i in ck.list_checkpoints()] == [0] and ck.latest_step() == 0
-    assert ck.load().step == 0 and saver.check_state(state.loaded, 0) == []
+    assert ck.load().step == 0 and check_state(state.loaded, 0) == []
     state.set_step(1)                        # the next run resumes where the killed one stopped
     ck.save(1).wait()
     ck.close()
     assert remote.uploads() == [], "the killed saver's multipart upload is still dangling"
-    again = saver.CrashState()
-    ck = AsyncCheckpointer(remote.url, [StateComponent(saver.COMPONENT, again, G)], storage_options=options)
+    again = CrashState()
+    ck = AsyncCheckpointer(remote.url, [StateComponent(COMPONENT, again, G)], storage_options=options)
     assert [i.step for i in ck.list_checkpoints()] == [0, 1]
-    assert ck.load(1).step == 1 and saver.check_state(again.loaded, 1) == []
+    assert ck.load(1).step == 1 and check_state(again.loaded, 1) == []

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import async_ckpt as ac
+from support.stateful import Copying
 
 
 def fired(trigger, steps) -> list[int]:
@@ -49,20 +50,13 @@ def test_eval_on_save_and_decoupled_eval():
     assert [k for k in range(1, 17) if plain.due(k).eval] == [3, 9, 15]
 
 
-class Model:
-    def __init__(self):
-        self.w = torch.zeros(2)
-
-    def state_dict(self):
-        return {"w": self.w}
-
-    def load_state_dict(self, sd):
-        self.w.copy_(sd["w"])
+def new_model() -> Copying:
+    return Copying({"w": torch.zeros(2)})
 
 
 def loop(ckpt, schedule, model, start, stop, log):
     for step in range(start, stop + 1):
-        model.w.fill_(step)
+        model.state["w"].fill_(step)
         due = schedule.due(step)
         metrics = {"val_loss": 1.0 / (step + 1)} if due.eval else None
         if due.eval:
@@ -79,16 +73,16 @@ def test_counters_resume_exactly(tmp_path):
         return ac.TrainingSchedule(save_every=4, eval_every=6, first_eval=0, eval_on_save=False)
 
     uninterrupted: list = []
-    with ac.AsyncCheckpointer(tmp_path / "a", [ac.StateComponent("m", Model(), ac.SharingPattern.GLOBAL)]) as ck:
-        loop(ck, fresh(), Model(), 0, 30, uninterrupted)
+    with ac.AsyncCheckpointer(tmp_path / "a", [ac.StateComponent("m", new_model(), ac.SharingPattern.GLOBAL)]) as ck:
+        loop(ck, fresh(), new_model(), 0, 30, uninterrupted)
 
-    model, schedule, log = Model(), fresh(), []
+    model, schedule, log = new_model(), fresh(), []
     comps = [ac.StateComponent("m", model, ac.SharingPattern.GLOBAL),
              ac.StateComponent("schedule", schedule, ac.SharingPattern.GLOBAL)]
     with ac.AsyncCheckpointer(tmp_path / "b", comps) as ck:
         loop(ck, schedule, model, 0, 14, log)          # "crash" after step 14
     del log[log.index(("save", 12)) + 1:]               # work after the last checkpoint is lost
-    model, schedule = Model(), fresh()
+    model, schedule = new_model(), fresh()
     comps = [ac.StateComponent("m", model, ac.SharingPattern.GLOBAL),
              ac.StateComponent("schedule", schedule, ac.SharingPattern.GLOBAL)]
     with ac.AsyncCheckpointer(tmp_path / "b", comps) as ck:
@@ -112,7 +106,7 @@ def test_eval_on_save_gives_keep_best_a_metric_for_every_checkpoint(tmp_path, ev
     """Without it, checkpoints saved between evals have no metric and are all kept (retention
     waits for a metric that never comes)."""
     schedule = ac.TrainingSchedule(save_every=3, eval_every=12, eval_on_save=eval_on_save)
-    with ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("m", Model(), ac.SharingPattern.GLOBAL)],
+    with ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("m", new_model(), ac.SharingPattern.GLOBAL)],
                               keep_last=1, keep_best=1, best_metric="val_loss") as ck:
         for step in range(1, 16):
             due = schedule.due(step)

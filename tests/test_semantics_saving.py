@@ -14,8 +14,9 @@ import async_ckpt as ac
 
 G = ac.SharingPattern.GLOBAL
 
-from semantics_support import (Box, FailOnce, GatedWrites, FAILING_METHODS, _after_failure_all_is_well,  # noqa: F401
+from support.semantics import (FailOnce, GatedWrites, FAILING_METHODS, _after_failure_all_is_well,  # noqa: F401
                                comps, step_folders, wait_until)
+from support.stateful import Box
 
 # ------------------------------------------------------------------------------------------
 # handles and CheckpointInfo

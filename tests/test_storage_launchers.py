@@ -18,7 +18,9 @@ import pytest
 
 from async_ckpt import AsyncCheckpointer, StateComponent
 from async_ckpt.storage.testing import servers
-from corruption_support import G, Recorder, assert_same, b_state
+from support.compare import assert_same
+from support.corruption import G, b_state
+from support.stateful import Box
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,18 +86,18 @@ def test_storage_seaweedfs_sh_serves_s3_and_stops_on_ctrl_c(tmp_path):
                               "--dir", "work"], tmp_path)         # --dir relative to the caller
     try:
         assert [p.name.split("-")[0] for p in work.iterdir()] == ["seaweed"]
-        saved = AsyncCheckpointer("s3://ckpt/run", [StateComponent("b", Recorder(b_state(3)), G)],
+        saved = AsyncCheckpointer("s3://ckpt/run", [StateComponent("b", Box(b_state(3)), G)],
                                   storage_options={"endpoint_url": env["AWS_ENDPOINT_URL"],
                                                    "key": env["AWS_ACCESS_KEY_ID"],
                                                    "secret": env["AWS_SECRET_ACCESS_KEY"]})
         saved.save(3).wait()
         saved.close()
-        back = Recorder(None)
+        back = Box(None)
         options = {"endpoint_url": env["ASYNC_CKPT_S3_ENDPOINT"], "key": servers.KEY,
                    "secret": servers.SECRET}
         assert AsyncCheckpointer("s3://ckpt/run", [StateComponent("b", back, G)],
                                  storage_options=options).load().step == 3
-        assert_same(back.loaded[0], b_state(3))
+        assert_same(back.loaded, b_state(3))
     finally:
         if proc.poll() is None:
             _stop(proc, signal.SIGINT, pid)

@@ -13,7 +13,9 @@ from async_ckpt.errors import storage_errors_translated, translate_storage_error
 from async_ckpt.storage import (FsspecStorage, LocalStorage, S3Storage, open_storage, register_backend,
                                 registered_schemes, unregister_backend)
 from async_ckpt.storage import errors as storage_errors
-from corruption_support import G, Recorder, assert_same, b_state
+from support.compare import assert_same
+from support.corruption import G, b_state
+from support.stateful import Box
 
 
 class MyStorage(LocalStorage):
@@ -56,13 +58,13 @@ def test_a_third_party_scheme_serves_the_checkpointer(myfs, tmp_path):
     st = open_storage("myfs://run", {"flavour": "x"})
     assert isinstance(st, MyStorage) and st.options == {"flavour": "x"}
     assert myfs == [("myfs://run", {"flavour": "x"})]
-    with AsyncCheckpointer("myfs://run", [StateComponent("b", Recorder(b_state(1)), G)]) as ck:
+    with AsyncCheckpointer("myfs://run", [StateComponent("b", Box(b_state(1)), G)]) as ck:
         info = ck.save(1).wait()
     assert info.url == "myfs://run/step-0000000001"
     assert (tmp_path / "run" / "step-0000000001" / "manifest.json").is_file()
-    back = Recorder(None)
+    back = Box(None)
     assert AsyncCheckpointer("myfs://run", [StateComponent("b", back, G)]).load().step == 1
-    assert_same(back.loaded[0], b_state(1))
+    assert_same(back.loaded, b_state(1))
 
 
 def test_registering_twice_needs_clobber(myfs, tmp_path):
@@ -89,7 +91,7 @@ def test_a_factory_by_dotted_path_is_imported_on_first_use(tmp_path):
         with pytest.raises(storage_errors.StorageConfigError, match="cannot be imported"):
             open_storage("brokenfs://x")
         with pytest.raises(async_ckpt.StorageConfigError, match="cannot be imported"):
-            AsyncCheckpointer("brokenfs://x", [StateComponent("b", Recorder(b_state(1)), G)])
+            AsyncCheckpointer("brokenfs://x", [StateComponent("b", Box(b_state(1)), G)])
     finally:
         unregister_backend("lazyfs")
         unregister_backend("brokenfs")
@@ -160,7 +162,7 @@ def flaky(tmp_path):
 
 
 def test_users_see_the_engine_classes(flaky):
-    comps = [StateComponent("b", Recorder(b_state(1)), G)]
+    comps = [StateComponent("b", Box(b_state(1)), G)]
     flaky["check_root"] = storage_errors.StorageConfigError("flaky://run: no such bucket; create it")
     with pytest.raises(async_ckpt.StorageConfigError, match="create it") as info:
         AsyncCheckpointer("flaky://run", comps)

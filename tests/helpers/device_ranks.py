@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 
 from bench.common import TensorState
+from support.net import free_port   # the checkout and tests/ are on PYTHONPATH: support.paths.child_env()
 
 WORLD = 2
 
@@ -77,10 +77,7 @@ def run(rank: int, root: str, out: str, mode: str, device: str, port: int) -> No
 
 def main() -> None:
     root, out, mode, device = sys.argv[1:5]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(run, args=(root, out, mode, device, port), nprocs=WORLD)
+    torch.multiprocessing.spawn(run, args=(root, out, mode, device, free_port()), nprocs=WORLD)
     reports = []
     for r in range(WORLD):
         with open(f"{out}.rank{r}") as f:

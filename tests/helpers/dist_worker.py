@@ -1,4 +1,4 @@
-"""One rank of a distributed test run, started by torchrun (see tests/dist_support.py).
+"""One rank of a distributed test run, started by torchrun (see tests/support/dist.py).
 
 Usage: dist_worker.py <scenario> <checkpoint root> <output dir> [args...]
 Each rank writes its observations to ``<out>/<scenario>-r<rank>.json``; the tests assert on them.
@@ -21,25 +21,11 @@ import torch.distributed as dist
 
 from async_ckpt import (AsyncCheckpointer, CheckpointError, RNGState, SaveFailedError, SharingPattern,
                         StateComponent, ValidationLevel)
+from support.stateful import Holder   # tests/ is on PYTHONPATH: support.paths.child_env()
 
 SCENARIO, ROOT, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 COMPRESSION = os.environ.get("DIST_TEST_COMPRESSION") or None   # scenario_save's compression
 ARGS = sys.argv[4:]
-
-
-class Holder:
-    """A stateful whose state_dict is a plain dict (and may be made to fail or die)."""
-
-    def __init__(self, state: dict, on_save=None):
-        self.state, self.on_save = state, on_save
-
-    def state_dict(self) -> dict:
-        if self.on_save is not None:
-            self.on_save()
-        return self.state
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.state = sd
 
 
 def setup():

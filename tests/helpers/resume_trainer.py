@@ -20,11 +20,12 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 
 import numpy as np
 import torch
+
+from support.net import free_port   # tests/ is on PYTHONPATH: support.paths.child_env()
 
 N_SAMPLES, BATCH, DIM = 40, 4, 8           # 10 batches per epoch with one rank
 
@@ -105,12 +106,6 @@ def train(rank: int, world: int, args) -> None:
     out.close()
     if world > 1:
         torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

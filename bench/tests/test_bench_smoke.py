@@ -4,7 +4,10 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")     # the repository
+pytestmark = pytest.mark.bench
 
 
 def test_single_process_bench_runs_and_reports_every_method(tmp_path):
@@ -22,6 +25,7 @@ def test_single_process_bench_runs_and_reports_every_method(tmp_path):
     assert "| async_ckpt save(), compression=None" in proc.stdout
 
 
+@pytest.mark.multiproc
 def test_distributed_bench_runs_and_reports_every_figure(tmp_path):
     out_json = tmp_path / "d.json"
     proc = subprocess.run([sys.executable, "-m", "bench.distributed", "--size-gib", "0.01", "--repeats", "1",

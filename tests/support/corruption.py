@@ -13,25 +13,13 @@ import torch
 
 from async_ckpt import (AsyncCheckpointer, CheckpointError,
                         CorruptCheckpointError, SharingPattern, StateComponent)
+from support.compare import assert_same
+from support.stateful import Box
 
 G = SharingPattern.GLOBAL
 
 
 # -- state and helpers ---------------------------------------------------------------------------
-class Recorder:
-    """A stateful that records every load_state_dict call."""
-
-    def __init__(self, sd: Any):
-        self.sd = sd
-        self.loaded: list[Any] = []
-
-    def state_dict(self):
-        return self.sd
-
-    def load_state_dict(self, sd) -> None:
-        self.loaded.append(sd)
-
-
 def b_state(step: int) -> dict:
     return {
         "w": torch.arange(4096, dtype=torch.float32) * 0.25 + step,
@@ -44,22 +32,6 @@ def b_state(step: int) -> dict:
 def a_module(step: int) -> torch.nn.Linear:
     torch.manual_seed(step)
     return torch.nn.Linear(16, 8)
-
-
-def assert_same(x: Any, y: Any, path: str = "") -> None:
-    assert type(x) is type(y), f"{path}: {type(x)} vs {type(y)}"
-    if isinstance(x, torch.Tensor):
-        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), path
-    elif isinstance(x, dict):
-        assert list(x) == list(y), path
-        for k in x:
-            assert_same(x[k], y[k], f"{path}/{k}")
-    elif isinstance(x, (list, tuple)):
-        assert len(x) == len(y), path
-        for i, (u, v) in enumerate(zip(x, y)):
-            assert_same(u, v, f"{path}/{i}")
-    else:
-        assert x == y, path
 
 
 @dataclass
@@ -86,7 +58,7 @@ class Saved:
 
 def save_steps(root: Path, compression: str | None = None) -> Saved:
     for step in (1, 2):
-        a, b = a_module(step), Recorder(b_state(step))
+        a, b = a_module(step), Box(b_state(step))
         with AsyncCheckpointer(root, [StateComponent("a", a, G), StateComponent("b", b, G)],
                                compression=compression) as ckpt:
             ckpt.save(step).wait()
@@ -116,18 +88,18 @@ def saved_zstd(templates, tmp_path) -> Saved:
     return _copy(templates, tmp_path, "zstd")
 
 
-def fresh(root: Path, **options) -> tuple[AsyncCheckpointer, torch.nn.Linear, Recorder]:
+def fresh(root: Path, **options) -> tuple[AsyncCheckpointer, torch.nn.Linear, Box]:
     """A new checkpointer whose components hold sentinel state (zeros, nothing loaded)."""
     a = torch.nn.Linear(16, 8)
     with torch.no_grad():
         a.weight.zero_()
         a.bias.zero_()
-    b = Recorder({"sentinel": torch.zeros(1)})
+    b = Box({"sentinel": torch.zeros(1)})
     return AsyncCheckpointer(root, [StateComponent("a", a, G), StateComponent("b", b, G)], **options), a, b
 
 
-def assert_untouched(a: torch.nn.Linear, b: Recorder) -> None:
-    assert b.loaded == [], "load_state_dict was called on 'b' although the load failed"
+def assert_untouched(a: torch.nn.Linear, b: Box) -> None:
+    assert b.loads == 0, "load_state_dict was called on 'b' although the load failed"
     assert not a.weight.any() and not a.bias.any(), \
         "'a' was modified although the checkpoint failed verification"
 
@@ -149,8 +121,8 @@ def load_ok(saved: Saved, step: int) -> None:
     info = ckpt.load(step=step)
     assert info is not None and info.step == step
     assert_same(dict(a.state_dict()), dict(a_module(step).state_dict()))
-    assert len(b.loaded) == 1
-    assert_same(b.loaded[0], b_state(step))
+    assert b.loads == 1
+    assert_same(b.loaded, b_state(step))
 
 
 class Replace:

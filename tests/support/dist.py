@@ -10,19 +10,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-WORKER = Path(__file__).resolve().parent / "helpers" / "dist_worker.py"
+from support.net import free_port
+from support.paths import HELPERS, child_env
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = HELPERS / "dist_worker.py"
 
 
 class Launch:
@@ -85,10 +81,7 @@ def launch(scenario: str, root: Path, out: Path, *, nnodes: int = 2, nproc: int 
                "--master-addr=127.0.0.1", f"--master-port={port}", "--monitor-interval=0.2",
                str(WORKER), scenario, str(root), str(out), *args]
         # Ranks import the checkout under test, whatever the environment has installed.
-        repo = str(Path(__file__).resolve().parent.parent)
-        path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": path, **(env or {})}
+        full_env = child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         with open(log, "wb") as fh:
             procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
                                           start_new_session=True))

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-HELPER = Path(__file__).resolve().parent / "helpers" / "resume_trainer.py"
+from support.paths import HELPERS, child_env
+
+HELPER = HELPERS / "resume_trainer.py"
 
 
 class Trainer:
@@ -19,7 +21,7 @@ class Trainer:
 
     def __init__(self, root: Path, out: Path, *extra: str):
         self.log, self.name = out.with_suffix(".log"), out.name
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = child_env(OMP_NUM_THREADS="1")
         with open(self.log, "wb") as sink:
             self.proc = subprocess.Popen([sys.executable, str(HELPER), str(root), str(out), *extra],
                                          env=env, stdout=sink, stderr=subprocess.STDOUT,

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")     # the repository
+pytestmark = pytest.mark.bench
 SAVERS = ("async_ckpt", "dcp_default", "dcp_stager")
 STAGING_ROWS = ("floor", "pageable", "ack_overlap0", "ack_overlap1", "dcp_default", "dcp_stager_sync",
                 "dcp_stager_async")

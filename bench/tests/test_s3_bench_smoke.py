@@ -4,7 +4,10 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")     # the repository
+pytestmark = [pytest.mark.bench, pytest.mark.s3]     # bench.s3 starts its own SeaweedFS
 
 
 def test_s3_bench_runs_and_reports_every_method(tmp_path):

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")     # the repository
+pytestmark = pytest.mark.bench
 
 
 def test_load_bench_reports_every_method(tmp_path):

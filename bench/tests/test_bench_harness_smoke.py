@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")     # the repository
+pytestmark = [pytest.mark.bench, pytest.mark.s3, pytest.mark.multiproc]   # local + S3 targets, worlds 1 and 2
 PEERS = ("async_ckpt_none", "async_ckpt_zstd", "torch_save", "dcp_save1", "dcp_save2", "dcp_async",
          "dcp_async_stager")
 SAVE_FIGURES = ("blocking_s", "staged_s", "committed_s", "load_s", "background_cpu_s",

@@ -5,23 +5,10 @@ import os
 import threading
 import time
 
-import torch
-
 import async_ckpt as ac
+from support.stateful import Box
 
 G = ac.SharingPattern.GLOBAL
-
-
-class Box:
-    def __init__(self, state=None):
-        self.state = state if state is not None else {"w": torch.arange(4.0)}
-        self.loaded = None
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, sd):
-        self.loaded = sd
 
 
 def comps(box=None, key="c"):
