@@ -15,20 +15,23 @@ Threads and their modules: `save.rank_worker`, `save.node_writer`, `save.coordin
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import platform
 import threading
 import time
 import weakref
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .dist.link import Heartbeat, StoreLink, namespace
+from .dist.link import StoreLink, StoreLost, namespace
+from .dist.liveness import Heartbeat, await_departures, depart, hosts_store
 from .dist.shm import sweep_dead_buffers
 from .dist.topology import current_topology
-from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, storage_errors_translated
+from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError,
+                     storage_errors_translated, translate_storage_error)
 from .format import metrics_file
 from .format.codec import Compressor
 from .format.names import committed_steps, manifest_path, step_dir
@@ -110,7 +113,11 @@ class AsyncCheckpointer:
         timeout = float(self.options.timeout_s)
         self._link = (StoreLink.from_default_group(namespace(self.storage.url), timeout)
                       if self.topo.world_size > 1 else StoreLink.in_process("async_ckpt/local", timeout))
-        self._heartbeat = Heartbeat(self._link, self.topo.rank) if self.topo.world_size > 1 else None
+        self._seq = 0
+        self._blocked = 0              # > 0 while the training thread waits on a save
+        self._link.moved_on = lambda seq: self._seq > seq or self._blocked > 0
+        self._heartbeat = (Heartbeat(self._link, self.topo.rank, lambda: self._seq)
+                           if self.topo.world_size > 1 else None)
         # Other local ranks hand their buffers to the node writer through shared memory.
         self._pool = BufferPool(pin=torch.cuda.is_available(), shared=not self.topo.is_node_writer)
         self._planner = Planner(self.topo)
@@ -120,13 +127,13 @@ class AsyncCheckpointer:
                                      self._pending_steps) if self.topo.rank == 0 else None)
         self._writer: NodeWriter | None = None
         self._worker: RankWorker | None = None
-        self._seq = 0
         self._pending: list[Settlement] = []
         self._lock = threading.Lock()
         self._closed = False
         self._started = False
         self._deletes: dict[int, int] = {}
         self._warned_unchecked: set[str] = set()
+        self._late_failures: list[CheckpointError] = []
 
     # -- DESIGN's named options, readable as attributes ----------------------------------------
     keep_last = property(lambda self: self.options.keep_last)
@@ -147,6 +154,16 @@ class AsyncCheckpointer:
             log.warning("[rank %d] component %r resolved to %s, which keeps no replicas: its "
                         "validation_level=%s checks nothing at such saves", self.topo.rank, c.key,
                         pattern.name, c.validation_level.name if c.validation_level else None)
+
+    @contextlib.contextmanager
+    def _blocking(self) -> Iterator[None]:
+        """The training thread waits on saves: peers that never called them are named fast
+        (`dist.liveness.CallerWatch`)."""
+        self._blocked += 1
+        try:
+            yield
+        finally:
+            self._blocked -= 1
 
     def _pending_steps(self) -> set[int]:
         """Steps whose save is still in flight (not yet committed or failed)."""
@@ -185,6 +202,8 @@ class AsyncCheckpointer:
 
     def _raise_unreported(self) -> None:
         with self._lock:
+            if self._late_failures:
+                raise self._late_failures.pop(0)
             for s in self._pending:
                 if s.settled and (err := s.take_unreported_error()) is not None:
                     raise err
@@ -205,6 +224,8 @@ class AsyncCheckpointer:
         """
         started = time.perf_counter()
         self._check_open()
+        if self._link.lost is not None:
+            raise StoreLost(f"cannot save step {step}: {self._link.lost}")
         check_step(step)
         values = metrics_file.check_metrics(metrics)
         seq = self._seq = self._seq + 1      # the same on every rank: a save's identity
@@ -226,7 +247,8 @@ class AsyncCheckpointer:
             self._raise_unreported()
             if len(in_flight) < self.options.max_pending:
                 break
-            in_flight[0].wait_done()
+            with self._blocking():
+                in_flight[0].wait_done()
         # Only the coordinator asks storage (one request, not one per rank); it tells the others.
         if any(s.step == step for s in self._pending) or (
                 self.topo.rank == 0 and self.storage.exists(manifest_path(step))):
@@ -274,13 +296,18 @@ class AsyncCheckpointer:
     @storage_errors_translated
     def report_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Attach metrics that arrive after `save(step)` (decoupled evaluation). Stored durably
-        beside the checkpoint; retention (keep_best) reconsiders once they are written.
+        beside the checkpoint; retention (keep_best) reconsiders once they are written. A later
+        report for the same step updates it (the newest value of each metric wins). A report that
+        could not be stored (a full disk) is raised once, by the next call of this checkpointer.
 
         With several ranks, rank 0's call is the one stored (others may call it too; their
         values are checked and otherwise ignored)."""
         self._check_open()
         check_step(step)
         values = metrics_file.check_metrics(metrics)
+        with self._lock:
+            if self._late_failures:
+                raise self._late_failures.pop(0)
         if self._committer is None:
             return
         if step not in self._pending_steps() and not self.storage.exists(manifest_path(step)):
@@ -289,8 +316,17 @@ class AsyncCheckpointer:
         committer = self._committer
 
         def task() -> None:
-            if committer.record_late_metrics(step, values):
-                committer.retain()
+            try:
+                if committer.record_late_metrics(step, values):
+                    committer.retain()
+            except Exception as exc:  # noqa: BLE001 - raised once, by the next call (below)
+                log.error("[rank %d step %d] storing late metrics %s failed: %r", self.topo.rank,
+                          step, values, exc)
+                with self._lock:
+                    self._late_failures.append(CheckpointError(
+                        f"report_metrics({step}, {values}) was not stored: {exc!r}; the checkpoint "
+                        "is intact, report the metrics again"))
+                    self._late_failures[-1].__cause__ = translate_storage_error(exc)
         self._start()
         assert self._writer is not None
         self._writer.submit(task)
@@ -301,17 +337,21 @@ class AsyncCheckpointer:
         first failure not yet reported."""
         with self._lock:
             pending = list(self._pending)
-        for s in pending:
-            s.wait_settled()
-        if self._writer is not None:   # late-metric tasks queued behind the saves
-            done = threading.Event()
-            self._writer.submit(done.set)
-            done.wait()
+        with self._blocking():
+            for s in pending:
+                s.wait_settled()
+            if self._writer is not None:   # late-metric tasks queued behind the saves
+                done = threading.Event()
+                self._writer.submit(done.set)
+                done.wait()
         self._raise_unreported()
 
     @storage_errors_translated
     def close(self) -> None:
-        """wait(), then stop the writer thread. Safe to call twice."""
+        """wait(), then stop the threads; with several ranks, tell the peers this rank is done
+        (the rank hosting the Store waits, briefly, for the others to be done too, so it never
+        takes the Store away from a peer still reading a verdict). Raises StoreLost if the Store
+        was lost. Safe to call twice."""
         if self._closed:
             return
         try:
@@ -322,9 +362,16 @@ class AsyncCheckpointer:
                 self._writer.stop()
             if self._worker is not None:
                 self._worker.stop()
+            if self.topo.world_size > 1 and self._link.lost is None:
+                depart(self._link, self.topo.rank)
+                if hosts_store(self.topo.rank):
+                    with self._blocking():
+                        await_departures(self._link, self.topo.rank, self.topo.world_size)
             if self._heartbeat is not None:
                 self._heartbeat.stop()
             self._pool.close()
+        if self._link.lost is not None:
+            raise StoreLost(f"closed, but {self._link.lost}")
 
     def __enter__(self) -> "AsyncCheckpointer":
         return self
@@ -395,4 +442,10 @@ class AsyncCheckpointer:
             if step is None:
                 return None
         check_step(step)
-        return self._loader.load(step, strict)
+        info = self._loader.load(step, strict)
+        metric = self.options.best_metric
+        if self.options.keep_best and metric and metric not in info.metrics:
+            log.warning("[rank %d] loaded step %d has no %r metric (its evaluation never reported, "
+                        "e.g. lost in a crash): keep_best cannot rank it; call report_metrics(%d, "
+                        "{%r: ...}) if you re-evaluate it", self.topo.rank, step, metric, step, metric)
+        return info

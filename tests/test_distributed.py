@@ -205,3 +205,39 @@ def test_per_group_copies_are_validated_within_their_group_and_replicas_by_defau
         assert "ranks [2]" in default["message"]
         assert not res["fixed"]["failed"] and res["steps"] == [3], res
         assert not res["optout"]["failed"], res["optout"]   # ValidationLevel.NONE opts out
+
+
+def test_a_rank_that_never_calls_save_is_named_within_seconds(tmp_path):
+    """Rank 0 alone saves (or every rank but rank 0 does): the ranks waiting name the one that
+    never called save() within 10 s, although timeout_s is the default 600 s."""
+    results = run("misuse", tmp_path / "ckpt", tmp_path / "out")
+    only0 = results[0]["rank0_only"]
+    assert only0["failed"] and only0["type"] == "SaveFailedError", only0
+    assert "has not called save(step 1); every rank must call save() for the same steps" in only0["message"]
+    assert only0["seconds"] < 10, only0
+    for rank in (1, 2, 3):
+        res = results[rank]["all_but_rank0"]
+        assert res["failed"] and "rank 0 has not called save(step 1)" in res["message"], (rank, res)
+        assert res["seconds"] < 10, res
+
+
+def test_killing_the_store_host_fails_every_survivor_within_the_liveness_bound(tmp_path):
+    """SIGKILL only node 0's torchrun agent (it hosts the TCPStore; its workers survive): every
+    rank's save() or wait() and its close() raise a CheckpointError naming the Store's host."""
+    import signal
+    import time
+    timeout = 8.0
+    out = tmp_path / "out"
+    started = launch("agent_kill", tmp_path / "ckpt", out, args=(str(timeout),))
+    deadline = time.monotonic() + 180
+    while not all((out / f"ready-r{r}").exists() for r in range(4)):
+        assert time.monotonic() < deadline, started.log_text()
+        time.sleep(0.1)
+    started.procs[0].send_signal(signal.SIGKILL)        # node 0's agent: the Store's host
+    (out / "killed").write_text(str(time.time()))
+    results = started.wait_results("agent_kill", [0, 1, 2, 3], 120)
+    for rank, res in results.items():
+        assert res["save"]["failed"] and res["close"]["failed"], (rank, res)
+        for what in ("save", "close"):
+            assert "torchrun agent of node 0" in res[what]["message"], (rank, what, res[what])
+        assert res["since_kill"] < min(timeout, 30) + 10, res

@@ -31,8 +31,10 @@ def test_keep_last_table(keep_last, want):
     ({10: 0.5, 20: 0.1, 30: 0.9, 40: 0.7, 50: 0.8}, dict(best_metric="loss", greater_is_better=True), {30, 50}),
     # 0.0 is a real value, not "missing"
     ({10: 0.0, 20: 0.1, 30: 0.9, 40: 0.7, 50: 0.8}, dict(best_metric="loss"), {10, 50}),
-    # metric not reported yet: kept until it arrives
-    ({10: 0.5, 30: 0.9, 40: 0.7, 50: 0.8}, dict(best_metric="loss"), {10, 20, 50}),
+    # metric not reported yet: kept while fewer than keep_last + 1 (here 2) newer checkpoints
+    # have theirs; 20's never came although 30, 40 and 50 got theirs: it was lost, 20 goes
+    ({10: 0.5, 20: 0.1, 30: 0.9, 40: 0.7}, dict(best_metric="loss"), {20, 50}),
+    ({10: 0.5, 30: 0.9, 40: 0.7, 50: 0.8}, dict(best_metric="loss"), {10, 50}),
     # ties: the newer checkpoint wins
     ({10: 0.2, 20: 0.2, 30: 0.9, 40: 0.7, 50: 0.8}, dict(best_metric="loss"), {20, 50}),
     # NaN ranks last
@@ -42,6 +44,14 @@ def test_keep_best_table(metrics, kwargs, want):
     per_step = {s: {kwargs["best_metric"]: v} for s, v in metrics.items()}
     kwargs = {"keep_best": 1, **kwargs}
     assert steps_to_keep(STEPS, per_step, keep_last=1, **kwargs) == want
+
+
+def test_a_metric_less_checkpoint_is_protected_only_while_newer_ones_may_still_get_theirs():
+    metrics = {10: {"loss": 0.5}, 30: {"loss": 0.9}, 50: {"loss": 0.8}}   # 20 and 40 lack it
+    # keep_last=1 (waits for 2 newer scored ones): 40 has one newer scored checkpoint (50), its
+    # evaluation may still come; 20 has two (30, 50): its metric was lost
+    assert steps_to_keep(STEPS, metrics, keep_last=1, keep_best=1, best_metric="loss") == {10, 40, 50}
+    assert steps_to_keep(STEPS, metrics, keep_last=2, keep_best=1, best_metric="loss") == {10, 20, 40, 50}
 
 
 def step_folders(root):

@@ -51,7 +51,9 @@ def write_late(storage: Storage, folder: str, metrics: dict[str, float]) -> None
 
 def read_late(storage: Storage, folder: str) -> dict[str, float]:
     merged: dict[str, float] = {}
-    for name in storage.list_dir(folder):
+    # Names start with the time they were written (zero-padded): sorted, a later report of the
+    # same metric overrides an earlier one, whatever order the backend lists them in.
+    for name in sorted(storage.list_dir(folder)):
         if name.startswith(PREFIX) and name.endswith(".json"):
             try:
                 doc = json.loads(storage.read_bytes(f"{folder}/{name}"))

@@ -15,7 +15,7 @@ import torch
 
 from ..format.codec import align_up
 from ..errors import CorruptCheckpointError
-from ..dist.link import StoreLink
+from ..dist.link import StoreLink, StoreLost
 from .reader import check_files, read_tensors, unflatten_owned
 from ..format.manifest import Manifest
 from .readbuf import ReadSession
@@ -69,7 +69,7 @@ def _acknowledge(link: StoreLink, seq: str, key: str, topo: Topology, shm: str) 
     starts on this machine."""
     try:
         last = link.increment(seq, f"ack/{topo.node}") == topo.local_world_size - 1
-    except (RuntimeError, OSError) as exc:   # torch's DistNetworkError is a RuntimeError
+    except (StoreLost, RuntimeError, OSError) as exc:
         log.debug("[rank %d] could not acknowledge the node-shared read (%s); leaving %s to the "
                   "sweep", topo.rank, exc, shm)
         return
@@ -77,7 +77,7 @@ def _acknowledge(link: StoreLink, seq: str, key: str, topo: Topology, shm: str) 
         _unlink(shm)
         try:
             link.delete(seq, [key, f"ack/{topo.node}"])
-        except (RuntimeError, OSError):
+        except (StoreLost, RuntimeError, OSError):
             pass
 
 

@@ -13,6 +13,7 @@ this coordinator has not reached yet, so only folders of steps older than S are 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Mapping
 
 from ..errors import CheckpointError, CheckpointNotFoundError
@@ -20,10 +21,11 @@ from ..format import metrics_file
 from ..format.manifest import MANIFEST_NAME, Manifest
 from ..format.names import committed_steps, manifest_path, read_manifest, step_dir, step_dirs
 from ..options import CheckpointOptions
-from ..retention import steps_to_keep
-from ..storage import Storage
+from ..retention import pending_metric_window, steps_to_keep
+from ..storage import Storage, is_stale_scratch
 
 log = logging.getLogger("async_ckpt")
+SCRATCH_GRACE_S = 60.0   # a scratch object older than this is no live write's (clock skew included)
 
 
 class CommitRaceLost(CheckpointError):
@@ -38,6 +40,8 @@ class Committer:
         self.storage, self.options, self.rank = storage, options, rank
         self.multi_node, self.pending_steps = multi_node, pending_steps
         self._metrics: dict[int, dict[str, float]] = {}
+        self._swept_all = False
+        self._warned_metricless = False
 
     # -- the commit point -----------------------------------------------------------------------
     def commit(self, manifest: Manifest) -> None:
@@ -76,7 +80,20 @@ class Committer:
             if not self.multi_node or other < step:
                 self.storage.delete_dir(name)
         self._remove_unlisted(manifest)
+        # Scratch objects (temp files, write probes) a killed process left: under the root every
+        # time, in every committed folder once per process (a kill between a temp file's link and
+        # its unlink leaves one in a folder this process may never commit into again).
+        swept = [""] + ([step_dir(s) for s in committed if s != step] if not self._swept_all else [])
+        self._swept_all = True
+        self.sweep_scratch(swept, time.time_ns() - int(SCRATCH_GRACE_S * 1e9))
         self.retain(committed)
+
+    def sweep_scratch(self, folders: list[str], before_ns: int) -> None:
+        """Remove backends' scratch objects created before `before_ns` in these folders."""
+        for folder in folders:
+            for name in self.storage.list_dir(folder):
+                if is_stale_scratch(name, before_ns):
+                    self.storage.delete(f"{folder}/{name}" if folder else name)
 
     def _remove_unlisted(self, manifest: Manifest) -> None:
         folder = step_dir(manifest.step)
@@ -93,6 +110,8 @@ class Committer:
         if committed is None:
             committed = committed_steps(self.storage)
         metrics = {s: self.metrics_of(s) for s in committed} if opts.keep_best else {}
+        if opts.keep_best and opts.best_metric:
+            self._warn_metricless(committed, metrics, opts.best_metric)
         keep = steps_to_keep(committed, metrics, keep_last=opts.keep_last, keep_best=opts.keep_best,
                              best_metric=opts.best_metric, greater_is_better=opts.greater_is_better,
                              keep_every=opts.keep_every)
@@ -100,6 +119,21 @@ class Committer:
             if step not in keep:
                 self.delete_step(step)
                 log.info("[rank %d] retention removed step %d", self.rank, step)
+
+    def _warn_metricless(self, committed: list[int], metrics: Mapping[int, Mapping[str, float]],
+                         metric: str) -> None:
+        """Once per checkpointer: saves keep committing without the metric keep_best ranks by."""
+        missing = [s for s in committed if metric not in metrics.get(s, {})]
+        if self._warned_metricless or len(missing) <= pending_metric_window(self.options.keep_last) + 1:
+            return
+        self._warned_metricless = True
+        log.warning("[rank %d] keep_best=%d ranks checkpoints by %r, but %d committed checkpoint(s) "
+                    "have no such metric (steps %s%s): pass metrics={%r: ...} to save() or call "
+                    "report_metrics(); a checkpoint without it is kept until %d newer ones have "
+                    "it, so while none does, none is ever removed", self.rank,
+                    self.options.keep_best, metric, len(missing), missing[:5],
+                    "..." if len(missing) > 5 else "", metric,
+                    pending_metric_window(self.options.keep_last))
 
     # -- metrics ------------------------------------------------------------------------------
     def metrics_of(self, step: int) -> dict[str, float]:

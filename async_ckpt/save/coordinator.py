@@ -26,6 +26,7 @@ import logging
 import time
 
 from ..dist.link import LinkTimeout, RemoteFailure, StoreLink, causes_of
+from ..dist.liveness import CallerWatch
 from ..dist.messages import (Announcement, Begun, CommittedInfo, FullAnswer, FullItem, FullRequest,
                              NodeReport, Outcome, WrittenTensor)
 from ..dist.topology import Topology
@@ -61,6 +62,9 @@ class Coordinator:
     def run(self, job: SaveJob, own: NodeReport) -> None:
         manifest, all_reported = None, False
         try:
+            if own.failed:          # no need to wait for the other nodes to fail this save
+                all_reported = self.topo.num_nodes == 1
+                raise RemoteFailure(dict(own.causes))
             reports = [own] + self._other_reports(job)
             all_reported = True
             manifest = self._decide(job, reports)
@@ -82,8 +86,9 @@ class Coordinator:
         causes = {r: c for rep in reports for r, c in rep.causes.items()}
         if causes:
             raise RemoteFailure(causes)
+        peers = {r: r for r in world if r != topo.rank}
         announces = link.gather(seq, {r: f"vh/{r}" for r in world}, Announcement, "rank(s)", world,
-                                alive={r: r for r in world if r != topo.rank})
+                                alive=peers, watch=CallerWatch(link, seq, job.step, peers))
         # Every rank announced this save, so every worker and node writer is done with the
         # previous one: only now may its keys go (deleting earlier races a reader's get()).
         nodes = range(1, topo.num_nodes)
@@ -120,7 +125,8 @@ class Coordinator:
         try:
             # Every node writer must start this save within timeout_s; after that it may write
             # for as long as it needs, as long as its process is alive.
-            link.gather(seq, {n: f"begun/{n}" for n in nodes}, Begun, "node(s)", world, alive=writers)
+            link.gather(seq, {n: f"begun/{n}" for n in nodes}, Begun, "node(s)", world, alive=writers,
+                        watch=CallerWatch(link, seq, job.step, writers))
             others = link.gather(seq, {n: f"node/{n}" for n in nodes}, NodeReport, "node(s)", world,
                                  alive=writers, forever=True)
         except LinkTimeout as exc:

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from ..dist.link import RemoteFailure, StoreLink, causes_of
+from ..dist.liveness import CallerWatch
 from ..dist.messages import Begun, JobDescriptor, NodeReport, WrittenFile, WrittenShard, WrittenTensor
 from ..dist.shm import attach_shared
 from ..dist.topology import Topology
@@ -108,7 +109,8 @@ class NodeWriter:
             descs = [job.descriptor(topo.rank)]
             if peers:
                 got = link.gather(seq, {r: f"job/{r}" for r in peers}, JobDescriptor, "rank(s)", world,
-                                  alive={r: r for r in peers})
+                                  alive={r: r for r in peers},
+                                  watch=CallerWatch(link, seq, job.step, {r: r for r in peers}))
                 descs += [got[r] for r in peers]
             job.buffer.wait_copied()
             buffers = {topo.rank: job.buffer.tensor}

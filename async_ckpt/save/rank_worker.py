@@ -23,6 +23,7 @@ import threading
 import time
 
 from ..dist.link import LinkTimeout, RemoteFailure, StoreLink
+from ..dist.liveness import CallerWatch
 from ..dist.messages import Announcement, FullAnswer, FullItem, FullRequest, FullResult, Outcome
 from ..dist.topology import Topology
 from ..errors import CheckpointError, ReplicationError, SaveFailedError, translate_storage_error
@@ -73,8 +74,12 @@ class RankWorker:
             link.post(job.seq, f"vh/{rank}", self._announce(job))
             outcome = self._wait_outcome(job)
         except (LinkTimeout, RemoteFailure, CheckpointError, OSError) as exc:
-            causes = exc.causes if isinstance(exc, RemoteFailure) else {rank: str(exc)}
-            if not isinstance(exc, (LinkTimeout, RemoteFailure)):
+            if isinstance(exc, RemoteFailure):
+                causes = dict(exc.causes)
+            elif isinstance(exc, LinkTimeout):          # the ranks that did not answer
+                causes = {int(r): str(exc) for r in exc.missing} or {rank: str(exc)}
+            else:
+                causes = {rank: str(exc)}
                 job.local_errors.setdefault(rank, exc)
             outcome = Outcome(ok=False, message=str(exc), causes=causes)
         except RuntimeError as exc:   # torch.distributed.DistError: the Store itself is gone
@@ -132,6 +137,7 @@ class RankWorker:
         coordinator_here = self.topo.rank == 0
         deadline = time.monotonic() + link.timeout_s
         entered = coordinator_here
+        watch = CallerWatch(link, seq, job.step, {0: 0})
         answered, pause, last_beat = False, 0.002, (-1, time.monotonic())
         while True:
             if coordinator_here:
@@ -151,6 +157,8 @@ class RankWorker:
                 continue
             now = time.monotonic()
             entered = entered or link.has(seq, "vh/0")
+            if not entered:
+                watch(set())
             if not entered and now > deadline:
                 raise LinkTimeout(f"rank 0 did not start saving step {job.step} within "
                                   f"{link.timeout_s:g} s of this rank (crashed, hung, or far behind?)", [0])

@@ -11,7 +11,7 @@ by tests. Shipped as `async_ckpt.storage` so it can never shadow a top-level `st
 """
 from __future__ import annotations
 
-from .base import Storage, StreamWriter
+from .base import SCRATCH_PREFIXES, Storage, StreamWriter, is_stale_scratch, scratch_name
 from .errors import StorageConfigError, StorageError, StorageUnavailableError
 from .fsspec_backend import FsspecStorage
 from .local import LocalStorage
@@ -19,6 +19,7 @@ from .registry import (BackendFactory, open_storage, register_backend, registere
                        unregister_backend)
 from .s3 import S3Storage, open_s3
 
-__all__ = ["Storage", "StreamWriter", "LocalStorage", "FsspecStorage", "S3Storage", "open_s3",
+__all__ = ["Storage", "StreamWriter", "SCRATCH_PREFIXES", "is_stale_scratch", "scratch_name",
+           "LocalStorage", "FsspecStorage", "S3Storage", "open_s3",
            "StorageError", "StorageConfigError", "StorageUnavailableError", "open_storage",
            "register_backend", "unregister_backend", "registered_schemes", "BackendFactory"]

@@ -12,7 +12,30 @@ root's URL scheme to the backend that serves it.
 """
 from __future__ import annotations
 
+import os
+import re
+import time
 from typing import Protocol, runtime_checkable
+
+SCRATCH_PREFIXES = (".tmp-", ".write-probe-")
+_SCRATCH_RE = re.compile(r"^\.(?:tmp|write-probe)-(\d{20})-")
+
+
+def scratch_name(kind: str, suffix: str = "") -> str:
+    """The name of a temporary object a backend creates and removes itself (``tmp``: a file
+    being written before it is linked into place; ``write-probe``: the writability check). The
+    creation time is in the name, so an engine can sweep what a killed process left behind
+    (`is_stale_scratch`) without the backend having to report modification times."""
+    return f".{kind}-{time.time_ns():020d}-{os.urandom(6).hex()}{'-' + suffix if suffix else ''}"
+
+
+def is_stale_scratch(name: str, before_ns: int) -> bool:
+    """Whether `name` is a backend's scratch object created before `before_ns` (time.time_ns()).
+    Scratch objects of older releases (no time in the name) count as stale."""
+    if not name.startswith(SCRATCH_PREFIXES):
+        return False
+    match = _SCRATCH_RE.match(name)
+    return match is None or int(match.group(1)) < before_ns
 
 
 @runtime_checkable

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
+from .base import scratch_name
 
 log = logging.getLogger("async_ckpt.storage")
 
@@ -45,7 +45,7 @@ class FsspecStorage:
 
     def check_writable(self) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
-        probe = self._p(f".write-probe-{uuid.uuid4().hex}")
+        probe = self._p(scratch_name("write-probe"))
         self.fs.pipe_file(probe, b"")
         self.fs.rm(probe)
 

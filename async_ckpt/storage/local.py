@@ -6,10 +6,10 @@ import errno
 import mmap
 import os
 import shutil
-import uuid
 from typing import Any
 
 from . import libc
+from .base import scratch_name
 
 _WRITEBACK_EVERY = 8 << 20
 
@@ -97,7 +97,7 @@ class LocalStorage:
 
     def check_writable(self) -> None:
         os.makedirs(self.root, exist_ok=True)
-        probe = self._p(f".write-probe-{uuid.uuid4().hex}")
+        probe = self._p(scratch_name("write-probe"))
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.close(fd)
         os.unlink(probe)
@@ -111,23 +111,26 @@ class LocalStorage:
         full = self._p(path)
         folder = os.path.dirname(full)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(full)}")
+        tmp = os.path.join(folder, scratch_name("tmp", os.path.basename(full)))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_all(fd, memoryview(data))
-            os.fsync(fd)
+            try:
+                _write_all(fd, memoryview(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                # link() is atomic and, unlike replace(), refuses to clobber a concurrent commit.
+                os.link(tmp, full)
+            except FileExistsError:
+                raise
+            except OSError:
+                if os.path.exists(full):
+                    raise FileExistsError(full) from None
+                os.replace(tmp, full)
         finally:
-            os.close(fd)
-        try:
-            # link() is atomic and, unlike replace(), refuses to clobber a concurrent commit.
-            os.link(tmp, full)
-        except FileExistsError:
-            raise
-        except OSError:
-            if os.path.exists(full):
-                raise FileExistsError(full) from None
-            os.replace(tmp, full)
-        finally:
+            # On every way out, a failed write (a full disk) included: the temp file never
+            # outlives the call. A kill in between leaves it to the engine's sweep.
             if os.path.exists(tmp):
                 os.unlink(tmp)
         fsync_dir(folder)

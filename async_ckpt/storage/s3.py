@@ -22,10 +22,10 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine
 
+from .base import scratch_name
 from .errors import StorageConfigError, StorageUnavailableError
 from .retry import RetryPolicy, retry_async
 from .s3_errors import is_precondition_failed, is_transient, translate
@@ -142,7 +142,7 @@ class S3Storage:
         """Write a probe object exclusively twice: the second write must be refused, or the server
         ignores If-None-Match and a manifest commit could silently replace another one."""
         self.check_root()
-        probe = f".write-probe-{uuid.uuid4().hex}"
+        probe = scratch_name("write-probe")
         try:
             self.create_exclusive(probe, b"first", policy=self._check_policy)
             try:

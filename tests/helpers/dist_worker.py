@@ -304,6 +304,58 @@ def scenario_group_replicas(rank, world, local_world, node, groups):
     write(result, rank)
 
 
+def _outcome(fn) -> dict:
+    started = time.monotonic()
+    try:
+        fn()
+    except CheckpointError as exc:
+        return {"failed": True, "type": type(exc).__name__, "message": str(exc),
+                "seconds": time.monotonic() - started, "at": time.time()}
+    return {"failed": False, "seconds": time.monotonic() - started, "at": time.time()}
+
+
+def scenario_misuse(rank, world, local_world, node, groups):
+    """Saving on one rank only (the usual "main process saves" habit), then the reverse: the
+    waiting ranks name the rank that never called save() within seconds, not after timeout_s."""
+    comps = [StateComponent("w", Holder({"w": torch.full((64,), float(rank))}), SharingPattern.PER_RANK)]
+    result = {}
+    with AsyncCheckpointer(f"{ROOT}/only0", comps) as ckpt:          # timeout_s: the default 600 s
+        if rank == 0:
+            ckpt.save(1)
+            result["rank0_only"] = _outcome(lambda: ckpt.save(2))     # waits on save 1 (max_pending)
+            (OUT / "rank0-done").write_text("1")
+        else:
+            while not (OUT / "rank0-done").exists():
+                time.sleep(0.1)
+    with AsyncCheckpointer(f"{ROOT}/all_but0", comps) as ckpt:
+        if rank != 0:
+            ckpt.save(1)
+            result["all_but_rank0"] = _outcome(ckpt.wait)
+            (OUT / f"rank{rank}-done").write_text("1")
+        else:
+            while not all((OUT / f"rank{r}-done").exists() for r in range(1, world)):
+                time.sleep(0.1)
+    write(result, rank)
+
+
+def scenario_agent_kill(rank, world, local_world, node, groups):
+    """The torchrun agent hosting the Store is SIGKILLed while the ranks save: every survivor's
+    save()/wait()/close() raises, naming the Store's host, within the liveness bound."""
+    timeout = float(ARGS[0])
+    comps = [StateComponent("w", Holder({"w": torch.full((1 << 16,), float(rank))}), SharingPattern.PER_RANK)]
+    ckpt = AsyncCheckpointer(ROOT, comps, timeout_s=timeout)
+    ckpt.save(1).wait()
+    (OUT / f"ready-r{rank}").write_text("1")
+    while not (OUT / "killed").exists():
+        time.sleep(0.05)
+    killed_at = float((OUT / "killed").read_text())
+    result = {"save": _outcome(lambda: ckpt.save(2).wait())}
+    result["close"] = _outcome(ckpt.close)
+    result["since_kill"] = time.time() - killed_at
+    write(result, rank)
+    os._exit(0)
+
+
 def scenario_delete(rank, world, local_world, node, groups):
     """Every rank deletes a committed step (only rank 0 acts, no collective), sees it gone when
     delete() returns, and the step is saved anew, as a divergence rollback does."""
@@ -325,5 +377,6 @@ if __name__ == "__main__":
     ctx = setup()
     {"save": scenario_save, "load": scenario_load, "resize": scenario_resize,
      "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow,
-     "delete": scenario_delete, "group_replicas": scenario_group_replicas}[SCENARIO](*ctx)
+     "delete": scenario_delete, "group_replicas": scenario_group_replicas,
+     "misuse": scenario_misuse, "agent_kill": scenario_agent_kill}[SCENARIO](*ctx)
     dist.destroy_process_group()
