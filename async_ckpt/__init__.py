@@ -6,8 +6,8 @@ The package tree shows the architecture: `save`, `load`, `dist`, `format`, `trai
 """
 from .checkpointer import AsyncCheckpointer
 from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,
-                     InvalidArgumentError, ReplicationError, SaveFailedError, StorageConfigError,
-                     StorageUnavailableError)
+                     InvalidArgumentError, PartialLoadError, ReplicationError, SaveFailedError,
+                     StorageConfigError, StorageUnavailableError)
 from .handle import SaveHandle
 from .options import CheckpointOptions
 from .training.detectors import EMADetector, WindowDetector
@@ -23,4 +23,4 @@ __all__ = ["AsyncCheckpointer", "StateComponent", "SharingPattern", "ValidationL
            "CheckpointNotFoundError", "CorruptCheckpointError", "ReplicationError", "SaveFailedError",
            "InvalidArgumentError", "ResumableSampler", "EMADetector", "WindowDetector",
            "DivergenceEvent", "DivergenceMonitor", "Due", "PeriodicTrigger", "TrainingSchedule",
-           "StorageConfigError", "StorageUnavailableError", "__version__"]
+           "StorageConfigError", "StorageUnavailableError", "PartialLoadError", "__version__"]

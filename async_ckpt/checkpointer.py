@@ -437,12 +437,11 @@ class AsyncCheckpointer:
         component's load_state_dict is called, so a corrupt checkpoint changes nothing. With
         several ranks, each reads only its copies (GLOBAL/REPLICATED once per node).
         """
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                return None
-        check_step(step)
+        if step is not None:
+            check_step(step)
         info = self._loader.load(step, strict)
+        if info is None:
+            return None
         metric = self.options.best_metric
         if self.options.keep_best and metric and metric not in info.metrics:
             log.warning("[rank %d] loaded step %d has no %r metric (its evaluation never reported, "

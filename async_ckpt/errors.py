@@ -40,6 +40,11 @@ class ReplicationError(CheckpointError):
         self.per_rank: dict[int, str] = dict(per_rank or {})
 
 
+class PartialLoadError(CheckpointError):
+    """A component's load_state_dict raised after the checks passed and other components were
+    restored: the message names which were restored and which were not."""
+
+
 class SaveFailedError(CheckpointError):
     """A background save failed. `causes` maps each failing rank to what went wrong there."""
 

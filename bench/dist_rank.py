@@ -21,8 +21,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
-from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent  # noqa: E402
-from async_ckpt.save.plan import replica_owners  # noqa: E402
+from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent, ValidationLevel  # noqa: E402
+from async_ckpt.sharing import replica_owners  # noqa: E402
 from async_ckpt.dist.topology import current_topology  # noqa: E402
 from bench.common import GIB, PageCache, TensorState  # noqa: E402
 
@@ -30,7 +30,7 @@ TENSORS = 16
 
 
 def make_case(case: str, size_gib: float, rank: int, world: int) -> dict[str, torch.Tensor]:
-    if case == "replicated":       # identical on every rank
+    if case.startswith("replicated"):       # identical on every rank
         numel, seed, prefix = int(size_gib * GIB) // 4 // TENSORS, 0, "w"
     else:                          # every rank its own 1/world of the total
         numel, seed, prefix = int(size_gib * GIB) // 4 // TENSORS // world, 1 + rank, f"r{rank}.w"
@@ -56,17 +56,21 @@ def main() -> None:
     for case in case_names:
         state = make_case(case, size_gib, rank, world)
         tensors = list(state.values())
-        if case == "replicated":
+        if case == "replicated":        # replicas not validated: each rank stages its share
             owners = replica_owners([t.numel() * 4 for t in tensors], topo)
             mine = [t for t, o in zip(tensors, owners) if o == rank]
-        else:
+        else:                           # per_rank; replicated_checked stages every tensor to hash it
             mine = tensors
         dst = [torch.empty_like(t).copy_(t) for t in mine]
-        pattern = SharingPattern.REPLICATED if case == "replicated" else SharingPattern.PER_RANK
+        pattern = SharingPattern.REPLICATED if case.startswith("replicated") else SharingPattern.PER_RANK
+        # "replicated" opts out of replica validation; "replicated_checked" keeps the default
+        # (QUICK): the two side by side are what the safe default costs.
+        level = ValidationLevel.NONE if case == "replicated" else None
         root = os.path.join(folder, f"ack-{case}")
-        ckpt = AsyncCheckpointer(root, [StateComponent("model", TensorState(state), pattern)],
+        ckpt = AsyncCheckpointer(root, [StateComponent("model", TensorState(state), pattern,
+                                                       validation_level=level)],
                                  keep_last=1, timeout_s=300)
-        rows: dict[str, list] = {"memcpy": [], "ack_blocking": [], "ack_commit": [],
+        rows: dict[str, list] = {"memcpy": [], "ack_blocking": [], "ack_commit": [], "ack_cpu": [],
                                  "dcp_async_blocking": [], "dcp_async_commit": [], "dcp_save2": []}
         node_bytes: dict = {}
 
@@ -79,12 +83,14 @@ def main() -> None:
 
         def run_ack(i: int) -> None:
             settle()
+            cpu0 = time.process_time()          # this process's CPU, its background threads included
             t0 = time.perf_counter()
             handle = ckpt.save(i)
             t1 = time.perf_counter()
             info = handle.wait()
             t2 = time.perf_counter()
             ckpt.wait()
+            rows["ack_cpu"].append(time.process_time() - cpu0)
             rows["ack_blocking"].append(t1 - t0)
             rows["ack_commit"].append(t2 - t0)
             if rank == 0:
@@ -121,6 +127,7 @@ def main() -> None:
         run_ack(0)                      # first save allocates the staging buffers: not timed
         rows["ack_blocking"].clear()
         rows["ack_commit"].clear()
+        rows["ack_cpu"].clear()
         methods = [run_memcpy, run_ack, run_dcp_async, run_dcp_save]
         for i in range(1, repeats + 1):
             shift = i % len(methods)

@@ -1,8 +1,10 @@
 """Distributed save benchmark: async_ckpt against DCP with real gloo process groups.
 
 World size 2 (one node, 2 ranks) and 4 (two simulated nodes of 2 ranks: two torchrun launchers
-with --nnodes=2 on this machine). Two cases: a REPLICATED state of --size-gib (identical on every
-rank) and PER_RANK shards adding up to --size-gib. Figures per case, medians over --repeats with
+with --nnodes=2 on this machine). Three cases: a REPLICATED state of --size-gib (identical on every
+rank) without replica validation and with the default (QUICK: every rank stages and hashes its
+replica), and PER_RANK shards adding up to --size-gib. Per save and rank also the process's CPU
+time (its background threads included). Figures per case, medians over --repeats with
 min/max: each rank's blocking time of save() next to its own memcpy floor (the bytes it stages),
 time until committed (save() start to handle.wait(), max over ranks), bytes written per node,
 and dcp.async_save (default stager) / dcp.save(thread_count=2) measured in the same run.
@@ -25,7 +27,7 @@ import time
 from .common import GIB, free_port, machine_info
 
 RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_rank.py")
-CASES = "replicated,per_rank"
+CASES = "replicated,replicated_checked,per_rank"
 
 
 def run_world(world: int, args, folder: str) -> dict:
@@ -64,8 +66,9 @@ def summarise(raw: dict) -> dict:
         for rank, r in enumerate(per_rank):
             ack, floor = _stats(r["rows"]["ack_blocking"]), _stats(r["rows"]["memcpy"])
             dcp_block = _stats(r["rows"]["dcp_async_blocking"])
+            cpu = _stats(r["rows"]["ack_cpu"]) if r["rows"].get("ack_cpu") else None
             blocking.append({"rank": rank, "staged_gib": r["staged_bytes"] / GIB, "ack": ack,
-                             "memcpy": floor, "dcp_async": dcp_block,
+                             "memcpy": floor, "dcp_async": dcp_block, "cpu": cpu,
                              "ratio_vs_memcpy": ack["median_s"] / floor["median_s"] if floor["median_s"] else None})
         commit = {"ack": _stats(slowest("ack_commit")), "dcp_async": _stats(slowest("dcp_async_commit")),
                   "dcp_save2": _stats(slowest("dcp_save2"))}
@@ -77,14 +80,16 @@ def summarise(raw: dict) -> dict:
 
 def markdown(results: dict) -> str:
     lines = ["| world | case | rank | staged GiB | memcpy floor s | async_ckpt blocking s | ratio | "
-             "dcp.async_save blocking s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "CPU s per save | dcp.async_save blocking s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for world, summ in results.items():
         for case, s in summ.items():
             for b in s["blocking"]:
                 lines.append(f"| {world} | {case} | {b['rank']} | {b['staged_gib']:.3f} | "
                              f"{b['memcpy']['median_s']:.3f} | {b['ack']['median_s']:.3f} "
                              f"({b['ack']['min_s']:.3f}-{b['ack']['max_s']:.3f}) | "
-                             f"{b['ratio_vs_memcpy']:.2f}x | {b['dcp_async']['median_s']:.3f} |")
+                             f"{b['ratio_vs_memcpy']:.2f}x | "
+                             f"{b['cpu']['median_s'] if b.get('cpu') else float('nan'):.3f} | "
+                             f"{b['dcp_async']['median_s']:.3f} |")
     lines += ["", "| world | case | async_ckpt commit s | dcp.async_save s | dcp.save 2 threads s | "
               "ratio vs dcp.save | bytes per node file |", "|---|---|---:|---:|---:|---:|---|"]
     for world, summ in results.items():

@@ -241,3 +241,14 @@ def test_killing_the_store_host_fails_every_survivor_within_the_liveness_bound(t
         for what in ("save", "close"):
             assert "torchrun agent of node 0" in res[what]["message"], (rank, what, res[what])
         assert res["since_kill"] < min(timeout, 30) + 10, res
+
+
+def test_a_load_one_rank_refuses_fails_on_every_rank_before_any_restore(tmp_path):
+    results = run("load_verdict", tmp_path / "ckpt", tmp_path / "out")
+    for rank, res in results.items():
+        assert res["raised"] == "InvalidArgumentError", (rank, res)
+        assert res["untouched"], f"rank {rank} restored its model although the load failed"
+        if rank == 1:
+            assert "component 'meta' refuses the saved state: saved by version 1" in res["message"]
+        else:
+            assert "failed on rank(s) [1], so no rank restores anything" in res["message"], res

@@ -18,6 +18,9 @@ key                       message                posted by -> read by
 ``full/<rank>``           `FullAnswer`           those ranks -> coordinator
 ``outcome``               `Outcome`              coordinator -> every rank's worker
 ``shared/<node>`` (load)  `SharedCopies`         node writer -> the node's other ranks
+``step`` (load)           `LoadStep`             rank 0 -> every rank (load() of the newest)
+``verdict/<rank>`` (load) `LoadVerdict`          every rank -> every rank, before any
+                                                 load_state_dict
 ========================  =====================  ==============================================
 """
 from __future__ import annotations
@@ -212,6 +215,22 @@ class SharedCopies:
     capacity: int = 0
     copies: tuple[SharedCopy, ...] = ()
     error: str = ""
+
+
+@dataclass(frozen=True)
+class LoadStep:
+    """The step every rank loads when load() is asked for the newest (-1: none committed)."""
+    step: int
+
+
+@dataclass(frozen=True)
+class LoadVerdict:
+    """One rank's verdict on a load, after reading and checking and before any load_state_dict:
+    every rank restores, or none does."""
+    rank: int
+    ok: bool
+    error_type: str = ""
+    message: str = ""
 
 
 # -- the encoding ---------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 
-from typing import Callable
+from typing import Any, Callable
 
+from .. import errors as _errors
 from ..dist.link import StoreLink
+from ..dist.messages import LoadStep, LoadVerdict
 from ..dist.topology import Topology
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..format import metrics_file
@@ -20,11 +22,15 @@ from ..options import CheckpointOptions
 from ..sharing import NODE_SHARED, choose_copy, group_members
 from ..storage import Storage
 from ..types import CheckpointInfo, SharingPattern, StateComponent
+from .checks import check_before_load, describe_partial
 from .node_shared import read_shared
 from .readbuf import ReadSession
 from .reader import load_shard
 
 log = logging.getLogger("async_ckpt")
+# A peer's failed verdict is raised here as the same class (by name) when it is one of ours.
+_ERRORS = {name: cls for name, cls in vars(_errors).items()
+           if isinstance(cls, type) and issubclass(cls, _errors.CheckpointError)}
 
 
 def info_of(storage, manifest: Manifest, folder: str) -> CheckpointInfo:
@@ -47,10 +53,13 @@ class Loader:
     """Restores committed checkpoints into registered components; the body of
     ``AsyncCheckpointer.load``.
 
-    Call sequence, on the caller's thread of every rank: ``load(step, strict)`` -> read and check
-    the manifest -> decide which copy of each component this rank reads (`sharing.choose_copy`)
-    -> read GLOBAL/REPLICATED copies once per node (`load.node_shared`), the rest per rank, every
-    record verified -> only then call each component's ``load_state_dict``.
+    Call sequence, on the caller's thread of every rank: ``load(step, strict)`` -> (newest:
+    rank 0 says which step, ``step``) -> read and check the manifest -> decide which copy of
+    each component this rank reads (`sharing.choose_copy`) -> read GLOBAL/REPLICATED copies once
+    per node (`load.node_shared`), the rest per rank, every record verified -> check the restored
+    states against the live objects (`load.checks`) -> post this rank's verdict and read every
+    rank's (``verdict/<rank>``): if any rank failed, every rank raises, naming it, and none has
+    restored anything -> only then call each component's ``load_state_dict``.
     """
 
     def __init__(self, storage: Storage, topo: Topology, link: StoreLink | None,
@@ -59,8 +68,13 @@ class Loader:
         self.components = components
         self._seq = 0
 
-    def load(self, step: int, strict: bool) -> CheckpointInfo:
+    def load(self, step: int | None, strict: bool) -> CheckpointInfo | None:
+        """Restore `step` (None: the newest committed one; None returned when there is none)."""
         self._seq += 1
+        if step is None:
+            step = self._newest()
+            if step is None:
+                return None
         session = ReadSession()
         try:
             return self._load(step, strict, session)
@@ -68,6 +82,53 @@ class Loader:
             # After _load's frame (and its references to the loaded states) is gone: whatever a
             # component kept is moved off the checkpoint's files (readbuf.ReadSession).
             session.finish()
+
+    def _key(self) -> str:
+        return f"load{self._seq}"
+
+    def _newest(self) -> int | None:
+        """The newest committed step, the same on every rank: rank 0 lists, the others hear it
+        (a commit landing between two ranks' listings must not make them load different steps)."""
+        if self.link is None:
+            steps = committed_steps(self.storage)
+            return steps[-1] if steps else None
+        if self.topo.rank == 0:
+            steps = committed_steps(self.storage)
+            newest = steps[-1] if steps else None
+            self.link.post(self._key(), "step", LoadStep(-1 if newest is None else newest))
+            return newest
+        got = self.link.gather(self._key(), {0: "step"}, LoadStep, "rank", range(0),
+                               alive={0: 0}, stop_on_outcome=False)[0]
+        return None if got.step < 0 else got.step
+
+    def _agree(self, step: int, error: BaseException | None) -> None:
+        """Every rank's verdict before any load_state_dict: raise on every rank if any failed."""
+        if self.link is None:
+            if error is not None:
+                raise error
+            return
+        topo, key = self.topo, self._key()
+        verdict = (LoadVerdict(topo.rank, True) if error is None else
+                   LoadVerdict(topo.rank, False, type(error).__name__, str(error)))
+        try:
+            self.link.post(key, f"verdict/{topo.rank}", verdict)
+        except CheckpointError:
+            if error is None:
+                raise
+            log.warning("[rank %d] could not tell the other ranks this load failed", topo.rank)
+        if error is not None:
+            raise error
+        world = range(topo.world_size)
+        verdicts = self.link.gather(key, {r: f"verdict/{r}" for r in world}, LoadVerdict, "rank(s)",
+                                    range(0), alive={r: r for r in world if r != topo.rank},
+                                    stop_on_outcome=False)
+        failed = {r: v for r, v in sorted(verdicts.items()) if not v.ok}
+        if failed:
+            first = next(iter(failed.values()))
+            kind = _ERRORS.get(first.error_type, CheckpointError)
+            raise kind(f"loading step {step} failed on rank(s) {sorted(failed)}, so no rank restores "
+                       f"anything: " + "; ".join(f"rank {r}: {v.error_type}: {v.message}"
+                                                 for r, v in failed.items()))
 
     def _plan_reads(self, manifest: Manifest, step: int, where: str, strict: bool
                     ) -> list[tuple[StateComponent, str]]:
@@ -100,6 +161,31 @@ class Loader:
         return plan
 
     def _load(self, step: int, strict: bool, session: ReadSession) -> CheckpointInfo:
+        try:
+            manifest, staged = self._read(step, strict, session)
+        except Exception as exc:
+            self._agree(step, exc)            # tells the others, then raises here
+            raise
+        self._agree(step, None)
+        info = info_of(self.storage, manifest, step_dir(step))
+        restored: list[str] = []
+        for i, (c, state) in enumerate(staged):
+            try:
+                c.stateful.load_state_dict(state)
+            except Exception as exc:
+                if c.required:
+                    raise describe_partial(step, restored, c.key, [p.key for p, _ in staged[i + 1:]],
+                                           exc) from exc
+                log.warning("[rank %d step %d] optional component %r failed to load: %r",
+                            self.topo.rank, step, c.key, exc)
+                continue
+            restored.append(c.key)
+        return info
+
+    def _read(self, step: int, strict: bool, session: ReadSession
+              ) -> tuple[Manifest, list[tuple[StateComponent, Any]]]:
+        """Everything that can fail before a component is touched: the manifest, the plan, every
+        verified record, the checks against the live objects."""
         storage, topo, options = self.storage, self.topo, self.options
         folder = step_dir(step)
         try:
@@ -122,18 +208,10 @@ class Loader:
                 state = states[(c.key, shard)] if (c.key, shard) in states else load_shard(
                     storage, folder, manifest, c.key, shard, options.allow_pickle, options.verify,
                     session)
+                check_before_load(c, state)
                 staged.append((c, state))
             except CheckpointError as exc:
                 if c.required:
                     raise
                 log.warning("[rank %d step %d] optional component %r skipped: %s", topo.rank, step, c.key, exc)
-        info = info_of(storage, manifest, folder)
-        for c, state in staged:
-            try:
-                c.stateful.load_state_dict(state)
-            except Exception as exc:
-                if c.required:
-                    raise
-                log.warning("[rank %d step %d] optional component %r failed to load: %r",
-                            topo.rank, step, c.key, exc)
-        return info
+        return manifest, staged

@@ -118,10 +118,10 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
                 "length": self.length, "num_replicas": self.num_replicas, "rank": self.rank,
                 "shuffle": self.shuffle, "drop_last": self.drop_last}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position. Refuses a state saved with another seed, dataset
-        length, world size, rank or shuffling, since the same position would then name
-        different samples."""
+    def check_state_dict(self, state: dict) -> None:
+        """Refuse a state saved with another seed, dataset length, world size, rank or shuffling,
+        since the same position would then name different samples. Called by the checkpointer
+        before any component is restored, and by load_state_dict."""
         mine = self.state_dict()
         differs = {k: (state.get(k), mine[k]) for k in ("seed", "length", "num_replicas", "rank",
                                                          "shuffle", "drop_last") if state.get(k) != mine[k]}
@@ -131,6 +131,10 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
                 f"ResumableSampler: the saved position belongs to another configuration ({detail}); "
                 "construct the sampler as in the saved run to resume it, or do not load its state "
                 "to start a fresh order")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position (see check_state_dict for what is refused)."""
+        self.check_state_dict(state)
         epoch, yielded = state["epoch"], state["yielded"]
         _check_int("saved epoch", epoch, 0)
         _check_int("saved position", yielded, 0)

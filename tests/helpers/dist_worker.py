@@ -356,6 +356,34 @@ def scenario_agent_kill(rank, world, local_world, node, groups):
     os._exit(0)
 
 
+class Versioned(Holder):
+    def check_state_dict(self, state):
+        if state.get("version") != 2:
+            raise ValueError(f"saved by version {state.get('version')}")
+
+
+def scenario_load_verdict(rank, world, local_world, node, groups):
+    """One rank refuses its state at load: every rank raises, naming it, and none restored."""
+    model, opt = model_and_opt(seed=0)
+    comps = [StateComponent("model", model, SharingPattern.REPLICATED),
+             StateComponent("meta", Versioned({"version": 1 if rank == 1 else 2}), SharingPattern.PER_RANK)]
+    with AsyncCheckpointer(ROOT, comps, timeout_s=60) as ckpt:
+        ckpt.save(1).wait()
+    fresh, _ = model_and_opt(seed=99)
+    before = digest(fresh)
+    comps = [StateComponent("model", fresh, SharingPattern.REPLICATED),
+             StateComponent("meta", Versioned({"version": 2}), SharingPattern.PER_RANK)]
+    result = {}
+    with AsyncCheckpointer(ROOT, comps, timeout_s=60) as ckpt:
+        try:
+            ckpt.load()
+            result["raised"] = None
+        except CheckpointError as exc:
+            result["raised"], result["message"] = type(exc).__name__, str(exc)
+    result["untouched"] = digest(fresh) == before
+    write(result, rank)
+
+
 def scenario_delete(rank, world, local_world, node, groups):
     """Every rank deletes a committed step (only rank 0 acts, no collective), sees it gone when
     delete() returns, and the step is saved anew, as a divergence rollback does."""
@@ -378,5 +406,6 @@ if __name__ == "__main__":
     {"save": scenario_save, "load": scenario_load, "resize": scenario_resize,
      "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow,
      "delete": scenario_delete, "group_replicas": scenario_group_replicas,
-     "misuse": scenario_misuse, "agent_kill": scenario_agent_kill}[SCENARIO](*ctx)
+     "misuse": scenario_misuse, "agent_kill": scenario_agent_kill,
+     "load_verdict": scenario_load_verdict}[SCENARIO](*ctx)
     dist.destroy_process_group()
