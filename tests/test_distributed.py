@@ -252,3 +252,18 @@ def test_a_load_one_rank_refuses_fails_on_every_rank_before_any_restore(tmp_path
             assert "component 'meta' refuses the saved state: saved by version 1" in res["message"]
         else:
             assert "failed on rank(s) [1], so no rank restores anything" in res["message"], res
+
+
+def test_a_required_component_with_no_copy_fails_every_rank_whatever_strict_says(tmp_path):
+    """A 2-rank checkpoint loaded by 4 ranks with strict=False: ranks 2-3 have no copy of the
+    required PER_RANK component; before, they silently kept their initial state."""
+    run("grow", tmp_path / "ckpt", tmp_path / "out-save", nnodes=1, nproc=2, args=("save",))
+    results = run("grow", tmp_path / "ckpt", tmp_path / "out-load", args=("load",))
+    for rank, res in results.items():
+        assert res["raised"] == "CheckpointNotFoundError", (rank, res)
+        if rank >= 2:
+            assert f"component 'stage' has no copy 'rank{rank}'" in res["message"], res
+        else:
+            assert "failed on rank(s) [2, 3]" in res["message"], res
+        assert res["untouched"], f"rank {rank} restored its model although the load failed"
+        assert res["optional_step"] == 1              # required=False: skipped, with a warning

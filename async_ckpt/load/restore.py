@@ -150,10 +150,15 @@ class Loader:
                                       f"{problem}; load it with the saving topology, or pass strict=False "
                                       "to skip it")
             if shard not in entry.shards:
+                # Whatever `strict` says: skipping it would leave this rank's state as it was
+                # while its peers restore theirs (ranks 2-3 of a 4-rank load of a 2-rank save).
                 what = f"component {c.key!r} has no copy {shard!r} for rank {topo.rank} in {where}"
-                if c.required and strict:
-                    raise CheckpointNotFoundError(f"{what}; pass strict=False or mark it required=False to skip it")
-                log.warning("[rank %d step %d] %s; skipped", topo.rank, step, what)
+                if c.required:
+                    raise CheckpointNotFoundError(
+                        f"{what} ({problem or 'no rank of the saving run wrote one'}); a required "
+                        "component needs a copy on every rank: load with the saving topology, or "
+                        "mark it required=False to start it fresh where it has no copy")
+                log.warning("[rank %d step %d] %s; skipped (required=False)", topo.rank, step, what)
                 continue
             if problem:
                 log.warning("[rank %d step %d] loading component %r although %s", topo.rank, step, c.key, problem)

@@ -384,6 +384,35 @@ def scenario_load_verdict(rank, world, local_world, node, groups):
     write(result, rank)
 
 
+def scenario_grow(rank, world, local_world, node, groups):
+    """Saved by 2 ranks, loaded by 4 with strict=False: ranks 2-3 have no copy of a required
+    PER_RANK component, so every rank raises and none restores (no silent stale replicas)."""
+    model, opt = model_and_opt(seed=0)
+    comps = [StateComponent("model", model, SharingPattern.REPLICATED),
+             StateComponent("stage", Holder({"w": torch.full((4,), float(rank))}), SharingPattern.PER_RANK),
+             StateComponent("rng", RNGState(), SharingPattern.PER_RANK, required=False)]
+    if ARGS[0] == "save":
+        with AsyncCheckpointer(ROOT, comps, timeout_s=60) as ckpt:
+            ckpt.save(1).wait()
+        write({"saved": True}, rank)
+        return
+    fresh, _ = model_and_opt(seed=99)
+    before = digest(fresh)
+    comps[0] = StateComponent("model", fresh, SharingPattern.REPLICATED)
+    result = {}
+    with AsyncCheckpointer(ROOT, comps, timeout_s=60) as ckpt:
+        try:
+            ckpt.load(strict=False)
+            result["raised"] = None
+        except CheckpointError as exc:
+            result["raised"], result["message"] = type(exc).__name__, str(exc)
+        optional_only = [comps[0], comps[2]]
+    result["untouched"] = digest(fresh) == before
+    with AsyncCheckpointer(ROOT, optional_only, timeout_s=60) as ckpt:
+        result["optional_step"] = ckpt.load(strict=False).step      # rng: skipped where absent
+    write(result, rank)
+
+
 def scenario_delete(rank, world, local_world, node, groups):
     """Every rank deletes a committed step (only rank 0 acts, no collective), sees it gone when
     delete() returns, and the step is saved anew, as a divergence rollback does."""
@@ -407,5 +436,5 @@ if __name__ == "__main__":
      "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow,
      "delete": scenario_delete, "group_replicas": scenario_group_replicas,
      "misuse": scenario_misuse, "agent_kill": scenario_agent_kill,
-     "load_verdict": scenario_load_verdict}[SCENARIO](*ctx)
+     "load_verdict": scenario_load_verdict, "grow": scenario_grow}[SCENARIO](*ctx)
     dist.destroy_process_group()
