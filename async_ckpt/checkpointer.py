@@ -30,8 +30,7 @@ from .dist.link import StoreLink, StoreLost, namespace
 from .dist.liveness import Heartbeat, await_departures, depart, hosts_store
 from .dist.shm import sweep_dead_buffers
 from .dist.topology import current_topology
-from .errors import (CheckpointError, CheckpointNotFoundError, InvalidArgumentError,
-                     storage_errors_translated, translate_storage_error)
+from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, storage_errors_translated
 from .format import metrics_file
 from .format.codec import Compressor
 from .format.names import committed_steps, manifest_path, step_dir
@@ -99,13 +98,7 @@ class AsyncCheckpointer:
         if not isinstance(root, (str, os.PathLike)):
             raise InvalidArgumentError(f"root must be a path or URL, got {type(root).__name__}")
         self.storage = open_storage(root, storage_options)
-        try:
-            self.storage.check_root()
-        except StorageError:
-            raise   # says what to fix; translated by the decorator
-        except OSError as exc:
-            raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
-                                       f"({exc}); pass a folder this process can create and write") from exc
+        self._check_root(self.storage.check_root)
         self.topo = current_topology()
         self._components_source = components
         if not callable(components):
@@ -165,6 +158,15 @@ class AsyncCheckpointer:
         finally:
             self._blocked -= 1
 
+    def _check_root(self, check: Callable[[], None]) -> None:
+        try:
+            check()
+        except StorageError:
+            raise                 # it says what to fix; translated by the decorator
+        except OSError as exc:
+            raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
+                                       f"({exc}); pass a folder this process can create and write") from exc
+
     def _pending_steps(self) -> set[int]:
         """Steps whose save is still in flight (not yet committed or failed)."""
         with self._lock:
@@ -174,13 +176,7 @@ class AsyncCheckpointer:
         """The save path's threads, on the first save (a checkpointer that only loads has none)."""
         if self._started:
             return
-        try:
-            self.storage.check_writable()
-        except StorageError:
-            raise                 # it says what to fix; translated by the decorator
-        except OSError as exc:
-            raise InvalidArgumentError(f"checkpoint root {self.storage.url} is not a writable folder "
-                                       f"({exc}); pass a folder this process can create and write") from exc
+        self._check_root(self.storage.check_writable)
         self._worker = RankWorker(self._link, self.topo, self.storage, self._pool)
         if self.topo.is_node_writer:
             sweep_dead_buffers()
@@ -316,17 +312,9 @@ class AsyncCheckpointer:
         committer = self._committer
 
         def task() -> None:
-            try:
-                if committer.record_late_metrics(step, values):
-                    committer.retain()
-            except Exception as exc:  # noqa: BLE001 - raised once, by the next call (below)
-                log.error("[rank %d step %d] storing late metrics %s failed: %r", self.topo.rank,
-                          step, values, exc)
+            if (error := committer.report_late(step, values)) is not None:
                 with self._lock:
-                    self._late_failures.append(CheckpointError(
-                        f"report_metrics({step}, {values}) was not stored: {exc!r}; the checkpoint "
-                        "is intact, report the metrics again"))
-                    self._late_failures[-1].__cause__ = translate_storage_error(exc)
+                    self._late_failures.append(error)     # raised once, by the next call
         self._start()
         assert self._writer is not None
         self._writer.submit(task)

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Callable, Mapping
 
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError, translate_storage_error
 from ..format import metrics_file
 from ..format.manifest import MANIFEST_NAME, Manifest
 from ..format.names import committed_steps, manifest_path, read_manifest, step_dir, step_dirs
@@ -143,6 +143,21 @@ class Committer:
             self._metrics[step] = {**metrics_file.decode(manifest.metrics),
                                    **metrics_file.read_late(self.storage, folder)}
         return self._metrics[step]
+
+    def report_late(self, step: int, values: Mapping[str, float]) -> CheckpointError | None:
+        """Store late metrics and re-run retention (writer thread); the error to raise to the
+        caller if they could not be stored."""
+        try:
+            if self.record_late_metrics(step, values):
+                self.retain()
+        except Exception as exc:  # noqa: BLE001 - handed back, raised once by the caller's next call
+            log.error("[rank %d step %d] storing late metrics %s failed: %r", self.rank, step,
+                      dict(values), exc)
+            error = CheckpointError(f"report_metrics({step}, {dict(values)}) was not stored: {exc!r}; "
+                                    "the checkpoint is intact, report the metrics again")
+            error.__cause__ = translate_storage_error(exc)
+            return error
+        return None
 
     def record_late_metrics(self, step: int, values: Mapping[str, float]) -> bool:
         """Store metrics reported after the commit of `step`; False if it is gone."""
