@@ -20,6 +20,7 @@ from ..options import CheckpointOptions
 from ..sharing import NODE_SHARED, choose_copy, group_members
 from ..storage import Storage
 from ..types import CheckpointInfo, SharingPattern, StateComponent
+from .guard import as_checkpoint_error
 from .node_shared import read_shared
 from .readbuf import ReadSession
 from .reader import load_shard
@@ -34,6 +35,8 @@ def info_of(storage, manifest: Manifest, folder: str) -> CheckpointInfo:
 
 
 def list_infos(storage, rank: int) -> list[CheckpointInfo]:
+    """Every committed checkpoint that can be read; the others are skipped with a warning (one
+    hostile step folder never hides the rest). Storage outages still raise."""
     infos = []
     for step in committed_steps(storage):
         try:
@@ -100,6 +103,23 @@ class Loader:
         return plan
 
     def _load(self, step: int, strict: bool, session: ReadSession) -> CheckpointInfo:
+        try:
+            staged, info = self._read(step, strict, session)
+        except Exception as exc:  # noqa: BLE001 - only CheckpointErrors leave reading (guard.py)
+            raise as_checkpoint_error(exc, self.storage.url) from exc
+        for c, state in staged:
+            try:
+                c.stateful.load_state_dict(state)
+            except Exception as exc:
+                if c.required:
+                    raise
+                log.warning("[rank %d step %d] optional component %r failed to load: %r",
+                            self.topo.rank, step, c.key, exc)
+        return info
+
+    def _read(self, step: int, strict: bool, session: ReadSession
+              ) -> tuple[list[tuple[StateComponent, object]], CheckpointInfo]:
+        """Every state this rank restores, read and verified, and the checkpoint's info."""
         storage, topo, options = self.storage, self.topo, self.options
         folder = step_dir(step)
         try:
@@ -127,13 +147,4 @@ class Loader:
                 if c.required:
                     raise
                 log.warning("[rank %d step %d] optional component %r skipped: %s", topo.rank, step, c.key, exc)
-        info = info_of(storage, manifest, folder)
-        for c, state in staged:
-            try:
-                c.stateful.load_state_dict(state)
-            except Exception as exc:
-                if c.required:
-                    raise
-                log.warning("[rank %d step %d] optional component %r failed to load: %r",
-                            topo.rank, step, c.key, exc)
-        return info
+        return staged, info_of(storage, manifest, folder)
