@@ -36,6 +36,7 @@ from .format.codec import Compressor
 from .format.names import committed_steps, manifest_path, step_dir
 from .format.tree import flatten
 from .handle import SaveHandle, Settlement
+from .load.guard import checkpoint_errors_only
 from .load.restore import Loader, list_infos
 from .options import CheckpointOptions, check_step
 from .save.commit import Committer
@@ -407,12 +408,14 @@ class AsyncCheckpointer:
 
     # -- reading ------------------------------------------------------------------------------
     @storage_errors_translated
+    @checkpoint_errors_only
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
         steps = committed_steps(self.storage)
         return steps[-1] if steps else None
 
     @storage_errors_translated
+    @checkpoint_errors_only
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first (unreadable manifests are logged and skipped)."""
         return list_infos(self.storage, self.topo.rank)

@@ -142,10 +142,10 @@ class FlakyStorage(MyStorage):
             raise self.fail["open_writer"]
         return super().open_writer(path)
 
-    def read_bytes(self, path):
-        if "read_bytes" in self.fail:
-            raise self.fail["read_bytes"]
-        return super().read_bytes(path)
+    def read_limited(self, path, limit):
+        if "read_limited" in self.fail:
+            raise self.fail["read_limited"]
+        return super().read_limited(path, limit)
 
     def size(self, path):
         if "size" in self.fail:
@@ -176,7 +176,7 @@ def test_users_see_the_engine_classes(flaky):
         with pytest.raises(async_ckpt.StorageUnavailableError, match="kept failing"):
             call()
     del flaky["list_dir"]
-    for method in ("read_bytes", "size"):           # the manifest, then the data files' sizes
+    for method in ("read_limited", "size"):         # the manifest, then the data files' sizes
         flaky[method] = storage_errors.StorageUnavailableError(f"{method} kept failing")
         with pytest.raises(async_ckpt.StorageUnavailableError, match=method):   # not "corrupt"
             ck.load(1)

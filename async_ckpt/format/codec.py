@@ -45,6 +45,7 @@ CODECS = (("raw", "zstd") + tuple(f"{SHUFFLE_PREFIX}{w}" for w in WIDTHS)
           + tuple(f"{planes.PREFIX}{w}" for w in planes.WIDTHS))
 ALIGN = 64             # staging offsets and file records start on this boundary
 PIECE = 16 << 20       # raw bytes per zstd frame / pipeline piece
+BLOCK_MAX = 128 << 10  # zstd: no block decodes to more (RFC 8878, Block_Maximum_Size)
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -91,6 +92,14 @@ def codec_for(dtype: torch.dtype, compressed: bool) -> str:
 def frames_per_piece(width: int) -> int:
     """Stored lengths the manifest lists per piece: one per plane for zstd-planes, else one."""
     return int(width) if isinstance(width, PlanesWidth) else 1
+
+
+def min_frame_size(content: int) -> int:
+    """The fewest bytes a zstd frame holding `content` bytes can take: a header of at least 6
+    bytes (magic number, descriptor, content size) and at least 4 per block (a 3-byte block header
+    and one byte, an RLE block), a block holding at most BLOCK_MAX bytes. So a stored length bounds
+    what a frame may claim to decode to (about 32,768x) before anything is allocated."""
+    return 6 + 4 * -(-content // BLOCK_MAX)
 
 
 def piece_sizes(nbytes: int) -> list[int]:
@@ -159,7 +168,7 @@ def _decode_pool() -> ThreadPoolExecutor:
 def _decode_frame(frame: memoryview, size: int, where: str) -> bytes:
     """One zstd frame that must hold exactly `size` bytes; never allocates more than that."""
     # Guard before allocating: the header's size must be exactly this piece's (or plane's) size.
-    if _zstandard().frame_content_size(frame) != size:
+    if _declared_size(frame) != size:
         raise ValueError(f"{where}: a zstd frame declares a size other than its piece's "
                          f"{size} bytes")
     dctx = getattr(_decoders, "dctx", None)
@@ -182,6 +191,33 @@ def _decode_one(stored: memoryview, lengths: list[int], out: memoryview, width: 
         unshuffle(raw, out, width)
     else:
         out[:] = raw
+
+
+def _declared_size(frame: memoryview) -> int:
+    try:
+        return _zstandard().frame_content_size(frame)
+    except Exception:  # noqa: BLE001 - zstandard raises its own ZstdError on a bad header
+        return -2
+
+
+def check_frames(stored: memoryview, frames: list[int], nbytes: int, where: str, width: int = 0) -> None:
+    """Before the output of a record is allocated: its frames add up to the stored bytes, there are
+    as many as its pieces (planes) call for, and each frame's header declares exactly its piece's
+    (plane's) size. ValueError otherwise."""
+    sizes, per = piece_sizes(nbytes), frames_per_piece(width)
+    if width and nbytes % width:
+        raise ValueError(f"{where}: {nbytes} bytes are not whole {width}-byte elements")
+    if len(frames) != len(sizes) * per or sum(frames) != len(stored):
+        raise ValueError(f"{where}: {len(frames)} zstd frames of {sum(frames)} bytes cannot hold "
+                         f"{nbytes} bytes stored in {len(stored)}")
+    pos = 0
+    for i, length in enumerate(frames):
+        content = sizes[i // per] // per
+        if not isinstance(width, PlanesWidth) or length < content:
+            if length < min_frame_size(content) or _declared_size(stored[pos:pos + length]) != content:
+                raise ValueError(f"{where}: zstd frame {i} does not declare the {content} bytes of "
+                                 "its piece (or plane)")
+        pos += length
 
 
 def decompress_frames(stored: memoryview, frames: list[int], out: memoryview, where: str,

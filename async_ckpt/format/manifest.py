@@ -1,8 +1,12 @@
 """The manifest: the single JSON document whose presence means "committed".
 
-Frozen dataclasses, a writer (`to_json`) and a validating reader (`parse_manifest`). The reader
-treats the document as hostile: every field is type-checked, file names are single path
-components, records must fit inside their files, and sizes must agree with dtypes and shapes.
+Frozen dataclasses, a writer (`to_json`) and a validating reader (`parse_manifest`). The writer
+seals the document with a hash of its own bytes (`manifest_hash`, see seal.py); the reader checks
+it before parsing a byte, then treats the document as hostile all the same (a seal stops damage,
+not an editor who reseals): every field is type-checked, file names are single path components,
+records must fit inside their files, sizes must agree with dtypes and shapes, shapes must be ones
+torch can build, and zstd frames must be long enough to hold what they claim (so a record's
+decoded size is bounded by its stored bytes before anything is allocated).
 """
 from __future__ import annotations
 
@@ -12,18 +16,22 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from .codec import CODECS, HASH_ALGO, PIECE, codec_width, frames_per_piece, piece_sizes
+from . import seal
+from .codec import CODECS, HASH_ALGO, PIECE, codec_width, frames_per_piece, min_frame_size, piece_sizes
 from .planes import PlanesWidth, planes_width
 from .shuffle import shuffle_width
-from ..errors import CorruptCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError
 from .tree import dtype_from_name
 from ..types import SharingPattern
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
+HASH_KEY = "manifest_hash"         # the seal: xxh3-128 of the manifest without it (seal.py)
+# Readers read at most this much of a manifest and writers refuse to write more: ~1.3 M tensor
+# entries. Bigger jobs need manifests split into fragments.
+MAX_BYTES = 256 << 20
+_INT64_MAX = (1 << 63) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _HASH_RE = re.compile(r"^[0-9a-f]{32}$")
 _PATTERNS = tuple(p.value for p in SharingPattern)
@@ -98,7 +106,12 @@ class Manifest:
                     for t in e.tensors]} for s, e in c.shards.items()},
             } for k, c in self.components.items()},
         }
-        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        sealed = seal.seal(json.dumps(doc, allow_nan=False, separators=(",", ":")).encode(), HASH_KEY)
+        if len(sealed) > MAX_BYTES:
+            raise CheckpointError(f"the manifest of step {self.step} would take {len(sealed)} bytes, "
+                                  f"more than the {MAX_BYTES} a reader accepts; save fewer, larger "
+                                  "tensors (e.g. flatten parameter groups) or split the state")
+        return sealed
 
 
 def _int(v: Any, what: str, lo: int = 0) -> int:
@@ -139,6 +152,23 @@ def _check_frames(entry: TensorEntry, width: int, what: str) -> None:
                              + str(plane))
         if not planar and length < 1:
             raise ValueError(f"{what}: frame {i} is empty")
+        # The codec's limit: a frame holds at most 128 KiB per 4 stored bytes, so a record cannot
+        # claim more bytes than its stored length can decode to (checked before any allocation).
+        content = plane if planar else pieces[i]
+        if (not planar or length < plane) and length < min_frame_size(content):
+            raise ValueError(f"{what}: frame {i} of {length} bytes cannot hold the {content} bytes "
+                             f"it stands for (a zstd frame needs at least {min_frame_size(content)})")
+
+
+def _check_shape(shape: tuple[int, ...], itemsize: int, what: str) -> None:
+    """A shape torch can build: every dimension, and the bytes of its non-zero dimensions (what
+    torch computes even for an empty tensor), fit in an int64."""
+    size = itemsize
+    for d in shape:
+        size *= d or 1
+        if d > _INT64_MAX or size > _INT64_MAX:
+            raise ValueError(f"{what}: shape {list(shape)[:8]}{'...' if len(shape) > 8 else ''} is "
+                             "larger than any tensor can be")
 
 
 def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
@@ -147,6 +177,7 @@ def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
         raise ValueError(f"{what} points at {name!r}, which the manifest's file list lacks")
     dtype = dtype_from_name(_get(doc, "dtype", str, what), what)
     shape = tuple(_int(d, f"{what}.shape") for d in _get(doc, "shape", list, what))
+    _check_shape(shape, dtype.itemsize, what)
     entry = TensorEntry(
         dtype=doc["dtype"], shape=shape, file=name, offset=_int(doc.get("offset"), f"{what}.offset"),
         length=_int(doc.get("length"), f"{what}.length"), nbytes=_int(doc.get("nbytes"), f"{what}.nbytes"),
@@ -157,7 +188,7 @@ def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
                          "(upgrade async_ckpt if a newer release wrote it)")
     if not _HASH_RE.match(entry.hash):
         raise ValueError(f"{what} has a malformed hash")
-    if entry.nbytes != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+    if entry.nbytes != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"{what}: nbytes {entry.nbytes} does not match {entry.dtype}{list(shape)}")
     if entry.codec == "raw" and (entry.length != entry.nbytes or entry.frames):
         raise ValueError(f"{what}: raw record of {entry.length} bytes (frames {list(entry.frames)}) "
@@ -182,9 +213,12 @@ def _dict(doc: dict, key: str) -> dict:
 
 
 def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> Manifest:
-    """Validate and decode a manifest; CorruptCheckpointError naming `where` on any problem."""
+    """Validate and decode a manifest; CorruptCheckpointError naming `where` on any problem.
+    Its seal (if any: manifests from before sealing have none) is checked before it is parsed."""
     try:
-        doc = json.loads(raw)
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"it holds {len(raw)} bytes, more than the {MAX_BYTES} a manifest may have")
+        doc, _sealed = seal.loads(raw, HASH_KEY, "the manifest")
         version = _get(doc, "format_version", int, "manifest")
         if version not in SUPPORTED_VERSIONS:
             raise ValueError(f"format_version {version} is not one this release reads "
@@ -229,5 +263,5 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
             format_version=version)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"malformed manifest {where}: {exc}") from None
-    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError, OverflowError) as exc:
         raise CorruptCheckpointError(f"malformed manifest {where}: {exc}") from None

@@ -6,7 +6,7 @@ import re
 
 from ..errors import CorruptCheckpointError, translate_storage_error
 from ..storage import Storage, StorageError
-from .manifest import MANIFEST_NAME, Manifest, parse_manifest
+from .manifest import MANIFEST_NAME, MAX_BYTES, Manifest, parse_manifest
 
 STEP_DIGITS = 10
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -44,9 +44,12 @@ def committed_steps(storage: Storage, folders: dict[int, str] | None = None) -> 
 
 
 def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Manifest:
+    """The validated manifest of `folder`: FileNotFoundError if there is none (not committed),
+    CorruptCheckpointError if it cannot be read or trusted (not a regular file inside the root,
+    larger than manifest.MAX_BYTES, damaged, malformed)."""
     path = f"{folder}/{MANIFEST_NAME}"
     try:
-        raw = storage.read_bytes(path)
+        raw = storage.read_limited(path, MAX_BYTES)
     except FileNotFoundError:
         raise
     except StorageError as exc:     # unreachable or misconfigured storage, not a corrupt manifest

@@ -136,7 +136,13 @@ def unflatten(skel: Any, tensors: list[torch.Tensor], where: str, allow_pickle: 
             i = n["t"]
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tensors):
                 raise bad(p, f"tensor index {i!r} out of range")
-            return tensors[i].numpy() if n.get("np") else tensors[i]
+            if not n.get("np"):
+                return tensors[i]
+            try:
+                return tensors[i].numpy()
+            except (TypeError, RuntimeError) as exc:   # bfloat16, complex32, ...: no NumPy dtype
+                raise bad(p, f"tensor {i} ({dtype_name(tensors[i].dtype)}) is marked as a NumPy "
+                             f"array, which it cannot be: {exc}") from None
         if "d" in n:
             items = n["d"]
             if not isinstance(items, list):
@@ -174,4 +180,7 @@ def unflatten(skel: Any, tensors: list[torch.Tensor], where: str, allow_pickle: 
                 raise bad(p, f"cannot unpickle: {exc}") from exc
         raise bad(p, f"unknown node tag(s) {sorted(n)[:3]}")
 
-    return dec(skel, "")
+    try:
+        return dec(skel, "")
+    except RecursionError:
+        raise bad("", "nested too deeply") from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,31 @@ _HAVE_LIBC = None not in (libc.mmap, libc.munmap, libc.madvise, libc.mremap) and
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _populate_ok: bool | None = None
+
+
+_memory: int | None = None
+
+
+def memory_limit() -> int:
+    """The most bytes one buffer of a load may take: this machine's physical memory, or its
+    cgroup's limit where that is lower. A record or byte range larger than this could never be
+    loaded here, so it is refused before anything is allocated or read (a hostile manifest may
+    claim a terabyte in a sparse file)."""
+    global _memory
+    if _memory is None:
+        try:
+            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            limit = 1 << 62
+        try:
+            with open("/sys/fs/cgroup/memory.max") as f:
+                text = f.read().strip()
+            if text.isdigit():
+                limit = min(limit, int(text))
+        except OSError:
+            pass
+        _memory = limit
+    return _memory
 
 
 def _read_pool() -> ThreadPoolExecutor:

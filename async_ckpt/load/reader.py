@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..format.codec import byte_view, codec_width, decompress_frames, new_hasher
-from ..errors import CorruptCheckpointError, translate_storage_error
+from ..format.codec import byte_view, check_frames, codec_width, decompress_frames, new_hasher
+from ..errors import CheckpointError, CorruptCheckpointError, translate_storage_error
 from ..format.manifest import Manifest, ShardEntry, TensorEntry
 from ..format.names import read_manifest  # noqa: F401 - re-exported for the load path
 from . import readbuf
@@ -25,18 +25,19 @@ _OWN_STORAGE_BELOW = 1 << 16   # records smaller than this get their own storage
 
 
 def check_files(storage: Storage, folder: str, manifest: Manifest, names: set[str]) -> None:
-    """Each needed data file exists inside the folder with exactly the size the manifest says."""
+    """Each needed data file exists inside the folder with exactly the size the manifest says,
+    and is a regular file reached without a symlink below the root (Storage.size refuses the rest:
+    a FIFO would hang the read, a symlink could lead anywhere)."""
     for name in sorted(names):
         url = storage.child_url(f"{folder}/{name}")
-        resolves_inside = getattr(storage, "resolves_inside", None)
-        if resolves_inside is not None and not resolves_inside(folder, name):
-            raise CorruptCheckpointError(f"{url} resolves outside its checkpoint folder; refusing it")
         try:
             size = storage.size(f"{folder}/{name}")
         except FileNotFoundError:
             raise CorruptCheckpointError(f"data file {url} listed in the manifest is missing") from None
         except StorageError as exc:     # a CheckpointError, as restore's fallbacks expect
             raise translate_storage_error(exc) from exc
+        except OSError as exc:
+            raise CorruptCheckpointError(f"data file {url} cannot be used: {exc}") from exc
         if size != manifest.files[name].size:
             raise CorruptCheckpointError(
                 f"data file {url} has {size} bytes, the manifest says {manifest.files[name].size} "
@@ -59,6 +60,9 @@ def _groups(entries: list[tuple[int, TensorEntry]]) -> list[list[tuple[int, Tens
 def _read_group(storage: Storage, path: str, start: int, end: int,
                 session: ReadSession | None) -> tuple[torch.Tensor, Filled]:
     """Bytes [start, end) of one file and the progress of their arrival (see readbuf)."""
+    if end == start:              # empty records only: nothing to open
+        filled = readbuf.Filled(0)
+        return torch.empty(0, dtype=torch.uint8), filled
     map_private = getattr(storage, "map_private", None)
     if session is not None and map_private is not None and end > start and readbuf.mapping_supported():
         try:
@@ -101,6 +105,7 @@ def read_tensors(storage: Storage, folder: str, shard: ShardEntry, where: str,
         first, last = group[0][1], group[-1][1]
         start, end = first.offset, last.offset + last.length
         path = f"{folder}/{first.file}"
+        _fits_in_memory(end - start, f"bytes {start}-{end} of {storage.child_url(path)}")
         filled = None
         try:
             block, filled = _read_group(storage, path, start, end, session)
@@ -127,15 +132,31 @@ def read_tensors(storage: Storage, folder: str, shard: ShardEntry, where: str,
                 if entry.nbytes and ((block.data_ptr() + rel) % 64 or entry.nbytes < _OWN_STORAGE_BELOW):
                     raw = raw.clone()
             else:
+                stored, width = view[rel:rel + entry.length], codec_width(entry.codec)
+                _fits_in_memory(entry.nbytes, what)
+                try:      # every frame header, before the output is allocated
+                    check_frames(stored, list(entry.frames), entry.nbytes, what, width)
+                except ValueError as exc:
+                    raise CorruptCheckpointError(f"cannot decompress {what}: {exc}") from exc
                 raw = torch.empty(entry.nbytes, dtype=torch.uint8)
                 try:
-                    decompress_frames(view[rel:rel + entry.length], list(entry.frames),
-                                      byte_view(raw), what, codec_width(entry.codec))
+                    decompress_frames(stored, list(entry.frames), byte_view(raw), what, width)
                 except Exception as exc:  # noqa: BLE001 - zstd raises its own ZstdError
                     raise CorruptCheckpointError(f"cannot decompress {what}: {exc}") from exc
-            out[index] = raw.view(dtype).view(entry.shape) if entry.nbytes else torch.empty(
-                entry.shape, dtype=dtype)
+            try:
+                out[index] = raw.view(dtype).view(entry.shape) if entry.nbytes else torch.empty(
+                    entry.shape, dtype=dtype)
+            except (RuntimeError, TypeError, ValueError) as exc:   # what parse_manifest cannot foresee
+                raise CorruptCheckpointError(f"{what} cannot be built from its bytes: {exc}") from exc
     return out  # type: ignore[return-value]
+
+
+def _fits_in_memory(nbytes: int, what: str) -> None:
+    """Refuse, before allocating or reading, a buffer no machine like this one could hold."""
+    if nbytes > readbuf.memory_limit():
+        raise CheckpointError(f"{what} needs {nbytes} bytes in one buffer, more than the "
+                              f"{readbuf.memory_limit()} bytes of memory here: the manifest is damaged or "
+                              "hostile, or the checkpoint needs a machine with more memory")
 
 
 def load_shard(storage: Storage, folder: str, manifest: Manifest, component: str, shard_name: str,

@@ -23,6 +23,7 @@ from ..sharing import NODE_SHARED, choose_copy, group_members
 from ..storage import Storage
 from ..types import CheckpointInfo, SharingPattern, StateComponent
 from .checks import check_before_load, describe_partial
+from .guard import as_checkpoint_error, checkpoint_errors_only
 from .node_shared import read_shared
 from .readbuf import ReadSession
 from .reader import load_shard
@@ -40,6 +41,8 @@ def info_of(storage, manifest: Manifest, folder: str) -> CheckpointInfo:
 
 
 def list_infos(storage, rank: int) -> list[CheckpointInfo]:
+    """Every committed checkpoint that can be read; the others are skipped with a warning (one
+    hostile step folder never hides the rest). Storage outages still raise."""
     infos = []
     for step in committed_steps(storage):
         try:
@@ -86,6 +89,7 @@ class Loader:
     def _key(self) -> str:
         return f"load{self._seq}"
 
+    @checkpoint_errors_only
     def _newest(self) -> int | None:
         """The newest committed step, the same on every rank: rank 0 lists, the others hear it
         (a commit landing between two ranks' listings must not make them load different steps)."""
@@ -168,8 +172,9 @@ class Loader:
     def _load(self, step: int, strict: bool, session: ReadSession) -> CheckpointInfo:
         try:
             manifest, staged = self._read(step, strict, session)
-        except Exception as exc:
-            self._agree(step, exc)            # tells the others, then raises here
+        except Exception as exc:  # noqa: BLE001 - only CheckpointErrors leave reading (guard.py)
+            error = as_checkpoint_error(exc, self.storage.url)
+            self._agree(step, error)          # tells the others, then raises it here
             raise
         self._agree(step, None)
         info = info_of(self.storage, manifest, step_dir(step))

@@ -3,8 +3,12 @@
 Paths are relative to the storage root and use "/" separators. Call sequence for one save, all
 from the node writer thread: ``open_writer`` per data file -> ``write`` ... -> ``commit`` (durable)
 or ``abort``; ``sync_dir`` on the folder; ``create_exclusive`` for the manifest (the commit point).
-Readers (any thread) use ``read_bytes``/``read_into``/``size``/``exists``/``list_dir``; retention
-uses ``delete``/``delete_dir``. Errors are the builtin OSError family (FileNotFoundError,
+Readers (any thread) use ``read_limited``/``read_bytes``/``read_into``/``size``/``exists``/
+``list_dir``; retention uses ``delete``/``delete_dir``. Loaders treat what they read as hostile:
+``read_limited`` reads small documents (manifests, metrics) with a size bound, and on a
+filesystem ``read_limited``, ``read_into`` and ``size`` accept only regular files reached from the
+root without following a symlink below it (never a FIFO or device, never a path out of the root;
+the root itself may be a symlink: it is the anchor). Errors are the builtin OSError family (FileNotFoundError,
 FileExistsError, EOFError for short reads, ...) and, from `errors.py`, `StorageConfigError` (the
 root cannot work as configured) and `StorageUnavailableError` (transient failures past the retry
 deadline), both OSErrors; the engine translates them into CheckpointErrors. `registry.py` maps a
@@ -73,10 +77,19 @@ class Storage(Protocol):
     def read_bytes(self, path: str) -> bytes:
         """The whole object."""
 
-    def read_into(self, path: str, offset: int, out: memoryview) -> None:
-        """Fill `out` from `offset`; EOFError if the object ends first."""
+    def read_limited(self, path: str, limit: int) -> bytes:
+        """The whole object if it holds at most `limit` bytes, never reading more than `limit + 1`:
+        FileNotFoundError if it is missing, OSError (errno EFBIG) if it is larger and, on a
+        filesystem, OSError if it is not a regular file (a FIFO is never opened in a way that
+        blocks, a device never read) or is reached through a symlink below the root."""
 
-    def size(self, path: str) -> int: ...
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        """Fill `out` from `offset`; EOFError if the object ends first. On a filesystem, OSError
+        for what `read_limited` refuses."""
+
+    def size(self, path: str) -> int:
+        """Bytes in the object. On a filesystem, OSError for what `read_limited` refuses (a FIFO or
+        device has no size a reader could trust; a symlink below the root may lead out of it)."""
 
     def exists(self, path: str) -> bool: ...
 

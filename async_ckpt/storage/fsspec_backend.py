@@ -1,6 +1,7 @@
 """Any fsspec filesystem (memory://, s3://, gcs://, ...). Objects appear when their write closes."""
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 from .base import scratch_name
@@ -69,6 +70,25 @@ class FsspecStorage:
     def read_bytes(self, path: str) -> bytes:
         return self.fs.cat_file(self._p(path))
 
+    def _regular(self, path: str) -> int:
+        """The size of `path`, which must be a file (not a folder, link or anything else the
+        filesystem reports)."""
+        info = self.fs.info(self._p(path))
+        kind = info.get("type", "file")
+        if kind != "file" or info.get("islink"):
+            raise OSError(errno.EINVAL, f"{self.child_url(path)} is {'a link' if info.get('islink') else kind!r}, "
+                                        "not a regular file; refusing to read it")
+        return int(info.get("size") or 0)
+
+    def read_limited(self, path: str, limit: int) -> bytes:
+        if self._regular(path) > limit:
+            raise OSError(errno.EFBIG, f"{self.child_url(path)} holds more than the {limit} bytes "
+                                       "a file of its kind may have")
+        data = self.fs.cat_file(self._p(path), start=0, end=limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"{self.child_url(path)} grew past {limit} bytes while being read")
+        return bytes(data)
+
     def read_into(self, path: str, offset: int, out: memoryview) -> None:
         data = self.fs.cat_file(self._p(path), start=offset, end=offset + len(out))
         if len(data) != len(out):
@@ -76,7 +96,7 @@ class FsspecStorage:
         out.cast("B")[:] = data
 
     def size(self, path: str) -> int:
-        return int(self.fs.size(self._p(path)))
+        return self._regular(path)
 
     def exists(self, path: str) -> bool:
         return bool(self.fs.exists(self._p(path)))

@@ -1,4 +1,12 @@
-"""Local filesystem backend: raw fds, fsync'd files and folders, atomic exclusive create."""
+"""Local filesystem backend: raw fds, fsync'd files and folders, atomic exclusive create.
+
+Reads (`read_limited`, `read_into`, `map_private`, `size`) go through `_open_regular`: it walks
+from the root one name at a time with directory fds, refuses any symlink below the root (the
+root itself may be one: it is the anchor), looks at the entry before opening it (a device is never
+opened, a FIFO is opened without blocking and refused), and checks the opened fd is the regular
+file it looked at. A checkpoint writer never makes symlinks, FIFOs or devices, so none of this
+refuses a checkpoint that was written by one.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -6,6 +14,7 @@ import errno
 import mmap
 import os
 import shutil
+import stat
 from typing import Any
 
 from . import libc
@@ -34,6 +43,24 @@ def _write_all(fd: int, data: memoryview) -> None:
     while len(view):
         written = os.write(fd, view[: 1 << 30])
         view = view[written:]
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _refuse(full: str, mode: int) -> OSError:
+    if stat.S_ISLNK(mode):
+        return OSError(errno.ELOOP, f"{full} is reached through a symlink below the checkpoint "
+                                    "root; refusing to follow it (checkpoints never contain symlinks)")
+    if stat.S_ISDIR(mode):
+        return IsADirectoryError(errno.EISDIR, f"{full} is a folder, not a regular file")
+    return OSError(errno.EINVAL, f"{full} is {_kind(mode)}, not a regular file; refusing to read it")
 
 
 def fsync_dir(path: str) -> None:
@@ -142,9 +169,60 @@ class LocalStorage:
         with open(self._p(path), "rb") as f:
             return f.read()
 
+    def _open_regular(self, path: str) -> tuple[int, os.stat_result]:
+        """(read-only fd, its stat) of the regular file `path`, reached from the root without
+        following a symlink below it; OSError otherwise (see the module docstring)."""
+        names = path.split("/")
+        full = self._p(path)
+        if any(n in ("", ".", "..") for n in names):
+            raise OSError(errno.EINVAL, f"{full}: {path!r} is not a plain path below the root")
+        dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)     # the anchor: may be a symlink
+        try:
+            for name in names[:-1]:
+                mode = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode
+                if not stat.S_ISDIR(mode):
+                    raise _refuse(full, mode) if stat.S_ISLNK(mode) else NotADirectoryError(
+                        errno.ENOTDIR, f"{full}: {name} is not a folder")
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dirfd)
+                os.close(dirfd)
+                dirfd = fd
+            # Look first: opening a device can have effects of its own; a FIFO would block.
+            seen = os.stat(names[-1], dir_fd=dirfd, follow_symlinks=False)
+            if not stat.S_ISREG(seen.st_mode):
+                raise _refuse(full, seen.st_mode)
+            fd = os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                         dir_fd=dirfd)
+        finally:
+            os.close(dirfd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
+            os.close(fd)
+            raise OSError(errno.EAGAIN, f"{full} was replaced while it was being opened; refusing it")
+        return fd, st
+
+    def read_limited(self, path: str, limit: int) -> bytes:
+        fd, st = self._open_regular(path)
+        try:
+            if st.st_size > limit:
+                raise OSError(errno.EFBIG, f"{self._p(path)} holds {st.st_size} bytes, more than the "
+                                           f"{limit} a file of its kind may have")
+            parts, got = [], 0
+            while got <= limit:          # the size may change under us: read at most limit + 1
+                chunk = os.read(fd, min(limit + 1 - got, 1 << 24))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+        finally:
+            os.close(fd)
+        if got > limit:
+            raise OSError(errno.EFBIG, f"{self._p(path)} grew past {limit} bytes while being read")
+        return b"".join(parts)
+
     def read_into(self, path: str, offset: int, out: memoryview) -> None:
         view = out.cast("B") if out.format != "B" else out
-        with open(self._p(path), "rb", buffering=0) as f:
+        fd, _ = self._open_regular(path)
+        with open(fd, "rb", buffering=0) as f:
             f.seek(offset)
             while len(view):
                 n = f.readinto(view[: 1 << 30])
@@ -160,7 +238,7 @@ class LocalStorage:
         if libc.mmap is None or libc.munmap is None or not hasattr(mmap, "MAP_PRIVATE"):
             raise OSError(errno.ENOSYS, "no mmap here")
         lead = offset % mmap.ALLOCATIONGRANULARITY
-        fd = os.open(self._p(path), os.O_RDONLY)
+        fd, _ = self._open_regular(path)
         try:
             addr = libc.mmap(None, length + lead, mmap.PROT_READ | mmap.PROT_WRITE,
                               mmap.MAP_PRIVATE, fd, offset - lead)
@@ -171,7 +249,9 @@ class LocalStorage:
         return _owned_mapping(addr, length + lead), lead
 
     def size(self, path: str) -> int:
-        return os.stat(self._p(path)).st_size
+        fd, st = self._open_regular(path)
+        os.close(fd)
+        return st.st_size
 
     def exists(self, path: str) -> bool:
         return os.path.exists(self._p(path))

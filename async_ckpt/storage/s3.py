@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -206,6 +207,29 @@ class S3Storage:
 
     def read_bytes(self, path: str) -> bytes:
         return self.run(self._read(path))
+
+    def read_limited(self, path: str, limit: int) -> bytes:
+        """One GET; the body is read only up to `limit + 1` bytes, and not at all when the
+        reply's Content-Length says it is larger."""
+        url = self.child_url(path)
+
+        async def body(response) -> bytes:
+            parts: list[bytes] = []
+            got = 0
+            async with response["Body"] as stream:   # leaving it releases the connection
+                if int(response.get("ContentLength") or 0) > limit:
+                    raise OSError(errno.EFBIG, f"{url} holds {response['ContentLength']} bytes, more "
+                                               f"than the {limit} an object of its kind may have")
+                while got <= limit:
+                    chunk = await stream.read(limit + 1 - got)
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    got += len(chunk)
+            if got > limit:
+                raise OSError(errno.EFBIG, f"{url} holds more than {limit} bytes")
+            return b"".join(parts)
+        return self.run(self.call("get_object", path, then=body, Key=self.key(path)))
 
     def read_into(self, path: str, offset: int, out: memoryview) -> None:
         """Fill `out` with concurrent ranged GETs of `read_chunk` bytes each."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import async_ckpt as ac
+from support.corruption import resealed
 from support.stateful import Box
 
 G = ac.SharingPattern.GLOBAL
@@ -55,7 +56,7 @@ def edit(tmp_path, change) -> None:
     path = tmp_path / "ckpt" / "step-0000000001" / "manifest.json"
     doc = json.loads(path.read_text())
     change(tensors(doc)[0])
-    path.write_text(json.dumps(doc))
+    path.write_bytes(resealed(doc))       # past the seal, to the validator
 
 
 def load_fails(tmp_path, match: str) -> None:

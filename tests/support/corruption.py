@@ -13,6 +13,8 @@ import torch
 
 from async_ckpt import (AsyncCheckpointer, CheckpointError,
                         CorruptCheckpointError, SharingPattern, StateComponent)
+from async_ckpt.format import seal
+from async_ckpt.format.manifest import HASH_KEY
 from support.compare import assert_same
 from support.stateful import Box
 
@@ -132,11 +134,21 @@ class Replace:
         self.doc = doc
 
 
+def resealed(doc: Any) -> bytes:
+    """An edited manifest document as bytes, sealed again (format/seal.py) when it is a JSON
+    object, so the edit reaches the manifest's validator instead of stopping at its seal (what a
+    hostile editor would do; tests/test_hostile_folders.py checks the seal itself)."""
+    if not isinstance(doc, dict):
+        return json.dumps(doc).encode()
+    doc = {k: v for k, v in doc.items() if k != HASH_KEY}
+    return seal.seal(json.dumps(doc, separators=(",", ":")).encode(), HASH_KEY)
+
+
 def edit_manifest(saved: Saved, change: Callable[[dict], Any], step: int = 2) -> None:
     before = saved.manifest(step).read_bytes()
     doc = json.loads(before)
     result = change(doc)
-    after = json.dumps(result.doc if isinstance(result, Replace) else doc).encode()
+    after = resealed(result.doc if isinstance(result, Replace) else doc)
     canon = lambda raw: json.dumps(json.loads(raw), sort_keys=True)  # noqa: E731
     assert canon(after) != canon(before), "the change did not change the manifest"
     saved.manifest(step).write_bytes(after)

@@ -16,9 +16,41 @@ tests/test_storage_conformance.py runs it on local disk, fsspec's memory://, Sea
 """
 from __future__ import annotations
 
+import errno
+import os
+import threading
+from typing import Any, Callable
+
 import pytest
 
 from ..base import Storage
+from ..local import LocalStorage
+
+
+def bounded(call: Callable[[], Any], seconds: float = 10.0, fifos: tuple = ()) -> Any:
+    """`call()`'s result, re-raising its exception; fails the test if it takes longer than
+    `seconds` (a read stuck on a FIFO in `fifos` is released first, so no thread is left blocked)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for fifo in fifos:      # a reader blocked in open() or read() gets EOF
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        thread.join(5)
+        pytest.fail(f"{call} blocked for more than {seconds} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 class StorageConformance:
@@ -85,3 +117,59 @@ class StorageConformance:
     def test_check_root_passes_on_a_usable_root_and_writes_nothing(self, storage):
         storage.check_root()
         assert storage.list_dir("") == []
+
+    def test_read_limited_reads_whole_small_objects_only(self, storage):
+        storage.check_writable()
+        payload = bytes(range(256)) * 4
+        w = storage.open_writer("f/doc.json")
+        w.write(memoryview(payload))
+        w.commit()
+        storage.create_exclusive("f/empty.json", b"")
+        assert storage.read_limited("f/doc.json", len(payload)) == payload
+        assert storage.read_limited("f/doc.json", 1 << 40) == payload
+        assert storage.read_limited("f/empty.json", 0) == b""
+        with pytest.raises(OSError) as info:
+            storage.read_limited("f/doc.json", len(payload) - 1)
+        assert info.value.errno == errno.EFBIG and not isinstance(info.value, FileNotFoundError)
+        with pytest.raises(FileNotFoundError):
+            storage.read_limited("f/missing.json", 10)
+
+    def test_reads_refuse_what_is_not_a_regular_file_inside_the_root(self, storage, tmp_path):
+        """Filesystems only: symlinks below the root (out of it, to a device, or even inside it),
+        FIFOs and folders are refused by every read, promptly; the root itself may be a symlink."""
+        if not isinstance(storage, LocalStorage):
+            pytest.skip("objects of this backend are always regular, and it has no symlinks")
+        storage.check_writable()
+        root = storage.root
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "doc.json").write_bytes(b'{"loss": 1}')
+        os.makedirs(os.path.join(root, "s"))
+        with open(os.path.join(root, "s", "plain.json"), "wb") as f:
+            f.write(b'{"loss": 2}')
+        hostile = {
+            "s/link-out.json": lambda p: os.symlink(outside / "doc.json", p),
+            "s/dev-zero.json": lambda p: os.symlink("/dev/zero", p),
+            "s/link-inside.json": lambda p: os.symlink("plain.json", p),
+            "s/fifo.json": os.mkfifo,
+            "s/folder.json": os.mkdir,
+            "linked-folder/doc.json": lambda p: os.symlink(outside, os.path.dirname(p)),
+        }
+        fifos = []
+        for path, make in hostile.items():
+            make(os.path.join(root, *path.split("/")))
+            if path.endswith("fifo.json"):
+                fifos.append(os.path.join(root, *path.split("/")))
+        for path in hostile:
+            for name, call in {"read_limited": lambda p=path: storage.read_limited(p, 1 << 20),
+                               "size": lambda p=path: storage.size(p),
+                               "read_into": lambda p=path: storage.read_into(p, 0, memoryview(bytearray(4))),
+                               "empty read_into": lambda p=path: storage.read_into(p, 0, memoryview(bytearray(0)))
+                               }.items():
+                with pytest.raises(OSError) as info:
+                    bounded(call, fifos=tuple(fifos))
+                assert not isinstance(info.value, FileNotFoundError), (path, name, info.value)
+        assert storage.read_limited("s/plain.json", 100) == b'{"loss": 2}'
+        linked_root = tmp_path / "linked-root"
+        linked_root.symlink_to(root)
+        assert LocalStorage(str(linked_root)).read_limited("s/plain.json", 100) == b'{"loss": 2}'
