@@ -89,3 +89,9 @@ def storage_errors_translated(fn: F) -> F:
                 raise
             raise new from exc
     return wrapper  # type: ignore[return-value]
+
+
+# Every CheckpointError class by name: a rank raises a peer's error as the same class.
+ERROR_CLASSES: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, CheckpointError)}

@@ -278,6 +278,7 @@ def test_huge_integer_metric_does_not_break_keep_best_retention(saved):
                               keep_last=1, keep_best=1, best_metric="loss") as ckpt:
         ckpt.save(3, metrics={"loss": 0.5}).wait()
         ckpt.save(4, metrics={"loss": 0.25}).wait()      # retention ranks steps 1-4 here
+        ckpt.wait()                                       # ... and has run once wait() returns
         steps = [i.step for i in ckpt.list_checkpoints()]
     assert 4 in steps and 3 not in steps       # 4: newest and best; 3: neither
 

@@ -5,10 +5,10 @@ import uuid
 import pytest
 
 from async_ckpt.storage import FsspecStorage, LocalStorage, S3Storage, open_storage
-from async_ckpt.storage.testing.conformance import StorageConformance
+from async_ckpt.storage.testing.conformance import FilesystemConformance, StorageConformance
 
 
-class TestLocal(StorageConformance):
+class TestLocal(FilesystemConformance):
     @pytest.fixture
     def storage(self, tmp_path):
         return open_storage(tmp_path / "root")

@@ -10,11 +10,10 @@ import logging
 
 from typing import Any, Callable
 
-from .. import errors as _errors
 from ..dist.link import StoreLink
 from ..dist.messages import LoadStep, LoadVerdict
 from ..dist.topology import Topology
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import ERROR_CLASSES, CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..format import metrics_file
 from ..format.manifest import Manifest
 from ..format.names import committed_steps, read_manifest, step_dir
@@ -29,9 +28,6 @@ from .readbuf import ReadSession
 from .reader import load_shard
 
 log = logging.getLogger("async_ckpt")
-# A peer's failed verdict is raised here as the same class (by name) when it is one of ours.
-_ERRORS = {name: cls for name, cls in vars(_errors).items()
-           if isinstance(cls, type) and issubclass(cls, _errors.CheckpointError)}
 
 
 def info_of(storage, manifest: Manifest, folder: str) -> CheckpointInfo:
@@ -129,7 +125,7 @@ class Loader:
         failed = {r: v for r, v in sorted(verdicts.items()) if not v.ok}
         if failed:
             first = next(iter(failed.values()))
-            kind = _ERRORS.get(first.error_type, CheckpointError)
+            kind = ERROR_CLASSES.get(first.error_type, CheckpointError)   # a peer's class, by name
             raise kind(f"loading step {step} failed on rank(s) {sorted(failed)}, so no rank restores "
                        f"anything: " + "; ".join(f"rank {r}: {v.error_type}: {v.message}"
                                                  for r, v in failed.items()))
@@ -171,13 +167,12 @@ class Loader:
 
     def _load(self, step: int, strict: bool, session: ReadSession) -> CheckpointInfo:
         try:
-            manifest, staged = self._read(step, strict, session)
+            info, staged = self._read(step, strict, session)
         except Exception as exc:  # noqa: BLE001 - only CheckpointErrors leave reading (guard.py)
             error = as_checkpoint_error(exc, self.storage.url)
             self._agree(step, error)          # tells the others, then raises it here
             raise
         self._agree(step, None)
-        info = info_of(self.storage, manifest, step_dir(step))
         restored: list[str] = []
         for i, (c, state) in enumerate(staged):
             try:
@@ -193,9 +188,9 @@ class Loader:
         return info
 
     def _read(self, step: int, strict: bool, session: ReadSession
-              ) -> tuple[Manifest, list[tuple[StateComponent, Any]]]:
+              ) -> tuple[CheckpointInfo, list[tuple[StateComponent, Any]]]:
         """Everything that can fail before a component is touched: the manifest, the plan, every
-        verified record, the checks against the live objects."""
+        verified record, the checks against the live objects, the checkpoint's info."""
         storage, topo, options = self.storage, self.topo, self.options
         folder = step_dir(step)
         try:
@@ -224,4 +219,4 @@ class Loader:
                 if c.required:
                     raise
                 log.warning("[rank %d step %d] optional component %r skipped: %s", topo.rank, step, c.key, exc)
-        return manifest, staged
+        return info_of(storage, manifest, folder), staged

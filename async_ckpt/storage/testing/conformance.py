@@ -134,11 +134,15 @@ class StorageConformance:
         with pytest.raises(FileNotFoundError):
             storage.read_limited("f/missing.json", 10)
 
+
+class FilesystemConformance(StorageConformance):
+    """The contract of backends over a filesystem (symlinks, FIFOs, devices and folders exist
+    there): the suite above plus the refusal of anything that is not a regular file under the
+    root. Subclass it instead of StorageConformance for such a backend."""
+
     def test_reads_refuse_what_is_not_a_regular_file_inside_the_root(self, storage, tmp_path):
         """Filesystems only: symlinks below the root (out of it, to a device, or even inside it),
         FIFOs and folders are refused by every read, promptly; the root itself may be a symlink."""
-        if not isinstance(storage, LocalStorage):
-            pytest.skip("objects of this backend are always regular, and it has no symlinks")
         storage.check_writable()
         root = storage.root
         outside = tmp_path / "outside"
