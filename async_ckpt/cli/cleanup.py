@@ -118,7 +118,7 @@ def gc(root: str, dry_run: bool, force: bool, storage_options: tuple[str, ...], 
       async-ckpt gc ./checkpoints --dry-run
       async-ckpt gc s3://bucket/run1 -o endpoint_url=http://127.0.0.1:8333
     """
-    storage = open_root(root, storage_options, must_exist=False)
+    storage = open_root(root, storage_options)
     actions, leases = plan(storage)
     live = [lease for lease in leases if lease.stale_reason() is None]
     if live and not force and not dry_run:

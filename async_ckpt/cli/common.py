@@ -83,6 +83,8 @@ def open_root(root: str, storage_options: tuple[str, ...] = (), must_exist: bool
         raise CliError(str(translate_storage_error(exc)), EXIT_STORAGE) from exc
     except (OSError, ValueError, ImportError) as exc:   # fsspec: unknown protocol, bad options
         raise CliError(f"cannot open {root}: {exc}", EXIT_STORAGE) from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. botocore's credential errors, which storage does not classify
+        raise CliError(f"cannot open {root}: {type(exc).__name__}: {exc}", EXIT_STORAGE) from exc
     scheme, path = split_scheme(root)
     if must_exist and scheme in ("", "file") and not os.path.isdir(path):
         raise CliError(f"no checkpoint root at {root}: "

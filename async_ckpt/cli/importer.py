@@ -29,7 +29,7 @@ import torch
 
 from ..checkpointer import AsyncCheckpointer
 from ..types import KEY_RE, SharingPattern, StateComponent
-from .common import EXIT_USAGE, CliError, parse_storage_options, storage_option
+from .common import EXIT_USAGE, CliError, open_root, parse_storage_options, storage_option
 from .output import human_bytes
 
 _SAFE_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
@@ -210,6 +210,7 @@ def import_(src: str, root: str, step: int, component: str | None, compression: 
             sep = ""
         if not sep or not name:
             raise CliError(f"--metric {item!r}: expected NAME=NUMBER", EXIT_USAGE)
+    open_root(root, storage_options, must_exist=False)     # a wrong URL fails before SRC is read
     kind, state = _source(src, allow_pickle)
     parts = _components(state, component)
     comps = [StateComponent(key, _Held(sub), SharingPattern.GLOBAL) for key, sub in parts]

@@ -3,8 +3,9 @@ size, metrics including late ones, why retention keeps it), then the leftovers o
 and the writers holding a lease on the root.
 
 Why a checkpoint is kept is computed with `retention.steps_to_keep`/`best_steps` from the
-policy the newest manifest records (``retention``), or from the ``--keep-*`` options when given
-(for checkpoints written before manifests recorded it).
+policy the newest manifest that records one holds (``retention``; a writer without retention,
+such as ``async-ckpt import``, records none), or from the ``--keep-*`` options when given (for
+checkpoints written before manifests recorded it).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..format.names import committed_steps, step_dirs
 from ..retention import best_steps, lower_is_better, steps_to_keep
 from ..save.lease import read_leases
 from ..storage import Storage
-from .common import check_step_option, json_option, manifest_of, open_root, storage_option
+from .common import json_option, manifest_of, open_root, storage_option
 from .output import emit_json, fmt_number, human_bytes, table
 
 
@@ -33,7 +34,7 @@ def keep_reasons(steps: list[int], metrics: dict[int, dict[str, float]], policy:
     keep_last = policy.get("keep_last")
     if keep_last is None:
         for s in ordered:
-            reasons[s].append("keep-all" if not policy.get("_unknown") else "policy unknown")
+            reasons[s].append("keep-all")
         return reasons
     if keep_last > 0:
         for s in ordered[-keep_last:]:
@@ -57,8 +58,9 @@ def keep_reasons(steps: list[int], metrics: dict[int, dict[str, float]], policy:
 
 
 def describe_policy(policy: dict[str, Any]) -> str:
-    if policy.get("_unknown"):
-        return "unknown (no manifest records it; pass --keep-last/--keep-best/--best-metric/--keep-every)"
+    if policy.get("_none"):
+        return ("none recorded: the writers keep every checkpoint (--keep-last/--keep-best/"
+                "--best-metric/--keep-every show what a policy would keep)")
     if policy.get("keep_last") is None:
         return "keep every checkpoint (keep_last=None)"
     parts = [f"keep_last={policy['keep_last']}"]
@@ -91,10 +93,10 @@ def leftovers(storage: Storage, folders: dict[int, str], committed: list[int]) -
 @click.argument("root")
 @storage_option
 @json_option
-@click.option("--keep-last", type=int, default=None, help="explain retention with this keep_last")
-@click.option("--keep-best", type=int, default=None, help="... and this keep_best")
+@click.option("--keep-last", type=click.IntRange(0), default=None, help="explain retention with this keep_last")
+@click.option("--keep-best", type=click.IntRange(0), default=None, help="... and this keep_best")
 @click.option("--best-metric", default=None, help="... and this best_metric")
-@click.option("--keep-every", type=int, default=None, help="... and this keep_every")
+@click.option("--keep-every", type=click.IntRange(0), default=None, help="... and this keep_every")
 @click.option("--greater-is-better/--lower-is-better", default=None,
               help="... and this direction (default: lower is better when the name has 'loss')")
 def ls(root: str, storage_options: tuple[str, ...], as_json: bool, keep_last: int | None,
@@ -108,13 +110,13 @@ def ls(root: str, storage_options: tuple[str, ...], as_json: bool, keep_last: in
       async-ckpt ls ./checkpoints
       async-ckpt ls s3://bucket/run1 -o endpoint_url=http://127.0.0.1:8333 --json
     """
-    check_step_option(keep_last)
     storage = open_root(root, storage_options)
     folders = step_dirs(storage)
     steps = committed_steps(storage, folders)
     rows: list[dict[str, Any]] = []
     metrics: dict[int, dict[str, float]] = {}
     policy: dict[str, Any] | None = None
+    source_step = None
     for step in steps:
         try:
             m = manifest_of(storage, step)
@@ -125,7 +127,7 @@ def ls(root: str, storage_options: tuple[str, ...], as_json: bool, keep_last: in
         merged = {**metrics_file.decode(m.metrics), **late}
         metrics[step] = merged
         if m.retention:
-            policy = m.retention      # the newest manifest's policy is the one in force
+            policy, source_step = m.retention, step     # the newest recorded policy is in force
         rows.append({"step": step, "created": m.created, "stored_nbytes": m.stored_nbytes,
                      "nbytes": m.nbytes, "metrics": merged, "late_metrics": sorted(late),
                      "files": len(m.files), "components": list(m.components)})
@@ -137,9 +139,9 @@ def ls(root: str, storage_options: tuple[str, ...], as_json: bool, keep_last: in
         if keep_last is None and "keep_last" not in policy:
             policy["keep_last"] = None
     elif policy:
-        source = f"manifest of step {max(s for s in metrics)}"
+        source = f"manifest of step {source_step}"
     else:
-        source, policy = "none", {"keep_last": None, "_unknown": True}
+        source, policy = "none", {"keep_last": None, "_none": True}
     reasons = keep_reasons([r["step"] for r in rows if "error" not in r], metrics, policy)
     for r in rows:
         if "error" not in r:
