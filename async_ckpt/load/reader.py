@@ -160,7 +160,8 @@ def unflatten_owned(skel, tensors: list[torch.Tensor], where: str, allow_pickle:
         tensors.clear()
 
 
-VERIFY_WINDOW = 256 << 20   # bytes of a file read (mapped) at a time by verify_file
+VERIFY_WINDOW = 256 << 20   # bytes of a local file mapped at a time by verify_file
+VERIFY_WINDOW_READ = 64 << 20   # ... read into fresh memory at a time on other backends
 
 
 def verify_file(storage: Storage, folder: str, manifest: Manifest, name: str,
@@ -185,12 +186,13 @@ def verify_file(storage: Storage, folder: str, manifest: Manifest, name: str,
                 if start == end and new_hasher().hexdigest() != digest]
     records = [r for r in records if r[0] < r[1]]
     size, path, whole = manifest.files[name].size, f"{folder}/{name}", new_hasher()
+    window = VERIFY_WINDOW if getattr(storage, "map_private", None) is not None else VERIFY_WINDOW_READ
     hashers: dict[int, Any] = {}
     first = 0      # records before this one are checked
     session = ReadSession()
     try:
-        for start in range(0, size, VERIFY_WINDOW):
-            end = min(size, start + VERIFY_WINDOW)
+        for start in range(0, size, window):
+            end = min(size, start + window)
             block, filled = _read_group(storage, path, start, end, session)
             try:
                 view, pos = byte_view(block), start
