@@ -43,6 +43,7 @@ from .save.commit import Committer
 from .save.coordinator import Coordinator
 from .save.datafile import DataFileStreamer
 from .save.job import ComponentSpec, SaveJob
+from .save.lease import LeaseKeeper
 from .save.node_writer import NodeWriter
 from .save.plan import Planner, state_layout
 from .save.rank_worker import RankWorker
@@ -99,6 +100,7 @@ class AsyncCheckpointer:
         if not isinstance(root, (str, os.PathLike)):
             raise InvalidArgumentError(f"root must be a path or URL, got {type(root).__name__}")
         self.storage = open_storage(root, storage_options)
+        self._root, self._storage_options = os.fspath(root), dict(storage_options or {})
         self._check_root(self.storage.check_root)
         self.topo = current_topology()
         self._components_source = components
@@ -120,6 +122,7 @@ class AsyncCheckpointer:
         self._committer = (Committer(self.storage, self.options, self.topo.rank, self.topo.num_nodes > 1,
                                      self._pending_steps) if self.topo.rank == 0 else None)
         self._writer: NodeWriter | None = None
+        self._lease: LeaseKeeper | None = None
         self._worker: RankWorker | None = None
         self._pending: list[Settlement] = []
         self._lock = threading.Lock()
@@ -191,6 +194,12 @@ class AsyncCheckpointer:
             self._writer = NodeWriter(self.storage, self.topo, self._link,
                                       DataFileStreamer(compressor, opts.encode_threads),
                                       opts.compression is not None, coordinator)
+            # Tells `async-ckpt gc` this root has a live writer; written on the writer thread
+            # ahead of the first save's data, refreshed by its own timer (save/lease.py).
+            ref, root, options = weakref.ref(self), self._root, self._storage_options
+            self._lease = LeaseKeeper(lambda: open_storage(root, options), self.topo.rank,
+                                      lambda: ref() is not None)
+            self._writer.submit(self._lease.acquire)
         # threading's exit hooks run before atexit's and before concurrent.futures refuses
         # new work, which the writer's hash/zstd pools still need.
         register = getattr(threading, "_register_atexit", atexit.register)
@@ -349,6 +358,8 @@ class AsyncCheckpointer:
             self._closed = True
             if self._writer is not None:
                 self._writer.stop()
+            if self._lease is not None:
+                self._lease.release()
             if self._worker is not None:
                 self._worker.stop()
             if self.topo.world_size > 1 and self._link.lost is None:

@@ -88,6 +88,15 @@ class CheckpointOptions:
                                        f"{cls.extra_names()}")
         return cls(**named, **more_options)
 
+    def retention_policy(self) -> dict[str, Any]:
+        """The retention options as recorded in each manifest, so tools can say why a checkpoint
+        is kept; empty when this checkpointer never deletes (keep_last=None: e.g. an import)."""
+        if self.keep_last is None:
+            return {}
+        return {"keep_last": self.keep_last, "keep_best": self.keep_best,
+                "best_metric": self.best_metric, "greater_is_better": self.greater_is_better,
+                "keep_every": self.keep_every}
+
     @property
     def retains(self) -> bool:
         """Whether retention ever removes a committed checkpoint."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import seal
@@ -87,13 +87,14 @@ class Manifest:
     timings: dict
     versions: dict
     format_version: int = FORMAT_VERSION
+    retention: dict = field(default_factory=dict)   # the writer's policy (keep_last, ...), for tools
 
     def to_json(self) -> bytes:
         doc = {
             "format_version": self.format_version, "step": self.step, "created": self.created,
             "hash_algorithm": HASH_ALGO, "versions": self.versions, "topology": self.topology,
             "metrics": self.metrics, "nbytes": self.nbytes, "stored_nbytes": self.stored_nbytes,
-            "timings": self.timings,
+            "timings": self.timings, **({"retention": self.retention} if self.retention else {}),
             "files": {n: {"size": f.size, "hash": f.hash} for n, f in sorted(self.files.items())},
             "components": {k: {
                 "sharing_pattern": c.sharing_pattern, "required": c.required,
@@ -260,7 +261,7 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
             components=components, nbytes=_int(doc.get("nbytes"), "nbytes"),
             stored_nbytes=_int(doc.get("stored_nbytes"), "stored_nbytes"),
             timings=_dict(doc, "timings"), versions=_dict(doc, "versions"),
-            format_version=version)
+            format_version=version, retention=_dict(doc, "retention"))
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"malformed manifest {where}: {exc}") from None
     except (ValueError, TypeError, AttributeError, KeyError, RecursionError, OverflowError) as exc:

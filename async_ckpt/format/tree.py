@@ -13,6 +13,7 @@ import base64
 import collections
 import math
 import pickle
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -184,3 +185,46 @@ def unflatten(skel: Any, tensors: list[torch.Tensor], where: str, allow_pickle: 
         return dec(skel, "")
     except RecursionError:
         raise bad("", "nested too deeply") from None
+
+
+@dataclass(frozen=True)
+class TensorLeaf:
+    """A tensor reference in a skeleton: tensor `index` of the shard (`numpy`: a NumPy array)."""
+    index: int
+    numpy: bool = False
+
+
+@dataclass(frozen=True)
+class PickledLeaf:
+    """A leaf stored with pickle (`allow_pickle=True`); listed, never unpickled."""
+    nbytes: int
+
+
+def leaves(skel: Any, where: str) -> list[tuple[tuple[Any, ...], Any]]:
+    """Every leaf of a skeleton in order, with its key path (dict keys and sequence indices): a
+    `TensorLeaf`, a `PickledLeaf`, or the value as `unflatten` gives it; an empty container is a
+    leaf too. A module's ``_metadata`` is not state and is skipped. For tools that list or compare
+    what a checkpoint holds without reading its tensors; malformed nodes raise
+    CorruptCheckpointError like `unflatten`."""
+    out: list[tuple[tuple[Any, ...], Any]] = []
+
+    def walk(n: Any, path: tuple[Any, ...]) -> None:
+        if isinstance(n, dict) and "t" in n:
+            if not isinstance(n["t"], int) or isinstance(n["t"], bool) or n["t"] < 0:
+                raise CorruptCheckpointError(f"{where}: bad tensor index at {path!r}")
+            out.append((path, TensorLeaf(n["t"], bool(n.get("np")))))
+        elif isinstance(n, dict) and "p" in n:
+            out.append((path, PickledLeaf(len(str(n["p"])) * 3 // 4)))
+        elif isinstance(n, dict) and "d" in n and isinstance(n["d"], list) and n["d"]:
+            for item in n["d"]:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], _SCALARS)):
+                    raise CorruptCheckpointError(f"{where}: dict item at {path!r} is not a [key, value] pair")
+                walk(item[1], path + (item[0],))
+        elif isinstance(n, dict) and isinstance(seq := n.get("l", n.get("u")), list) and seq:
+            for i, v in enumerate(seq):
+                walk(v, path + (i,))
+        else:
+            out.append((path, unflatten(n, [], where)))   # scalars, non-finite floats, dtypes, {}
+
+    walk(skel, ())
+    return out

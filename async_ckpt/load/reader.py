@@ -9,6 +9,8 @@ every shard of the load was read and verified.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from ..format.codec import byte_view, check_frames, codec_width, decompress_frames, new_hasher
@@ -177,3 +179,77 @@ def unflatten_owned(skel, tensors: list[torch.Tensor], where: str, allow_pickle:
         return unflatten(skel, tensors, where, allow_pickle)
     finally:
         tensors.clear()
+
+
+VERIFY_WINDOW = 256 << 20   # bytes of a local file mapped at a time by verify_file
+VERIFY_WINDOW_READ = 64 << 20   # ... read into fresh memory at a time on other backends
+
+
+def verify_file(storage: Storage, folder: str, manifest: Manifest, name: str,
+                on_bytes: Callable[[int], None] | None = None, max_problems: int = 10) -> list[str]:
+    """Re-read every byte of data file `name` of a committed checkpoint once and check it against
+    the manifest: the file's size, the xxh3-128 of the whole file (padding included) and of every
+    record in it. Returns the problems found, each naming the file (empty: intact). A storage
+    outage raises (translated) instead: it says nothing about the data. `on_bytes(n)` is called as
+    bytes are checked. Reads go through the loader's path (local files: a private mapping
+    populated in the background while this thread hashes what has arrived)."""
+    url = storage.child_url(f"{folder}/{name}")
+    try:
+        check_files(storage, folder, manifest, {name})
+    except CorruptCheckpointError as exc:
+        return [str(exc)]
+    records = sorted(((t.offset, t.offset + t.length, t.hash, f"component {key!r} shard {sid!r} "
+                       f"tensor #{i} ({t.dtype}{list(t.shape)})")
+                      for key, comp in manifest.components.items()
+                      for sid, shard in comp.shards.items()
+                      for i, t in enumerate(shard.tensors) if t.file == name), key=lambda r: r[:2])
+    problems = [f"hash mismatch in {url} for {what}" for start, end, digest, what in records
+                if start == end and new_hasher().hexdigest() != digest]
+    records = [r for r in records if r[0] < r[1]]
+    size, path, whole = manifest.files[name].size, f"{folder}/{name}", new_hasher()
+    window = VERIFY_WINDOW if getattr(storage, "map_private", None) is not None else VERIFY_WINDOW_READ
+    hashers: dict[int, Any] = {}
+    first = 0      # records before this one are checked
+    session = ReadSession()
+    try:
+        for start in range(0, size, window):
+            end = min(size, start + window)
+            block, filled = _read_group(storage, path, start, end, session)
+            try:
+                view, pos = byte_view(block), start
+                while pos < end:
+                    stop = min(end, start + ((pos - start) // readbuf.CHUNK + 1) * readbuf.CHUNK)
+                    filled.wait(stop - start)
+                    whole.update(view[pos - start:stop - start])
+                    j = first
+                    while j < len(records) and records[j][0] < stop:
+                        r_start, r_end, digest, what = records[j]
+                        lo, hi = max(r_start, pos), min(r_end, stop)
+                        if lo < hi:
+                            hashers.setdefault(j, new_hasher()).update(view[lo - start:hi - start])
+                        if r_end <= stop:
+                            if hashers.pop(j).hexdigest() != digest:
+                                problems.append(f"hash mismatch in {url} for {what}: the data is corrupt")
+                            first = j + 1     # records are disjoint and in file order
+                        j += 1
+                    if on_bytes is not None:
+                        on_bytes(stop - pos)
+                    pos = stop
+                    if len(problems) >= max_problems:
+                        break
+                del view
+            finally:
+                filled.cancel()
+                del block
+            if len(problems) >= max_problems:
+                problems.append(f"{url}: stopped after {max_problems} problems")
+                return problems
+    except StorageError as exc:
+        raise translate_storage_error(exc) from exc
+    except (OSError, EOFError) as exc:
+        return problems + [f"cannot read {url}: {exc}"]
+    finally:
+        session.finish()
+    if whole.hexdigest() != manifest.files[name].hash:
+        problems.append(f"hash mismatch in {url}: the whole file's xxh3-128 differs from the manifest's")
+    return problems

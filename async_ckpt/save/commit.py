@@ -28,6 +28,14 @@ log = logging.getLogger("async_ckpt")
 SCRATCH_GRACE_S = 60.0   # a scratch object older than this is no live write's (clock skew included)
 
 
+def unlisted(manifest: Manifest, names: list[str]) -> list[str]:
+    """The names in a committed step's folder that are garbage: neither its manifest, a data file
+    it lists, nor a late-metrics file (leftovers of a killed earlier attempt at the step, temp
+    files of a killed commit). What `after_commit` removes, and what `async-ckpt gc` removes."""
+    listed = set(manifest.files) | {MANIFEST_NAME}
+    return [n for n in names if n not in listed and not n.startswith(metrics_file.PREFIX)]
+
+
 class CommitRaceLost(CheckpointError):
     """The manifest of the step appeared before ours: another writer committed it meanwhile."""
 
@@ -97,10 +105,8 @@ class Committer:
 
     def _remove_unlisted(self, manifest: Manifest) -> None:
         folder = step_dir(manifest.step)
-        listed = set(manifest.files) | {MANIFEST_NAME}
-        for name in self.storage.list_dir(folder):
-            if name not in listed and not name.startswith(metrics_file.PREFIX):
-                self.storage.delete(f"{folder}/{name}")
+        for name in unlisted(manifest, self.storage.list_dir(folder)):
+            self.storage.delete(f"{folder}/{name}")
 
     def retain(self, committed: list[int] | None = None) -> None:
         """Apply keep_last / keep_best / keep_every to the committed steps."""

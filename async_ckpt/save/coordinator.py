@@ -104,7 +104,8 @@ class Coordinator:
         if mismatches:
             raise describe(mismatches, assembled.trees, self._full_compare(job, assembled.manifest, mismatches))
         job.timings["total_s"] = time.perf_counter() - job.started
-        manifest = dataclasses.replace(assembled.manifest, timings=dict(job.timings))
+        manifest = dataclasses.replace(assembled.manifest, timings=dict(job.timings),
+                                       retention=self.committer.options.retention_policy())
         self.committer.commit(manifest)
         info = CommittedInfo(self.storage.child_url(step_dir(job.step)), manifest.nbytes,
                              manifest.stored_nbytes, manifest.created, manifest.timings,

@@ -301,6 +301,26 @@ class S3Storage:
             return names
         return sorted(self.run(go()))
 
+    # -- unfinished uploads (optional capability, for cleanup tools) -----------------------------
+    def list_uploads(self, path: str = "") -> list[str]:
+        """Paths (relative to the root) of the unfinished multipart uploads under folder `path`."""
+        skip = len(self._folder_key(""))
+        return sorted({key[skip:] for key, _ in self.run(self._uploads(path))})
+
+    def abort_uploads(self, path: str) -> int:
+        """Abort every unfinished multipart upload of the object at `path` itself; how many."""
+        key, folder = self.key(path), path.rpartition("/")[0]
+
+        async def go() -> int:
+            found = [u for k, u in await self._uploads(folder) if k == key]
+            for upload_id in found:
+                try:
+                    await self.call("abort_multipart_upload", path, Key=key, UploadId=upload_id)
+                except FileNotFoundError:
+                    pass   # completed or aborted meanwhile
+            return len(found)
+        return self.run(go())
+
     # -- deletes --------------------------------------------------------------------------------
     def delete(self, path: str) -> None:
         self.run(self.call("delete_object", path, Key=self.key(path)))

@@ -12,6 +12,8 @@ OTHERS = (
      "python -m bench.training_loop"),
     ("GPU (pinned D2H staging, blocking time of 2/8 GB bf16 states, overlap)", "bench/results/gpu.md",
      "python -m bench.gpu"),
+    ("`async-ckpt verify` against the raw cold read of the same bytes", "bench/results/verify.md",
+     "python -m bench.verify --size-gib 1"),
 )
 
 METHOD = """\
