@@ -21,6 +21,7 @@ from async_ckpt.save import lease as lease_mod
 from support.cli import G, as_json, extra, fails, model, ok, run_cli, same_tensors, save_steps
 from support.paths import child_env
 from support.stateful import Holder
+from support.corruption import resealed
 
 COMMANDS = ["ls", "inspect", "verify", "diff", "gc", "export", "import"]
 
@@ -264,7 +265,7 @@ def test_diff_compares_bytes_when_codecs_differ(tmp_path):
     shutil.copytree(z / "step-0000000200", raw / "step-0000000201")
     doc = json.loads((raw / "step-0000000201" / "manifest.json").read_text())
     doc["step"] = 201
-    (raw / "step-0000000201" / "manifest.json").write_text(json.dumps(doc))
+    (raw / "step-0000000201" / "manifest.json").write_bytes(resealed(doc))   # a valid manifest
     out = as_json(run_cli("diff", raw, "200", "201", "--json", "--component", "model"))
     assert out["changed"] == 0 and {t["by"] for t in out["tensors"]} == {"bytes"}
 

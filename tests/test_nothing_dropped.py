@@ -116,3 +116,20 @@ def test_scratch_objects_of_a_killed_process_are_swept_after_a_commit(tmp_path):
     assert not old_probe.exists() and not old_tmp.exists() and not legacy_tmp.exists()
     assert fresh_probe.exists(), "a scratch object young enough to be a live write was removed"
     assert not [n for n in os.listdir(tmp_path / "step-0000000001") if n.startswith(".")]
+
+
+def test_an_unfinished_upload_in_a_committed_folder_is_aborted_after_the_commit(seaweedfs, monkeypatch):
+    """With several nodes nobody clears a step's folder before writing (another node may be
+    writing there already), so a killed earlier attempt's multipart upload is aborted after the
+    commit instead."""
+    from async_ckpt.save.coordinator import Coordinator
+    from support.s3 import Remote
+    remote = Remote(seaweedfs)
+    ck = ac.AsyncCheckpointer(remote.url, comps(), storage_options=remote.options(part_size=5 << 20))
+    leftover = ck.storage.open_writer("step-0000000001/data-n00001-r00002-dead.bin")
+    leftover.write(memoryview(bytes(6 << 20)))           # one part sent: an unfinished upload
+    assert remote.uploads() == ["step-0000000001/data-n00001-r00002-dead.bin"]
+    monkeypatch.setattr(Coordinator, "before_write", lambda self, job: None)   # as with 2 nodes
+    ck.save(1).wait()
+    ck.close()
+    assert remote.uploads() == []

@@ -107,6 +107,13 @@ class Committer:
         folder = step_dir(manifest.step)
         for name in unlisted(manifest, self.storage.list_dir(folder)):
             self.storage.delete(f"{folder}/{name}")
+        # Object stores: an upload still unfinished in a committed folder is a killed earlier
+        # attempt's (every writer of this save completed its files before the commit).
+        list_uploads = getattr(self.storage, "list_uploads", None)
+        abort_uploads = getattr(self.storage, "abort_uploads", None)
+        if list_uploads is not None and abort_uploads is not None:
+            for path in list_uploads(folder):
+                abort_uploads(path)
 
     def retain(self, committed: list[int] | None = None) -> None:
         """Apply keep_last / keep_best / keep_every to the committed steps."""
