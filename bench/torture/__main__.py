@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = plan(args.modes, args.kills)
     progress = Progress(args.quiet)
     workdir = Path(tempfile.mkdtemp(prefix="torture-", dir=args.dir))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m bench.torture", *(argv if argv is not None else sys.argv[1:])])
     server = None
     results: list[ModeResult] = []
     started = time.monotonic()
@@ -87,20 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from .diskfull import run_disk_full
                 results.append(run_disk_full(count, rng, workdir, progress))
+            md = _write(out, command, args.seed, counts, started, results)   # after every mode
     finally:
         if server is not None:
             server.stop()
         if not any(r.kept_roots for r in results):
             shutil.rmtree(workdir, ignore_errors=True)
-    doc = {"command": " ".join(["python -m bench.torture", *(argv if argv is not None else sys.argv[1:])]),
-           "seed": args.seed, "counts": counts, "seconds": time.monotonic() - started,
-           "machine": _machine(), "modes": [r.to_json() for r in results]}
-    md = (f"{table(results)}\n\nCommand: `{doc['command']}` (seed {args.seed}); "
-          f"{doc['seconds'] / 60:.0f} min on {os.cpu_count()} CPUs.")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(md + "\n")
+    md = _write(out, command, args.seed, counts, started, results)
     print(md)
     failures = [(r.mode, f) for r in results for f in r.failures]
     for mode, failure in failures:
@@ -109,6 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         for problem in failure["problems"]:
             print(f"  - {problem}")
     return 1 if failures else 0
+
+
+def _write(out: Path, command: str, seed: int, counts: dict, started: float,
+           results: list[ModeResult]) -> str:
+    """The JSON and the markdown table of the modes done so far; returns the markdown."""
+    seconds = time.monotonic() - started
+    done = "" if len(results) == len(counts) else f" (partial: {len(results)} of {len(counts)} modes)"
+    doc = {"command": command, "seed": seed, "counts": counts, "seconds": seconds,
+           "complete": not done, "machine": _machine(), "modes": [r.to_json() for r in results]}
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    md = (f"{table(results)}\n\nCommand: `{command}` (seed {seed}); {seconds / 60:.0f} min on "
+          f"{os.cpu_count()} CPUs{done}.")
+    out.with_suffix(".md").write_text(md + "\n")
+    return md
 
 
 def _s3_server(workdir: Path):
