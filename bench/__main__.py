@@ -126,7 +126,7 @@ def run_distributed(args, folder: str) -> dict | None:
     from . import distributed
     if args.no_drop_caches:
         os.environ["BENCH_NO_DROP"] = "1"
-    ns = SimpleNamespace(cases=distributed.CASES, size_gib=parse_size(args.dist_size) / 2**30,
+    ns = SimpleNamespace(cases="replicated,per_rank", size_gib=parse_size(args.dist_size) / 2**30,
                          repeats=args.dist_repeats)
     raw = {}
     for w in worlds:

@@ -133,3 +133,19 @@ def test_an_unfinished_upload_in_a_committed_folder_is_aborted_after_the_commit(
     ck.save(1).wait()
     ck.close()
     assert remote.uploads() == []
+
+
+def test_the_lease_of_a_writer_killed_before_close_is_swept_by_the_next_commit(tmp_path):
+    import json
+    import socket
+    from async_ckpt.save import lease as lease_module
+    dead = tmp_path / ".writer-lease-deadbeef.json"
+    dead.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 12345,
+                                "pidns": lease_module._pid_namespace(), "heartbeat": time.time(),
+                                "stale_after_s": 60}))
+    with ac.AsyncCheckpointer(tmp_path, comps()) as ck:
+        ck.save(1).wait()
+        ck.wait()
+        leases = [n for n in os.listdir(tmp_path) if n.startswith(".writer-lease-")]
+        assert len(leases) == 1 and not dead.exists(), leases     # our own, live one stays
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".writer-lease-")]

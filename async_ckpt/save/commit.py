@@ -23,6 +23,7 @@ from ..format.names import committed_steps, manifest_path, read_manifest, step_d
 from ..options import CheckpointOptions
 from ..retention import pending_metric_window, steps_to_keep
 from ..storage import Storage, is_stale_scratch
+from .lease import read_leases
 
 log = logging.getLogger("async_ckpt")
 SCRATCH_GRACE_S = 60.0   # a scratch object older than this is no live write's (clock skew included)
@@ -94,7 +95,14 @@ class Committer:
         swept = [""] + ([step_dir(s) for s in committed if s != step] if not self._swept_all else [])
         self._swept_all = True
         self.sweep_scratch(swept, time.time_ns() - int(SCRATCH_GRACE_S * 1e9))
+        self._sweep_stale_leases()
         self.retain(committed)
+
+    def _sweep_stale_leases(self) -> None:
+        """Writer leases of processes that are gone (killed before close(): `save.lease`)."""
+        for lease in read_leases(self.storage):
+            if lease.stale_reason() is not None:
+                self.storage.delete(lease.name)
 
     def sweep_scratch(self, folders: list[str], before_ns: int) -> None:
         """Remove backends' scratch objects created before `before_ns` in these folders."""

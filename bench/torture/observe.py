@@ -68,7 +68,9 @@ class Snapshot:
                 elif name not in listed and not name.startswith(METRICS_PREFIX):
                     items[("unlisted", f"{folder}/{name}")] = None
         for path in self.files:
-            if "/" not in path:
+            # A writer lease is the CLI's business: a live writer's is no garbage, a dead one's is
+            # swept by the next commit (tests/test_nothing_dropped.py checks that).
+            if "/" not in path and not path.startswith(".writer-lease-"):
                 kind = "scratch" if path.startswith(SCRATCH_PREFIXES) else "stray"
                 items[(kind, path)] = scratch_time(path) if kind == "scratch" else None
         for upload, key in self.uploads.items():
