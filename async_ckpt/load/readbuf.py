@@ -102,12 +102,18 @@ def mapping_supported() -> bool:
 
 class Filled:
     """How much of a block a background job has put in memory; `wait(n)` blocks until its first
-    `n` bytes are there and re-raises the job's error. `cancel()` stops the job early."""
+    `n` bytes are there and re-raises the job's error. `cancel()` stops the job early and returns
+    once it has stopped (so a load that gave up leaves no read in flight and no file open)."""
 
     def __init__(self, total: int):
         self.total, self.done, self.cancelled = total, 0, False
         self.error: BaseException | None = None
         self._cond = threading.Condition()
+        self._stopped = threading.Event()
+
+    def stopped(self) -> None:
+        """The background job has returned (called by the job, last)."""
+        self._stopped.set()
 
     def advance(self, done: int) -> None:
         with self._cond:
@@ -128,6 +134,9 @@ class Filled:
 
     def cancel(self) -> None:
         self.cancelled = True
+        # The job checks `cancelled` between chunks: one chunk read at most (16 MiB).
+        if not self._stopped.wait(60):
+            log.warning("a background read did not stop within 60 s of its load giving up")
 
 
 def _populate(whole: torch.Tensor, lead: int, filled: Filled) -> None:
@@ -143,6 +152,8 @@ def _populate(whole: torch.Tensor, lead: int, filled: Filled) -> None:
             filled.advance(max(0, pos + n - lead))
     except BaseException as exc:  # noqa: BLE001 - handed to the waiting loader
         filled.fail(exc)
+    finally:
+        filled.stopped()
 
 
 def adopt_mapping(mapping, lead: int, length: int,
@@ -164,8 +175,11 @@ def read_fresh(read_into, start: int, end: int, chunked: bool) -> tuple[torch.Te
     view = byte_view(block)
     filled = Filled(end - start)
     if not chunked or end - start <= CHUNK:
-        read_into(start, view)
-        filled.advance(end - start)
+        try:
+            read_into(start, view)
+            filled.advance(end - start)
+        finally:
+            filled.stopped()
         return block, filled
 
     def job(block: torch.Tensor) -> None:
@@ -179,6 +193,8 @@ def read_fresh(read_into, start: int, end: int, chunked: bool) -> tuple[torch.Te
                 filled.advance(min(end - start, pos + CHUNK))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting loader
             filled.fail(exc)
+        finally:
+            filled.stopped()
 
     _read_pool().submit(job, block)
     return block, filled

@@ -64,6 +64,7 @@ def _read_group(storage: Storage, path: str, start: int, end: int,
     """Bytes [start, end) of one file and the progress of their arrival (see readbuf)."""
     if end == start:              # empty records only: nothing to open
         filled = readbuf.Filled(0)
+        filled.stopped()          # no background job
         return torch.empty(0, dtype=torch.uint8), filled
     map_private = getattr(storage, "map_private", None)
     if session is not None and map_private is not None and end > start and readbuf.mapping_supported():
