@@ -41,6 +41,7 @@ from .load.restore import Loader, list_infos
 from .options import CheckpointOptions, check_step
 from .save.commit import Committer
 from .save.coordinator import Coordinator
+from .save.chunking import chunk_layout
 from .save.datafile import DataFileStreamer
 from .save.job import ComponentSpec, SaveJob
 from .save.lease import LeaseKeeper
@@ -265,12 +266,17 @@ class AsyncCheckpointer:
             pattern = resolve_pattern(c)
             members = group_members(c, pattern, self.topo)
             # Every rank calls every state_dict(), whatever it writes: some run collectives.
-            tree, tensors = flatten(c.stateful.state_dict(), c.key, self.options.allow_pickle)
+            sharded = pattern is SharingPattern.SHARDED
+            tree, tensors = flatten(c.stateful.state_dict(), c.key, self.options.allow_pickle,
+                                    dtensors=sharded)
+            chunks = None
+            if sharded:     # DTensors -> their local shards, each a box of its global tensor
+                tensors, chunks = chunk_layout(tensors, tree, c.key, self.topo, members)
             level = validation_level(c, pattern)
             if level is ValidationLevel.NONE and c.validation_level not in (None, ValidationLevel.NONE):
                 self._warn_unchecked(c, pattern)
             stage_all = stages_every_replica(pattern, level, self.topo, members)
-            shards.append((c.key, pattern, members, stage_all, tensors))
+            shards.append((c.key, pattern, members, stage_all, tensors, chunks))
             trees.append(tree)
             specs.append(ComponentSpec(c.key, c.required, level.value, c.metadata, members))
             if pattern is SharingPattern.REPLICATED:
@@ -278,7 +284,7 @@ class AsyncCheckpointer:
         plan = self._planner.plan(state_layout(shards))
         buffer = self._pool.acquire(plan.buffer_nbytes)
         try:
-            stage(plan, [t for *_, t in shards], buffer)
+            stage(plan, [entry[4] for entry in shards], buffer)
             if not self.options.overlap_staging or not self.topo.is_node_writer:
                 buffer.wait_copied()
         except BaseException:

@@ -14,6 +14,8 @@ REPLICATED     each tensor by one rank,         ``replicated``              ever
 PER_GROUP      one member, chosen by the        ``group<lowest rank>``      every member
                component key                    (``group_copy_name``)
 PER_NODE       each node's writer               ``node<n>``                 every rank of node n
+SHARDED        each chunk by one of the ranks   ``sharded`` (chunks of      every rank: the boxes
+               holding it (``chunk_writer``)    global tensors)             its live state covers
 =============  ===============================  ==========================  ======================
 
 GLOBAL and REPLICATED copies are the same for every rank of a node, so a load reads them once
@@ -32,7 +34,11 @@ from .errors import InvalidArgumentError
 from .types import KEY_RE, SharingPattern, StateComponent, ValidationLevel
 
 NODE_SHARED = ("global", "replicated")   # copies every rank of a node reads alike
-REPLICA_PATTERNS = (SharingPattern.REPLICATED, SharingPattern.PER_GROUP)   # ranks hold replicas
+# patterns whose ranks may hold replicas (validated, QUICK by default)
+REPLICA_PATTERNS = (SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.SHARDED)
+# levels each replica pattern can check (SHARDED compares chunk digests; FULL's element-wise
+# report against the written copy exists for whole copies only)
+CHECKABLE = {SharingPattern.SHARDED: (ValidationLevel.NONE, ValidationLevel.QUICK, ValidationLevel.TENSOR)}
 
 
 # -- the registered components --------------------------------------------------------------------
@@ -61,10 +67,21 @@ def validate_components(components: Iterable[Any]) -> list[StateComponent]:
                 f"component {c.key!r} is {c.sharing_pattern.name}, which keeps no replicas to compare, "
                 f"so validation_level={c.validation_level.name} can never be checked; replicas exist "
                 "for REPLICATED and PER_GROUP (leave validation_level unset here)")
+        check_level(c, c.sharing_pattern if isinstance(c.sharing_pattern, SharingPattern) else None)
         if c.sharing_pattern is SharingPattern.PER_GROUP and c.process_group is None:
             raise InvalidArgumentError(f"component {c.key!r} is PER_GROUP and needs a process_group "
                                        "(the ranks that share one copy)")
     return comps
+
+
+def check_level(c: StateComponent, pattern: SharingPattern | None) -> None:
+    """Refuse a validation level the pattern cannot check (never accept and ignore one)."""
+    levels = CHECKABLE.get(pattern) if pattern is not None else None
+    if levels is not None and c.validation_level is not None and c.validation_level not in levels:
+        raise InvalidArgumentError(
+            f"component {c.key!r} is {pattern.name if pattern else None}, whose replicas are compared "
+            f"chunk by chunk: validation_level={c.validation_level.name} cannot be checked there; use "
+            f"one of {[v.name for v in levels]}")
 
 
 def resolve_pattern(c: StateComponent) -> SharingPattern:
@@ -72,12 +89,18 @@ def resolve_pattern(c: StateComponent) -> SharingPattern:
     pattern = c.sharing_pattern() if callable(c.sharing_pattern) else c.sharing_pattern
     if not isinstance(pattern, SharingPattern):
         raise InvalidArgumentError(f"component {c.key!r}: its sharing_pattern callable returned {pattern!r}")
+    if callable(c.sharing_pattern):
+        check_level(c, pattern)
     return pattern
 
 
 def group_members(c: StateComponent, pattern: SharingPattern, topo: Topology) -> tuple[int, ...] | None:
-    """PER_GROUP: the sorted global ranks of the component's process_group (None otherwise)."""
-    if pattern is not SharingPattern.PER_GROUP:
+    """PER_GROUP: the sorted global ranks of the component's process_group; SHARDED: those of its
+    optional replica group (the data-parallel ranks holding the same DTensor state on other
+    meshes); None otherwise."""
+    if pattern is SharingPattern.SHARDED and c.process_group is None:
+        return None
+    if pattern not in (SharingPattern.PER_GROUP, SharingPattern.SHARDED):
         return None
     if c.process_group is None:
         raise InvalidArgumentError(f"component {c.key!r} resolved to PER_GROUP but has no "
@@ -101,6 +124,8 @@ def copy_name(pattern: SharingPattern, topo: Topology, members: tuple[int, ...] 
     """The name of the copy of a component that this rank writes and reads back."""
     if pattern is SharingPattern.PER_GROUP:
         return group_copy_name(members or (topo.rank,))
+    if pattern is SharingPattern.SHARDED:
+        return "sharded"
     return {
         SharingPattern.GLOBAL: "global",
         SharingPattern.PER_RANK: f"rank{topo.rank}",
@@ -122,6 +147,27 @@ def writer_rank(pattern: SharingPattern, key: str, topo: Topology,
         ordered = sorted(members or (topo.rank,))
         return ordered[zlib.crc32(key.encode()) % len(ordered)]
     return None
+
+
+def chunk_writer(ident: str, holders: tuple[int, ...], replicas: tuple[int, ...] | None,
+                 rank: int) -> bool:
+    """SHARDED: whether `rank` writes the chunk `ident` (its path and offsets).
+
+    `holders`: the ranks of this rank's mesh that hold the chunk alike (sorted; for a plain
+    tensor, every rank, or the replica group). `replicas`: the component's replica group (the
+    data-parallel ranks holding the same state on meshes of their own), or None. One replica is
+    chosen by a hash of the chunk, then one holder on its mesh, so every rank decides alike
+    without talking and chunks spread over ranks and nodes."""
+    h = zlib.crc32(ident.encode())
+    others = tuple(r for r in (replicas or ()) if r != rank)
+    if others and not set(others) & set(holders) - {rank}:
+        group = sorted(replicas or ())
+        if group[h % len(group)] != rank:
+            return False
+        h //= len(group)
+    elif others and set(holders) <= set(replicas or ()):
+        holders = tuple(sorted(replicas or ()))        # a plain tensor: its holders are the group
+    return holders[h % len(holders)] == rank
 
 
 def replica_owners(sizes: list[int], topo: Topology) -> list[int]:
@@ -155,7 +201,7 @@ def stages_every_replica(pattern: SharingPattern, level: ValidationLevel, topo: 
     of several, when validated."""
     if level is ValidationLevel.NONE or topo.world_size == 1:
         return False
-    if pattern is SharingPattern.REPLICATED:
+    if pattern in (SharingPattern.REPLICATED, SharingPattern.SHARDED):
         return True
     return pattern is SharingPattern.PER_GROUP and members is not None and len(members) > 1
 
@@ -176,6 +222,8 @@ def choose_copy(pattern: SharingPattern, copies: dict[str, tuple[int, ...]], sav
         return "global", None
     if pattern is SharingPattern.REPLICATED:
         return "replicated", None
+    if pattern is SharingPattern.SHARDED:
+        return "sharded", None
     if pattern is SharingPattern.PER_RANK:
         problem = None if saved_world == topo.world_size else (
             f"it is PER_RANK and was saved by {saved_world} rank(s), this run has {topo.world_size}")

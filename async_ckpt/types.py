@@ -17,11 +17,15 @@ class SharingPattern(enum.Enum):
     REPLICATED = "replicated"
     PER_GROUP = "per_group"
     PER_NODE = "per_node"
+    # DTensor state (FSDP2, tensor parallel, 2-D meshes): each rank writes its chunks once (one
+    # holder of each replicated chunk), any topology reads them back (resharding on load)
+    SHARDED = "sharded"
 
 
 class ValidationLevel(enum.Enum):
     """How hard to check that replicas agree (REPLICATED: every rank's copy; PER_GROUP: every
-    member's copy of its group). QUICK: one hash of the whole state per rank; TENSOR: one per
+    member's copy of its group; SHARDED: every holder's copy of each replicated chunk, compared
+    chunk by chunk at QUICK and TENSOR, FULL not offered). QUICK: one hash of the whole state per rank; TENSOR: one per
     tensor (names the tensors that differ); FULL: TENSOR, then each odd replica compared element by
     element with the written copy (max |diff|)."""
 
@@ -37,8 +41,12 @@ class StateComponent:
 
     `stateful` needs `state_dict()` and `load_state_dict(sd)` (nn.Module, Optimizer, RNGState,
     a dataloader, ...). `sharing_pattern` may be a callable, resolved at every save.
+    `process_group`: PER_GROUP, the ranks sharing one copy; SHARDED (optional), the replica
+    (data-parallel) group whose ranks hold the same DTensor state on meshes of their own, so each
+    chunk is written once instead of once per mesh.
     `validation_level` None means the pattern's default: replicas (REPLICATED, PER_GROUP) are
-    checked at least at QUICK level, other patterns have no replicas to check;
+    checked at least at QUICK level (SHARDED: its replicated chunks), other patterns have no
+    replicas to check;
     ``ValidationLevel.NONE`` opts out.
     """
 

@@ -37,6 +37,15 @@ M = TypeVar("M")
 
 # -- save: hand-over from a rank to its node writer ------------------------------------------------
 @dataclass(frozen=True)
+class ChunkInfo:
+    """SHARDED: which box of which global tensor a record is (save.chunking.ChunkMeta)."""
+    path: tuple[Any, ...]
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    layout: str = ""
+
+
+@dataclass(frozen=True)
 class Slot:
     """One staged tensor a node writer must write: where it sits in the rank's staging buffer."""
     index: int            # position in the component's tensor list
@@ -44,6 +53,7 @@ class Slot:
     shape: tuple[int, ...]
     nbytes: int
     offset: int           # in the rank's staging buffer
+    chunk: ChunkInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ class WrittenTensor:
     hash: str
     frames: tuple[int, ...]
     codec: str
+    chunk: ChunkInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import seal
+from . import seal, sharded
 from .codec import CODECS, HASH_ALGO, PIECE, codec_width, frames_per_piece, min_frame_size, piece_sizes
 from .planes import PlanesWidth, planes_width
 from .shuffle import shuffle_width
@@ -24,8 +24,9 @@ from ..errors import CheckpointError, CorruptCheckpointError
 from .tree import dtype_from_name
 from ..types import SharingPattern
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 1                 # what a checkpoint without format 2 features is written as
+SHARDED_VERSION = 2                # the first version with SHARDED components (format/sharded.py)
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 HASH_KEY = "manifest_hash"         # the seal: xxh3-128 of the manifest without it (seal.py)
 # Readers read at most this much of a manifest and writers refuse to write more: ~1.3 M tensor
@@ -66,6 +67,7 @@ class ComponentEntry:
     validation_level: str
     metadata: dict | None
     shards: dict[str, ShardEntry]
+    sharded: sharded.ShardedEntry | None = None     # SHARDED components (their `shards` is empty)
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,19 @@ class Manifest:
     stored_nbytes: int
     timings: dict
     versions: dict
-    format_version: int = FORMAT_VERSION
+    format_version: int = 0          # 0: the lowest version that can hold this manifest
     retention: dict = field(default_factory=dict)   # the writer's policy (keep_last, ...), for tools
+
+    def version(self) -> int:
+        """The format_version this manifest is written as: the lowest that holds everything in
+        it, so that older releases still read checkpoints that use no newer feature."""
+        if self.format_version:
+            return self.format_version
+        return SHARDED_VERSION if any(c.sharded for c in self.components.values()) else FORMAT_VERSION
 
     def to_json(self) -> bytes:
         doc = {
-            "format_version": self.format_version, "step": self.step, "created": self.created,
+            "format_version": self.version(), "step": self.step, "created": self.created,
             "hash_algorithm": HASH_ALGO, "versions": self.versions, "topology": self.topology,
             "metrics": self.metrics, "nbytes": self.nbytes, "stored_nbytes": self.stored_nbytes,
             "timings": self.timings, **({"retention": self.retention} if self.retention else {}),
@@ -100,11 +109,9 @@ class Manifest:
                 "sharing_pattern": c.sharing_pattern, "required": c.required,
                 "validation_level": c.validation_level, "metadata": c.metadata,
                 "shards": {s: {"owners": list(e.owners), **({"members": list(e.members)} if e.members else {}),
-                               "tree": e.tree, "tensors": [
-                    {"dtype": t.dtype, "shape": list(t.shape), "file": t.file, "offset": t.offset,
-                     "length": t.length, "nbytes": t.nbytes, "codec": t.codec, "hash": t.hash,
-                     **({"frames": list(t.frames)} if t.frames else {})}
-                    for t in e.tensors]} for s, e in c.shards.items()},
+                               "tree": e.tree, "tensors": [record_json(t) for t in e.tensors]}
+                           for s, e in c.shards.items()},
+                **({"sharded": sharded.to_json(c.sharded, record_json)} if c.sharded else {}),
             } for k, c in self.components.items()},
         }
         sealed = seal.seal(json.dumps(doc, allow_nan=False, separators=(",", ":")).encode(), HASH_KEY)
@@ -113,6 +120,13 @@ class Manifest:
                                   f"more than the {MAX_BYTES} a reader accepts; save fewer, larger "
                                   "tensors (e.g. flatten parameter groups) or split the state")
         return sealed
+
+
+def record_json(t: TensorEntry) -> dict:
+    """The JSON form of one record (a tensor of a copy, or a chunk of a sharded tensor)."""
+    return {"dtype": t.dtype, "shape": list(t.shape), "file": t.file, "offset": t.offset,
+            "length": t.length, "nbytes": t.nbytes, "codec": t.codec, "hash": t.hash,
+            **({"frames": list(t.frames)} if t.frames else {})}
 
 
 def _int(v: Any, what: str, lo: int = 0) -> int:
@@ -247,11 +261,23 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
                 shards[sid] = ShardEntry(s["tree"], tensors, owners, members)
             meta = c.get("metadata")
             pattern = _get(c, "sharing_pattern", str, f"components.{key}")
-            if pattern not in _PATTERNS:
-                raise ValueError(f"components.{key}.sharing_pattern {pattern!r} is not one of {_PATTERNS}")
+            if pattern not in _PATTERNS or (pattern == SharingPattern.SHARDED.value
+                                            and version < SHARDED_VERSION):
+                raise ValueError(f"components.{key}.sharing_pattern {pattern!r} is not one of "
+                                 f"format_version {version}'s patterns")
+            entry = None
+            if pattern == SharingPattern.SHARDED.value:
+                if shards or "sharded" not in c:
+                    raise ValueError(f"components.{key} is SHARDED: it needs a 'sharded' entry "
+                                     "and no copies")
+                entry = sharded.parse(c["sharded"], f"components.{key}.sharded",
+                                      lambda doc, what: _tensor(doc, files, what))
+            elif "sharded" in c:
+                raise ValueError(f"components.{key} is {pattern}, which has no 'sharded' entry")
             components[key] = ComponentEntry(
                 pattern, bool(c.get("required", True)),
-                str(c.get("validation_level", "none")), meta if isinstance(meta, dict) else None, shards)
+                str(c.get("validation_level", "none")), meta if isinstance(meta, dict) else None,
+                shards, entry)
         step = _int(doc.get("step"), "step")
         if expected_step is not None and step != expected_step:
             raise ValueError(f"it records step {step} but sits in the folder of step {expected_step}")

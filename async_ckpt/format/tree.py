@@ -41,11 +41,22 @@ def _is_numpy_array(obj: Any) -> bool:
     return type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray"
 
 
-def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def _check_tensor(t: torch.Tensor, path: str, dtensors: bool = False) -> torch.Tensor:
+    if _is_dtensor(t):
+        if not dtensors:
+            raise InvalidArgumentError(
+                f"state at {path!r} is a DTensor (FSDP2, tensor parallel): register its component "
+                "with sharing_pattern=SharingPattern.SHARDED, which saves each rank's chunks once "
+                "and reshards them on load (docs/distributed.md)")
+        return t.detach()
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         raise InvalidArgumentError(
-            f"state at {path!r} is a {type(t).__name__}; only plain tensors are supported "
-            "(convert DTensor/tensor subclasses with .full_tensor() or to_local() first)")
+            f"state at {path!r} is a {type(t).__name__}; only plain tensors (and DTensors, in "
+            "SHARDED components) are supported (convert other tensor subclasses first)")
     if t.is_quantized:
         raise InvalidArgumentError(
             f"state at {path!r} is a quantized tensor ({t.dtype}); store its int_repr() and "
@@ -57,17 +68,21 @@ def _check_tensor(t: torch.Tensor, path: str) -> torch.Tensor:
     return t.detach()
 
 
-def flatten(obj: Any, path: str, allow_pickle: bool = False) -> tuple[Any, list[torch.Tensor]]:
+def flatten(obj: Any, path: str, allow_pickle: bool = False, dtensors: bool = False
+            ) -> tuple[Any, list[torch.Tensor]]:
     """Split `obj` into a JSON skeleton and the tensors it references (in skeleton order).
 
-    Tensors that are the same view of the same storage (tied weights) are stored once.
+    Tensors that are the same view of the same storage (tied weights) are stored once. DTensors
+    are accepted (as they are) only with `dtensors` (SHARDED components).
     """
     tensors: list[torch.Tensor] = []
     seen: dict[tuple, int] = {}
 
     def tensor_ref(t: torch.Tensor, p: str) -> int:
-        t = _check_tensor(t, p)
-        ident = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device) if t.data_ptr() else None
+        t = _check_tensor(t, p, dtensors)
+        data = t.to_local() if _is_dtensor(t) else t   # type: ignore[attr-defined]
+        ident = ((data.data_ptr(), t.dtype, tuple(t.shape), data.stride(), data.device)
+                 if data.data_ptr() else None)
         if ident is not None and ident in seen:
             return seen[ident]
         tensors.append(t)

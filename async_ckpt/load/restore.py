@@ -26,6 +26,7 @@ from .guard import as_checkpoint_error, checkpoint_errors_only
 from .node_shared import read_shared
 from .readbuf import ReadSession
 from .reader import load_shard
+from .reshard import load_sharded
 
 log = logging.getLogger("async_ckpt")
 
@@ -149,6 +150,12 @@ class Loader:
                 raise CheckpointError(f"cannot load component {c.key!r} of {where} on rank {topo.rank}: "
                                       f"{problem}; load it with the saving topology, or pass strict=False "
                                       "to skip it")
+            if pattern is SharingPattern.SHARDED:
+                if entry.sharded is None:
+                    raise CorruptCheckpointError(f"component {c.key!r} of {where} is SHARDED but "
+                                                 "has no chunk records")
+                plan.append((c, shard))
+                continue
             if shard not in entry.shards:
                 # Whatever `strict` says: skipping it would leave this rank's state as it was
                 # while its peers restore theirs (ranks 2-3 of a 4-rank load of a 2-rank save).
@@ -210,9 +217,14 @@ class Loader:
         staged = []
         for c, shard in plan:
             try:
-                state = states[(c.key, shard)] if (c.key, shard) in states else load_shard(
-                    storage, folder, manifest, c.key, shard, options.allow_pickle, options.verify,
-                    session)
+                if manifest.components[c.key].sharded is not None:
+                    # the live state is the target: each rank reads the boxes it covers
+                    state = load_sharded(storage, folder, manifest, c.key, c.stateful.state_dict(),
+                                         options.verify, session)
+                else:
+                    state = states[(c.key, shard)] if (c.key, shard) in states else load_shard(
+                        storage, folder, manifest, c.key, shard, options.allow_pickle,
+                        options.verify, session)
                 check_before_load(c, state)
                 staged.append((c, state))
             except CheckpointError as exc:

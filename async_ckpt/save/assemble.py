@@ -17,6 +17,7 @@ from ..errors import CheckpointError
 from ..format.manifest import ComponentEntry, FileEntry, Manifest, ShardEntry, TensorEntry
 from ..format.metrics_file import encode
 from ..types import SharingPattern
+from . import sharded
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,18 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
     """The manifest of this save, or CheckpointError if a copy is incomplete."""
     files: dict[str, FileEntry] = {}
     copies: dict[tuple[str, str], _Copy] = {}
+    # SHARDED components: (meta, rank -> skeleton, chunk records with their writer)
+    chunked: dict[str, tuple[ShardDescriptor, dict[int, Any], list[tuple[WrittenTensor, int]]]] = {}
     for report in reports:
         for f in report.files:
             files[f.name] = FileEntry(f.size, f.hash)
         for written in report.shards:
             meta = written.shard
+            if meta.pattern == SharingPattern.SHARDED.value:
+                _, trees_of, records = chunked.setdefault(meta.component, (meta, {}, []))
+                trees_of[written.rank] = meta.tree
+                records.extend((t, written.rank) for t in written.tensors)
+                continue
             part = copies.setdefault((meta.component, meta.shard), _Copy(meta))
             if meta.tree_source:
                 part.tree, part.tree_seen = meta.tree, True
@@ -82,6 +90,11 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
             owners[key] = [rank for _, rank in ordered]
         elif meta.pattern == SharingPattern.PER_GROUP.value:
             owners[(key, shard)] = [rank for _, rank in ordered]
+    for key, (meta, trees_of, records) in sorted(chunked.items()):
+        entry_s = sharded.build(key, meta.validation, trees_of, records)
+        components[key] = ComponentEntry(meta.pattern, meta.required, meta.validation, meta.metadata,
+                                         {}, entry_s)
+        nbytes += sum(c.record.nbytes for t in entry_s.tensors for c in t.chunks)
     manifest = Manifest(
         step=step,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),

@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..dist.messages import JobDescriptor, ShardDescriptor, Slot
+from ..dist.messages import ChunkInfo, JobDescriptor, ShardDescriptor, Slot
 from ..format.tree import dtype_name
 from ..handle import Settlement
 from .plan import RankPlan
@@ -62,6 +62,8 @@ class SaveJob:
                 tree=tree if shard.tree_source else None, required=comp.required,
                 validation=comp.validation_level, metadata=comp.metadata,
                 members=tuple(comp.members or ()),
-                slots=tuple(Slot(s.index, dtype_name(s.dtype), s.shape, s.nbytes, s.offset)
+                slots=tuple(Slot(s.index, dtype_name(s.dtype), s.shape, s.nbytes, s.offset,
+                                 None if s.chunk is None else ChunkInfo(
+                                     s.chunk.path, s.chunk.global_shape, s.chunk.offsets, s.chunk.layout))
                             for s in shard.slots if s.write)))
         return JobDescriptor(rank, self.step, self.buffer.name, self.buffer.capacity, tuple(shards))

@@ -172,6 +172,7 @@ def _written_shards(descs: list[JobDescriptor], outcomes: list[tuple[str | None,
             for slot in sh.slots:
                 rec = next(records)
                 tensors.append(WrittenTensor(slot.index, slot.dtype, slot.shape, name or "", rec.offset,
-                                             rec.length, slot.nbytes, rec.hash, rec.frames, rec.codec))
+                                             rec.length, slot.nbytes, rec.hash, rec.frames, rec.codec,
+                                             slot.chunk))
             shards.append(WrittenShard(desc.rank, dataclasses.replace(sh, slots=()), tuple(tensors)))
     return tuple(shards)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dist.topology import Topology
+from .chunking import ChunkMeta
 from ..format.codec import align_up
 from ..sharing import copy_name, replica_owners, writer_rank
 from ..types import SharingPattern
@@ -29,6 +30,7 @@ class TensorSlot:
     nbytes: int
     offset: int          # in the staging buffer
     write: bool          # this rank writes it (else staged only to be validated)
+    chunk: ChunkMeta | None = None   # SHARDED: which box of which global tensor it is
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,16 @@ class RankPlan:
     buffer_nbytes: int
 
 
-# ((component, pattern, members, stage_all, ((dtype, shape), ...)), ...): what a plan depends on
+# ((component, pattern, members, stage_all, ((dtype, shape), ...), chunks), ...): what a plan
+# depends on (chunks: SHARDED components' ChunkMeta per tensor, else None)
 StateLayout = tuple
 
 
-def state_layout(components: list[tuple[str, SharingPattern, tuple | None, bool, list[torch.Tensor]]]
-                 ) -> StateLayout:
+def state_layout(components: list[tuple[str, SharingPattern, tuple | None, bool, list[torch.Tensor],
+                                        tuple[ChunkMeta, ...] | None]]) -> StateLayout:
     """The cache key of a plan: per component its pattern, group, staging rule and tensor metas."""
-    return tuple((key, pattern, members, validate, tuple((t.dtype, tuple(t.shape)) for t in tensors))
-                 for key, pattern, members, validate, tensors in components)
+    return tuple((key, pattern, members, validate, tuple((t.dtype, tuple(t.shape)) for t in tensors),
+                  chunks) for key, pattern, members, validate, tensors, chunks in components)
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -76,9 +79,15 @@ class Planner:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         topo, offset, shards = self.topo, 0, []
-        for component, pattern, members, validate, metas in key:
+        for component, pattern, members, validate, metas, chunks in key:
             sizes = [_nbytes(dtype, shape) for dtype, shape in metas]
-            if pattern is SharingPattern.REPLICATED:
+            if pattern is SharingPattern.SHARDED:
+                # every rank's chunks and skeleton go into the manifest; replicated chunks are
+                # written by one holder and staged by the others only to be digested
+                writes = [c.write for c in chunks]
+                staged = [c.write or (validate and c.replicated) for c in chunks]
+                tree_source = True
+            elif pattern is SharingPattern.REPLICATED:
                 owners = replica_owners(sizes, topo)
                 writes = [o == topo.rank for o in owners]
                 staged = [w or validate for w in writes]
@@ -91,7 +100,8 @@ class Planner:
             slots = []
             for index, ((dtype, shape), nbytes) in enumerate(zip(metas, sizes, strict=True)):
                 if staged[index]:
-                    slots.append(TensorSlot(index, dtype, shape, nbytes, offset, writes[index]))
+                    slots.append(TensorSlot(index, dtype, shape, nbytes, offset, writes[index],
+                                            chunks[index] if chunks else None))
                     offset = align_up(offset + nbytes)
             shards.append(ShardPlan(component, pattern, copy_name(pattern, topo, members),
                                     tuple(slots), len(metas), tree_source))

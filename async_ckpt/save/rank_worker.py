@@ -33,9 +33,9 @@ from ..format.names import step_dir
 from ..load.reader import read_tensors
 from ..storage import Storage
 from ..sharing import stages_every_replica
-from ..types import CheckpointInfo, ValidationLevel
+from ..types import CheckpointInfo, SharingPattern, ValidationLevel
 from .job import SaveJob
-from .replicas import compare_full, digest
+from .replicas import compare_full, digest, digest_chunks
 from .staging import BufferPool
 
 log = logging.getLogger("async_ckpt")
@@ -123,10 +123,12 @@ class RankWorker:
         job.buffer.wait_copied()
         for shard, tree, comp, shard_views in zip(job.plan.shards, job.trees, job.components, views, strict=True):
             patterns[comp.key] = (shard.pattern.value, comp.validation_level)
-            if comp.members:
+            if comp.members and shard.pattern is SharingPattern.PER_GROUP:
                 groups[comp.key] = tuple(comp.members)
             level = ValidationLevel(comp.validation_level)
-            if stages_every_replica(shard.pattern, level, self.topo, comp.members):
+            if shard.pattern is SharingPattern.SHARDED and level is not ValidationLevel.NONE:
+                digests[comp.key] = digest_chunks(shard, shard_views)
+            elif stages_every_replica(shard.pattern, level, self.topo, comp.members):
                 digests[comp.key] = digest(shard, shard_views, tree, level)
         return Announcement(patterns, job.replicated_shapes, digests, groups)
 

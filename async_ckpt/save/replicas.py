@@ -1,4 +1,5 @@
-"""Replica validation of REPLICATED and PER_GROUP components, computed off the training thread.
+"""Replica validation of REPLICATED, PER_GROUP and SHARDED components, computed off the training
+thread.
 
 Every rank digests its staged copy (QUICK: one hash of the whole state; TENSOR and FULL: one hash
 per tensor plus one of the non-tensor skeleton). The coordinator compares the digests of all
@@ -59,6 +60,35 @@ def digest(shard: ShardPlan, views: list[torch.Tensor], tree: Any, level: Valida
     return {"tree": tree_hash.hexdigest(), "tensors": tensors}
 
 
+def digest_chunks(shard: ShardPlan, views: list[torch.Tensor]) -> dict:
+    """SHARDED: one hash per staged chunk that other ranks hold too, keyed by the chunk's identity
+    (path and offsets), at QUICK and TENSOR alike (a rank's chunks differ from its peers', so one
+    hash of everything would compare nothing)."""
+    out = {}
+    for slot, view in zip(shard.slots, views, strict=True):
+        if slot.chunk is not None and slot.chunk.replicated:
+            h = new_hasher()
+            if view.numel():
+                h.update(byte_view(view.reshape(-1).view(torch.uint8)))
+            out[slot.chunk.ident] = h.hexdigest()
+    return {"chunks": out}
+
+
+def _chunk_mismatches(announces: dict[int, Announcement], key: str, level: str) -> list[dict]:
+    by_chunk: dict[str, dict[int, str]] = {}
+    for rank, a in announces.items():
+        for ident, value in a.digests.get(key, {}).get("chunks", {}).items():
+            by_chunk.setdefault(ident, {})[rank] = value
+    found = []
+    for ident, values in sorted(by_chunk.items()):
+        groups = _groups(values)
+        if len(groups) > 1:
+            differ = sorted(r for g in groups[1:] for r in g)
+            found.append({"component": key, "level": level, "chunk": ident, "ranks": differ,
+                          "agree": groups[0]})
+    return found
+
+
 def _groups(values: dict[int, Any]) -> list[list[int]]:
     groups: dict[str, list[int]] = {}
     for rank, value in sorted(values.items()):
@@ -114,6 +144,9 @@ def find_mismatches(announces: dict[int, Announcement],
     any_rank = next(iter(announces.values()))
     for key, (pattern, level) in sorted(any_rank.patterns.items()):
         if level == ValidationLevel.NONE.value:
+            continue
+        if pattern == SharingPattern.SHARDED.value:
+            found.extend(_chunk_mismatches(announces, key, level))
             continue
         for copy, ranks in replica_sets(announces, key):
             extra = {} if pattern == SharingPattern.REPLICATED.value else {"copy": copy}
@@ -177,6 +210,12 @@ def describe(mismatches: list[dict], trees: Mapping[tuple[str, str], Any],
 
     lines = []
     for m in mismatches:
+        if "chunk" in m:
+            path, offsets = json.loads(m["chunk"])
+            lines.append(f"{label(m)}: chunk at offsets {offsets} of tensor "
+                         f"{'/'.join(str(k) for k in path)!r} on rank(s) {m['ranks']} differs from "
+                         f"ranks {m['agree']}")
+            continue
         if "groups" in m:
             what = "non-tensor state" if m.get("tree") else "state"
             groups = "; ".join(f"ranks {g}" for g in m["groups"])
@@ -199,7 +238,8 @@ def describe(mismatches: list[dict], trees: Mapping[tuple[str, str], Any],
                "seeds, gradient all-reduce, or use PER_RANK for state that differs)")
     per_rank: dict[int, list[str]] = {}
     for m in mismatches:
-        what = f"{m['component']!r} tensor {name_of(m)!r}" if "tensor" in m else f"{m['component']!r}"
+        what = (f"{m['component']!r} tensor {name_of(m)!r}" if "tensor" in m else
+                f"{m['component']!r} chunk {m['chunk']}" if "chunk" in m else f"{m['component']!r}")
         for rank in m.get("ranks", []) + [r for g in m.get("groups", [])[1:] for r in g]:
             per_rank.setdefault(rank, []).append(what)
     return ReplicationError(message, {r: f"its replica of {', '.join(w)} differs from the other ranks'"

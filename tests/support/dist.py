@@ -70,7 +70,7 @@ class Launch:
 
 
 def launch(scenario: str, root: Path, out: Path, *, nnodes: int = 2, nproc: int = 2,
-           args: tuple[str, ...] = (), env: dict | None = None) -> Launch:
+           args: tuple[str, ...] = (), env: dict | None = None, worker: Path = WORKER) -> Launch:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs, logs = [], []
@@ -79,7 +79,7 @@ def launch(scenario: str, root: Path, out: Path, *, nnodes: int = 2, nproc: int 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
                f"--node-rank={node}", f"--nproc-per-node={nproc}", "--rdzv-backend=static",
                "--master-addr=127.0.0.1", f"--master-port={port}", "--monitor-interval=0.2",
-               str(WORKER), scenario, str(root), str(out), *args]
+               str(worker), scenario, str(root), str(out), *args]
         # Ranks import the checkout under test, whatever the environment has installed.
         full_env = child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         with open(log, "wb") as fh:

@@ -1,0 +1,161 @@
+"""Sharded tensors in the manifest (format_version 2): global tensors stored as chunk records.
+
+A SHARDED component (DTensor state: FSDP2, tensor parallel, 2-D meshes) is stored as one merged
+state skeleton and a list of *global* tensors, each addressed by its key path in the state
+(``["state", "layer.weight", "exp_avg"]``) and made of *chunks*: boxes of the global tensor
+(``offsets``/``sizes`` per dimension), each one ordinary record (`manifest.TensorEntry`) in a
+data file. Chunks that several ranks held (replicated along a mesh dimension, or plain tensors)
+are written once. Together the chunks of a tensor tile its global shape exactly: no gaps, no
+overlaps, nothing outside it. The reader checks all of that before any byte is read (`parse`),
+so a loader can reshard by intersecting boxes (`overlap`) without guarding against hostile input.
+
+This module owns the JSON form of these entries and the box geometry; manifest.py embeds them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .tree import dtype_from_name
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]      # (offsets, sizes)
+_MAX_CHUNKS_CHECKED_PAIRWISE = 1 << 22            # overlap pairs examined per tensor, at most
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One box of a global tensor and the record holding its bytes (C-contiguous, its own shape)."""
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    record: Any          # manifest.TensorEntry (shape == sizes)
+
+
+@dataclass(frozen=True)
+class GlobalTensor:
+    """A tensor of a SHARDED component: its key path, global dtype/shape and chunks. ``layout``
+    says where it came from (mesh shape, dimension names, placements), for tools only."""
+    path: tuple[Any, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+    layout: dict | None = None
+
+
+@dataclass(frozen=True)
+class ShardedEntry:
+    """The stored form of a SHARDED component: one skeleton whose tensor references ``{"t": i}``
+    index ``tensors``, and the ranks that wrote chunks."""
+    tree: Any
+    tensors: tuple[GlobalTensor, ...]
+    owners: tuple[int, ...]
+
+
+def to_json(entry: ShardedEntry, record_json: Callable[[Any], dict]) -> dict:
+    return {"owners": list(entry.owners), "tree": entry.tree, "tensors": [
+        {"path": list(t.path), "dtype": t.dtype, "shape": list(t.shape),
+         **({"layout": t.layout} if t.layout else {}),
+         "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes), **record_json(c.record)}
+                    for c in t.chunks]} for t in entry.tensors]}
+
+
+def _ints(v: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                          for x in v):
+        raise ValueError(f"{what} must be a list of integers >= 0")
+    return tuple(v)
+
+
+def parse(doc: Any, what: str, parse_record: Callable[[Any, str], Any]) -> ShardedEntry:
+    """Validate one SHARDED component's entry; ValueError naming the first problem."""
+    if not isinstance(doc, dict) or "tree" not in doc or not isinstance(doc.get("tensors"), list):
+        raise ValueError(f"{what} needs a tree and a list of tensors")
+    owners = _ints(doc.get("owners", []), f"{what}.owners")
+    tensors, paths = [], set()
+    for i, t in enumerate(doc["tensors"]):
+        where = f"{what}.tensors[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("path"), list) or not isinstance(t.get("chunks"), list):
+            raise ValueError(f"{where} needs a path and a list of chunks")
+        path = tuple(t["path"])
+        if not all(isinstance(k, (str, int)) or k is None for k in path) or path in paths:
+            raise ValueError(f"{where}.path {list(path)[:8]} is malformed or repeated")
+        paths.add(path)
+        dtype = str(t.get("dtype"))
+        dtype_from_name(t.get("dtype"), where)
+        shape = _ints(t.get("shape"), f"{where}.shape")
+        layout = t.get("layout")
+        chunks = []
+        for j, c in enumerate(t["chunks"]):
+            cw = f"{where}.chunks[{j}]"
+            if not isinstance(c, dict):
+                raise ValueError(f"{cw} must be an object")
+            offsets, sizes = _ints(c.get("offsets"), f"{cw}.offsets"), _ints(c.get("sizes"), f"{cw}.sizes")
+            record = parse_record(c, cw)
+            if len(offsets) != len(shape) or len(sizes) != len(shape):
+                raise ValueError(f"{cw}: offsets/sizes do not have the {len(shape)} dimensions of "
+                                 f"the tensor")
+            if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
+                raise ValueError(f"{cw}: box {list(offsets)}+{list(sizes)} lies outside the global "
+                                 f"shape {list(shape)}")
+            if record.dtype != dtype or tuple(record.shape) != sizes:
+                raise ValueError(f"{cw}: record is {record.dtype}{list(record.shape)}, the chunk "
+                                 f"says {dtype}{list(sizes)}")
+            chunks.append(Chunk(offsets, sizes, record))
+        check_tiling(shape, [(c.offsets, c.sizes) for c in chunks], where)
+        tensors.append(GlobalTensor(path, dtype, shape, tuple(chunks),
+                                    layout if isinstance(layout, dict) else None))
+    _check_refs(doc["tree"], len(tensors), what)
+    return ShardedEntry(doc["tree"], tuple(tensors), owners)
+
+
+def _check_refs(tree: Any, count: int, what: str) -> None:
+    """Every tensor reference of the skeleton indexes the tensor list (the rest of the skeleton is
+    checked when it is decoded)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "t" in node:
+                i = node["t"]
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count:
+                    raise ValueError(f"{what}.tree references tensor {i!r}, which does not exist")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def check_tiling(shape: tuple[int, ...], boxes: list[Box], what: str) -> None:
+    """The boxes tile `shape` exactly: their volumes add up to it and no two overlap (gaps would
+    leave part of a tensor unrestored; overlaps make it ambiguous)."""
+    total = math.prod(shape)
+    if sum(math.prod(s) for _, s in boxes) != total:
+        raise ValueError(f"{what}: chunks cover {sum(math.prod(s) for _, s in boxes)} of the "
+                         f"{total} elements of {list(shape)} (gaps or overlaps)")
+    if total == 0:
+        return
+    # Sweep along dimension 0 (or the flat index for 0-d): only boxes whose first ranges meet
+    # can overlap, which keeps grid layouts near-linear.
+    ordered = sorted((b for b in boxes if math.prod(b[1])), key=lambda b: b[0][:1])
+    checked = 0
+    for i, (off, size) in enumerate(ordered):
+        for off2, size2 in ordered[i + 1:]:
+            if shape and off2[0] >= off[0] + size[0]:
+                break
+            checked += 1
+            if checked > _MAX_CHUNKS_CHECKED_PAIRWISE:
+                raise ValueError(f"{what}: too many chunks to check ({len(boxes)})")
+            if overlap((off, size), (off2, size2)) is not None:
+                raise ValueError(f"{what}: chunks {list(off)}+{list(size)} and {list(off2)}+"
+                                 f"{list(size2)} overlap")
+
+
+def overlap(a: Box, b: Box) -> Box | None:
+    """The intersection of two boxes (global coordinates), or None if it is empty."""
+    offsets, sizes = [], []
+    for (ao, as_), (bo, bs) in zip(zip(*a, strict=True), zip(*b, strict=True), strict=True):
+        lo, hi = max(ao, bo), min(ao + as_, bo + bs)
+        if hi <= lo:
+            return None
+        offsets.append(lo)
+        sizes.append(hi - lo)
+    return tuple(offsets), tuple(sizes)

@@ -1,0 +1,193 @@
+"""Loading a SHARDED component into the live state, whatever topology saved it (resharding).
+
+Called by `load.restore.Loader` on the caller's thread of every rank, before any
+``load_state_dict``. The target is the component's live ``state_dict()`` (as DCP loads in place):
+its structure is kept, and each leaf is taken from the checkpoint by its key path:
+
+- a DTensor gets the box of its global tensor that this rank's placements cover: the saved
+  chunks that intersect it are read (whole records, each verified against its hash), the
+  overlaps copied into a new local tensor, and a DTensor built on the live mesh and placements;
+- a plain tensor gets the whole global tensor, assembled the same way;
+- any other leaf gets the saved value.
+
+Nothing live is modified here. Every mismatch (a live key the checkpoint lacks, another global
+shape or dtype, a tensor saved as a non-tensor, an empty live container where the checkpoint holds
+entries, such as an optimizer without state yet) raises CheckpointError naming the key.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..format.manifest import ComponentEntry, Manifest, ShardEntry, TensorEntry
+from ..format.sharded import Box, GlobalTensor, overlap
+from ..format.tree import TensorLeaf, dtype_name, leaves
+from ..storage import Storage
+from .readbuf import ReadSession
+from .reader import check_files, read_tensors
+
+_MISSING = object()
+
+
+@dataclass
+class _Want:
+    """One live tensor leaf to fill."""
+    path: tuple[Any, ...]
+    live: Any                 # the live tensor or DTensor
+    saved: GlobalTensor
+    box: Box                  # the region of the global tensor this rank needs
+    value: Any = None
+
+
+def _box_of(live: Any, where: str) -> Box:
+    from torch.distributed.tensor import DTensor
+    if isinstance(live, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        sizes, offsets = compute_local_shape_and_global_offset(live.shape, live.device_mesh,
+                                                              live.placements)
+        if tuple(live.to_local().shape) != tuple(sizes):
+            raise CheckpointError(f"{where}: the live DTensor's local shard does not match its "
+                                  "placements; cannot tell which part of the tensor it needs")
+        return tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
+    return (0,) * live.dim(), tuple(live.shape)
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(k) for k in path) or "/"
+
+
+def _plan(live_state: Any, entry: ComponentEntry, where: str) -> tuple[Any, list[_Want]]:
+    """The loaded state's structure (tensor leaves still to fill) and the tensors to fill."""
+    assert entry.sharded is not None
+    saved_tensors = entry.sharded.tensors
+    saved = dict(leaves(entry.sharded.tree, where))
+    prefixes = {path[:k] for path in saved for k in range(len(path))}
+    wants: list[_Want] = []
+    missing: list[str] = []
+
+    def walk(obj: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            leaf = saved.get(path, _MISSING)
+            if leaf is _MISSING:
+                missing.append(_path_str(path))
+                return obj
+            if not isinstance(leaf, TensorLeaf):
+                raise CheckpointError(f"{where}: {_path_str(path)!r} is a tensor in the live state "
+                                      f"but was saved as {type(leaf).__name__}")
+            g = saved_tensors[leaf.index]
+            live_dtype = dtype_name(obj.dtype)
+            if g.dtype != live_dtype or tuple(g.shape) != tuple(obj.shape):
+                raise CheckpointError(
+                    f"{where}: tensor {_path_str(path)!r} was saved as {g.dtype}{list(g.shape)} "
+                    f"(global), the live one is {live_dtype}{list(obj.shape)}; the model or "
+                    "optimizer differs from the one that saved it")
+            want = _Want(path, obj, g, _box_of(obj, f"{where} tensor {_path_str(path)!r}"))
+            wants.append(want)
+            return want
+        if isinstance(obj, dict):
+            if not obj and path in prefixes:
+                raise CheckpointError(
+                    f"{where}: {_path_str(path)!r} is empty in the live state but the checkpoint "
+                    "holds entries under it (an optimizer without state yet?); initialise it "
+                    "before loading (ac.OptimizerState does) so every entry has a place to go")
+            out: dict = (collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {})
+            for k, v in obj.items():
+                out[k] = walk(v, path + (k,))
+            if hasattr(obj, "_metadata"):
+                out._metadata = obj._metadata  # type: ignore[attr-defined]
+            return out
+        if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+            if not obj and path in prefixes:
+                raise CheckpointError(f"{where}: {_path_str(path)!r} is empty in the live state "
+                                      "but the checkpoint holds entries under it")
+            values = [walk(v, path + (i,)) for i, v in enumerate(obj)]
+            return values if isinstance(obj, list) else tuple(values)
+        leaf = saved.get(path, _MISSING)
+        if leaf is _MISSING:
+            missing.append(_path_str(path))
+            return obj
+        if isinstance(leaf, TensorLeaf):
+            raise CheckpointError(f"{where}: {_path_str(path)!r} was saved as a tensor, the live "
+                                  f"state has a {type(obj).__name__} there")
+        return leaf
+
+    structure = walk(live_state, ())
+    if missing:
+        raise CheckpointError(f"{where}: the live state has {len(missing)} entr"
+                              f"{'y' if len(missing) == 1 else 'ies'} the checkpoint lacks: "
+                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return structure, wants
+
+
+def _fill(structure: Any) -> Any:
+    if isinstance(structure, _Want):
+        return structure.value
+    if isinstance(structure, dict):
+        out: dict = collections.OrderedDict() if isinstance(structure, collections.OrderedDict) else {}
+        for k, v in structure.items():
+            out[k] = _fill(v)
+        if hasattr(structure, "_metadata"):
+            out._metadata = structure._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(structure, list):
+        return [_fill(v) for v in structure]
+    if isinstance(structure, tuple):
+        return tuple(_fill(v) for v in structure)
+    return structure
+
+
+def load_sharded(storage: Storage, folder: str, manifest: Manifest, key: str, live_state: Any,
+                 verify: bool = True, session: ReadSession | None = None) -> Any:
+    """The state to pass to the component's load_state_dict: `live_state`'s structure with every
+    leaf taken from the checkpoint (see the module docstring)."""
+    entry = manifest.components[key]
+    where = f"{storage.child_url(folder)} component {key!r}"
+    structure, wants = _plan(live_state, entry, where)
+    # every chunk that any wanted box intersects, read once (shared by tied tensors)
+    needed: dict[tuple[int, int], TensorEntry] = {}
+    pieces = []
+    for w in wants:
+        parts = []
+        for chunk in w.saved.chunks:
+            ov = overlap(w.box, (chunk.offsets, chunk.sizes))
+            if ov is not None:
+                ident = (id(w.saved), w.saved.chunks.index(chunk))
+                needed.setdefault(ident, chunk.record)
+                parts.append((chunk, ident, ov))
+        pieces.append(parts)
+    records = list(needed.values())
+    check_files(storage, folder, manifest, {r.file for r in records})
+    read = read_tensors(storage, folder, ShardEntry(None, tuple(records), ()), where, verify, session)
+    by_ident = dict(zip(needed, read, strict=True))
+    for w, parts in zip(wants, pieces, strict=True):
+        offsets, sizes = w.box
+        dtype = w.live.dtype
+        exact = [p for p in parts if p[0].offsets == offsets and p[0].sizes == sizes]
+        if exact:
+            local = by_ident[exact[0][1]]
+        else:
+            local = torch.empty(sizes, dtype=dtype)
+            for chunk, ident, ov in parts:
+                if ov is None:
+                    continue
+                src, dst = by_ident[ident], local
+                for d, (o, s) in enumerate(zip(*ov, strict=True)):
+                    src = src.narrow(d, o - chunk.offsets[d], s)
+                    dst = dst.narrow(d, o - offsets[d], s)
+                dst.copy_(src)
+        w.value = _as_live(w.live, local)
+    return _fill(structure)
+
+
+def _as_live(live: Any, local: torch.Tensor) -> Any:
+    """`local` in the live leaf's form: a DTensor on the live mesh and placements, or a tensor."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(live, DTensor):
+        local = local.to(live.to_local().device)
+        return DTensor.from_local(local, live.device_mesh, live.placements, run_check=False,
+                                  shape=live.shape, stride=live.stride())
+    return local
