@@ -49,7 +49,7 @@ from .save.node_writer import NodeWriter
 from .save.plan import Planner, state_layout
 from .save.rank_worker import RankWorker
 from .save.staging import BufferPool, stage
-from .sharing import (group_members, resolve_pattern, stages_every_replica, validate_components,
+from .sharing import (group_label, group_members, resolve_pattern, stages_every_replica, validate_components,
                       validation_level)
 from .storage import StorageError, open_storage
 from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
@@ -276,7 +276,7 @@ class AsyncCheckpointer:
             if level is ValidationLevel.NONE and c.validation_level not in (None, ValidationLevel.NONE):
                 self._warn_unchecked(c, pattern)
             stage_all = stages_every_replica(pattern, level, self.topo, members)
-            shards.append((c.key, pattern, members, stage_all, tensors, chunks))
+            shards.append((c.key, pattern, members, stage_all, tensors, chunks, group_label(c, pattern)))
             trees.append(tree)
             specs.append(ComponentSpec(c.key, c.required, level.value, c.metadata, members))
             if pattern is SharingPattern.REPLICATED:

@@ -108,22 +108,50 @@ def group_members(c: StateComponent, pattern: SharingPattern, topo: Topology) ->
     if topo.world_size == 1:
         return (0,)
     import torch.distributed as dist
-    members = tuple(sorted(dist.get_process_group_ranks(c.process_group)))
+    group = c.process_group
+    if _is_mesh(group):
+        if group.ndim != 1:
+            raise InvalidArgumentError(f"component {c.key!r}: its process_group is a {group.ndim}-D "
+                                       "DeviceMesh; pass a 1-D one (e.g. mesh['dp'])")
+        group = group.get_group()
+    members = tuple(sorted(dist.get_process_group_ranks(group)))
     if topo.rank not in members:
         raise InvalidArgumentError(f"component {c.key!r}: rank {topo.rank} is not a member "
                                    f"of its process_group {list(members)}")
     return members
 
 
+def _is_mesh(group: Any) -> bool:
+    return type(group).__name__ == "DeviceMesh"
+
+
+def group_label(c: StateComponent, pattern: SharingPattern) -> str | None:
+    """PER_GROUP: a stable identity for the component's group when its process_group is a 1-D
+    slice of a named DeviceMesh (``mesh["dp"]`` of a ("pp", "dp") mesh): this rank's coordinate on
+    the other dimensions ("pp1"). It names the copy, so a data-parallel degree change still finds
+    each stage's copy. None for a plain ProcessGroup (copies are named after the lowest rank)."""
+    group = c.process_group
+    if pattern is not SharingPattern.PER_GROUP or not _is_mesh(group):
+        return None
+    root = group._get_root_mesh()
+    names, own = root.mesh_dim_names, set(group.mesh_dim_names or ())
+    coord = root.get_coordinate()
+    if root is group or not names or coord is None:
+        return None
+    label = "-".join(f"{name}{coord[d]}" for d, name in enumerate(names) if name not in own)
+    return label or None
+
+
 # -- saving ---------------------------------------------------------------------------------------
-def group_copy_name(members: tuple[int, ...]) -> str:
-    return f"group{min(members)}"
+def group_copy_name(members: tuple[int, ...], label: str | None = None) -> str:
+    return f"group-{label}" if label else f"group{min(members)}"
 
 
-def copy_name(pattern: SharingPattern, topo: Topology, members: tuple[int, ...] | None = None) -> str:
+def copy_name(pattern: SharingPattern, topo: Topology, members: tuple[int, ...] | None = None,
+              label: str | None = None) -> str:
     """The name of the copy of a component that this rank writes and reads back."""
     if pattern is SharingPattern.PER_GROUP:
-        return group_copy_name(members or (topo.rank,))
+        return group_copy_name(members or (topo.rank,), label)
     if pattern is SharingPattern.SHARDED:
         return "sharded"
     return {
@@ -208,7 +236,8 @@ def stages_every_replica(pattern: SharingPattern, level: ValidationLevel, topo: 
 
 # -- loading --------------------------------------------------------------------------------------
 def choose_copy(pattern: SharingPattern, copies: dict[str, tuple[int, ...]], saved_topology: dict,
-                topo: Topology, members: tuple[int, ...] | None) -> tuple[str, str | None]:
+                topo: Topology, members: tuple[int, ...] | None, label: str | None = None
+                ) -> tuple[str, str | None]:
     """(copy this rank reads, a topology problem or None). `copies`: the saved copies of the
     component and, for PER_GROUP, the members each was saved for.
 
@@ -235,12 +264,14 @@ def choose_copy(pattern: SharingPattern, copies: dict[str, tuple[int, ...]], sav
     if not members:
         return "", ("it is PER_GROUP but the registered component has no process_group; pass the "
                     "group whose ranks share one copy")
-    name = group_copy_name(members)
+    name = group_copy_name(members, label)
     if name not in copies:
         return name, (f"it is PER_GROUP and no copy was saved for this rank's group "
-                      f"{list(members)}; saved copies: {sorted(copies)}")
+                      f"{list(members)}{f' ({label})' if label else ''}; saved copies: {sorted(copies)}"
+                      + ("" if label else "; pass the group as a slice of a named DeviceMesh "
+                         "(mesh['dp']) to name copies by mesh coordinate"))
     saved_members = copies[name]
-    if saved_members and tuple(saved_members) != tuple(members):
+    if saved_members and tuple(saved_members) != tuple(members) and not label:
         return name, (f"it is PER_GROUP and copy {name!r} was saved for ranks "
                       f"{list(saved_members)}, this rank's group is {list(members)}")
     return name, None

@@ -18,7 +18,7 @@ from ..format import metrics_file
 from ..format.manifest import Manifest
 from ..format.names import committed_steps, read_manifest, step_dir
 from ..options import CheckpointOptions
-from ..sharing import NODE_SHARED, choose_copy, group_members
+from ..sharing import NODE_SHARED, choose_copy, group_label, group_members
 from ..storage import Storage
 from ..types import CheckpointInfo, SharingPattern, StateComponent
 from .checks import check_before_load, describe_partial
@@ -145,7 +145,8 @@ class Loader:
             pattern = SharingPattern(entry.sharing_pattern)
             members = group_members(c, pattern, topo) if c.process_group else None
             copies = {name: tuple(e.members) for name, e in entry.shards.items()}
-            shard, problem = choose_copy(pattern, copies, manifest.topology, topo, members)
+            shard, problem = choose_copy(pattern, copies, manifest.topology, topo, members,
+                                         group_label(c, pattern))
             if problem and strict:
                 raise CheckpointError(f"cannot load component {c.key!r} of {where} on rank {topo.rank}: "
                                       f"{problem}; load it with the saving topology, or pass strict=False "

@@ -100,7 +100,9 @@ class Coordinator:
             raise CheckpointError(disagreement)
         job.timings["write_s"] = reports[0].write_s
         assembled = assemble(job.step, topo, reports, job.metrics, {}, self.versions)
-        mismatches = find_mismatches(announces, assembled.owners)
+        copies = {(k, name): tuple(e.members) for k, c in assembled.manifest.components.items()
+                  for name, e in c.shards.items() if c.sharing_pattern == "per_group"}
+        mismatches = find_mismatches(announces, assembled.owners, copies)
         if mismatches:
             raise describe(mismatches, assembled.trees, self._full_compare(job, assembled.manifest, mismatches))
         job.timings["total_s"] = time.perf_counter() - job.started

@@ -49,16 +49,17 @@ class RankPlan:
     buffer_nbytes: int
 
 
-# ((component, pattern, members, stage_all, ((dtype, shape), ...), chunks), ...): what a plan
-# depends on (chunks: SHARDED components' ChunkMeta per tensor, else None)
+# ((component, pattern, members, stage_all, ((dtype, shape), ...), chunks, label), ...): what a
+# plan depends on (chunks: SHARDED components' ChunkMeta per tensor, else None; label: a
+# PER_GROUP group's mesh coordinate, sharing.group_label)
 StateLayout = tuple
 
 
 def state_layout(components: list[tuple[str, SharingPattern, tuple | None, bool, list[torch.Tensor],
-                                        tuple[ChunkMeta, ...] | None]]) -> StateLayout:
+                                        tuple[ChunkMeta, ...] | None, str | None]]) -> StateLayout:
     """The cache key of a plan: per component its pattern, group, staging rule and tensor metas."""
     return tuple((key, pattern, members, validate, tuple((t.dtype, tuple(t.shape)) for t in tensors),
-                  chunks) for key, pattern, members, validate, tensors, chunks in components)
+                  chunks, label) for key, pattern, members, validate, tensors, chunks, label in components)
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -79,7 +80,7 @@ class Planner:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         topo, offset, shards = self.topo, 0, []
-        for component, pattern, members, validate, metas, chunks in key:
+        for component, pattern, members, validate, metas, chunks, label in key:
             sizes = [_nbytes(dtype, shape) for dtype, shape in metas]
             if pattern is SharingPattern.SHARDED:
                 # every rank's chunks and skeleton go into the manifest; replicated chunks are
@@ -103,7 +104,7 @@ class Planner:
                     slots.append(TensorSlot(index, dtype, shape, nbytes, offset, writes[index],
                                             chunks[index] if chunks else None))
                     offset = align_up(offset + nbytes)
-            shards.append(ShardPlan(component, pattern, copy_name(pattern, topo, members),
+            shards.append(ShardPlan(component, pattern, copy_name(pattern, topo, members, label),
                                     tuple(slots), len(metas), tree_source))
         plan = RankPlan(tuple(shards), offset)
         self._cache = (key, plan)

@@ -17,7 +17,6 @@ import torch
 from ..dist.messages import Announcement
 from ..format.codec import byte_view, new_hasher
 from ..errors import ReplicationError
-from ..sharing import group_copy_name
 from .plan import ShardPlan
 from ..types import SharingPattern, ValidationLevel
 
@@ -123,18 +122,21 @@ def check_agreement(announces: dict[int, Announcement]) -> str | None:
     return None
 
 
-def replica_sets(announces: dict[int, Announcement], key: str) -> list[tuple[str, list[int]]]:
+def replica_sets(announces: dict[int, Announcement], key: str,
+                 copies: Mapping[tuple[str, str], tuple[int, ...]]) -> list[tuple[str, list[int]]]:
     """(copy, ranks holding a replica of it) for a validated component: REPLICATED, one copy held
-    by every rank; PER_GROUP, one copy per group of several members."""
+    by every rank; PER_GROUP, one copy per group of several members (`copies`: the members of
+    each (component, copy) as assembled)."""
     pattern = next(iter(announces.values())).patterns[key][0]
     if pattern == SharingPattern.REPLICATED.value:
         return [("replicated", sorted(announces))]
-    groups = {tuple(a.groups[key]) for a in announces.values() if len(a.groups.get(key, ())) > 1}
-    return [(group_copy_name(members), list(members)) for members in sorted(groups)]
+    return [(copy, list(members)) for (k, copy), members in sorted(copies.items())
+            if k == key and len(members) > 1]
 
 
 def find_mismatches(announces: dict[int, Announcement],
-                    owners: Mapping[str | tuple[str, str], list[int]]) -> list[dict]:
+                    owners: Mapping[str | tuple[str, str], list[int]],
+                    copies: Mapping[tuple[str, str], tuple[int, ...]] | None = None) -> list[dict]:
     """Mismatches between replicas. Each: component, level, and either `groups` of ranks that
     agree (QUICK / skeleton) or a `tensor` index with the ranks whose copy differs from the
     majority's. PER_GROUP mismatches also name their `copy` and are compared within the group.
@@ -148,7 +150,7 @@ def find_mismatches(announces: dict[int, Announcement],
         if pattern == SharingPattern.SHARDED.value:
             found.extend(_chunk_mismatches(announces, key, level))
             continue
-        for copy, ranks in replica_sets(announces, key):
+        for copy, ranks in replica_sets(announces, key, copies or {}):
             extra = {} if pattern == SharingPattern.REPLICATED.value else {"copy": copy}
             copy_owners = owners[key] if not extra else owners[(key, copy)]
             digests = {r: announces[r].digests[key] for r in ranks if key in announces[r].digests}

@@ -1,0 +1,114 @@
+"""One rank of a DP x PP run (torch.distributed.pipelining), launched by tests/test_pipeline_groups.py.
+
+    pipeline_worker.py SCENARIO ROOT OUT MODE PP DP [PATTERN]
+
+A ("pp", "dp") mesh; each pipeline stage is a slice of one Sequential model (original parameter
+names kept), trained with ScheduleGPipe over the pp group, its gradients averaged over the dp
+group. MODE ``save`` trains 3 steps and saves step 3; ``load`` builds the model from another
+seed, trains 1 step (so the optimizer has state), loads the newest step and trains one more.
+PATTERN ``group`` (default): model and optimizer are PER_GROUP with ``mesh["dp"]`` as their
+group, so copies are named by pipeline coordinate; ``sharded``: both are SHARDED through
+ac.ModelState/ac.OptimizerState (fully-qualified keys), replicated over ``mesh["dp"]``.
+Every rank writes OUT/SCENARIO-r<rank>.json: its stage, a digest of its stage's model and
+optimizer state, and the loss of the step after loading (last stage).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import async_ckpt as ac
+
+
+def digest_of(state) -> str:
+    h = hashlib.sha1()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            h.update(o.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                h.update(str(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        else:
+            h.update(repr(o).encode())
+    walk(state)
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    scenario, root, out, mode, pp, dp = sys.argv[1:7]
+    pattern = sys.argv[7] if len(sys.argv) > 7 else "group"
+    pp, dp = int(pp), int(dp)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (pp, dp), mesh_dim_names=("pp", "dp"))
+    stage_index = mesh.get_local_rank("pp")
+    torch.manual_seed(0 if mode == "save" else 7)
+    full = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                               torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    cut = [slice(0, 2), slice(2, 5)] if pp == 2 else [slice(0, 5)]
+    module = full[cut[stage_index]]
+    opt = torch.optim.AdamW(module.parameters(), lr=0.01)
+    stage = PipelineStage(module, stage_index, pp, torch.device("cpu"), group=mesh["pp"].get_group())
+    schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=lambda y, t: (y - t).square().mean())
+    dp_group = mesh["dp"].get_group()
+
+    def train(step: int) -> float | None:
+        g = torch.Generator().manual_seed(1000 + step)
+        x, target = torch.randn(4, 16, generator=g), torch.randn(4, 8, generator=g)
+        losses: list = []
+        if stage_index == 0 and pp > 1:
+            schedule.step(x)
+        elif stage_index == pp - 1 and pp > 1:
+            schedule.step(target=target, losses=losses)
+        else:
+            schedule.step(x, target=target, losses=losses)
+        if dp > 1:
+            for p in module.parameters():
+                dist.all_reduce(p.grad, group=dp_group)
+                p.grad /= dp
+        opt.step()
+        opt.zero_grad()
+        return float(sum(losses)) if losses else None
+
+    for step in range(3 if mode == "save" else 1):
+        train(step)
+    if pattern == "sharded":
+        comps = [ac.StateComponent("model", ac.ModelState(module), ac.SharingPattern.SHARDED,
+                                   process_group=mesh["dp"]),
+                 ac.StateComponent("optim", ac.OptimizerState(module, opt), ac.SharingPattern.SHARDED,
+                                   process_group=mesh["dp"])]
+    else:
+        comps = [ac.StateComponent("model", module, ac.SharingPattern.PER_GROUP, process_group=mesh["dp"]),
+                 ac.StateComponent("optim", opt, ac.SharingPattern.PER_GROUP, process_group=mesh["dp"])]
+    result: dict = {"rank": rank, "stage": stage_index}
+    with ac.AsyncCheckpointer(root, comps, timeout_s=60) as ckpt:
+        try:
+            if mode == "save":
+                ckpt.save(3).wait()
+            else:
+                info = ckpt.load()
+                result["loaded"] = None if info is None else info.step
+        except ac.CheckpointError as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+    result["digest"] = digest_of({"model": module.state_dict(),
+                                  "optim": {k: v for k, v in opt.state_dict()["state"].items()}})
+    result["next_loss"] = train(3) if "error" not in result else None
+    with open(os.path.join(out, f"{scenario}-r{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
