@@ -51,3 +51,41 @@ def test_a_plain_process_group_names_copies_by_lowest_rank_and_refuses_a_dp_chan
     name, problem = choose_copy(ac.SharingPattern.PER_GROUP, {"group0": (0, 1), "group2": (2, 3)},
                                 {"world_size": 4, "num_nodes": 2}, topo, (1,))
     assert name == "group1" and "no copy was saved" in problem and "DeviceMesh" in problem
+
+
+@pytest.mark.parametrize("pp_after", [2, 1])
+def test_dp_x_pp_sharded_model_state_reloads_at_another_pipeline_degree(tmp_path, pp_after):
+    """SHARDED through ac.ModelState/ac.OptimizerState (fully-qualified keys): stages' keys merge
+    into one component, so 2 stages reload as 2 (dp 2 -> 1) or as 1 stage holding every layer."""
+    root = tmp_path / "ckpt"
+    saved = _run("save", root, tmp_path / "o1", "save", pp=2, dp=2, pattern="sharded")
+    assert all("error" not in r for r in saved.values()), saved
+    loaded = _run("load", root, tmp_path / "o2", "load", pp=pp_after, dp=1, pattern="sharded")
+    assert all(r.get("loaded") == 3 for r in loaded.values()), loaded
+    if pp_after == 2:
+        assert by_stage(loaded) == by_stage(saved) | {}      # same digests and next losses per stage
+    else:   # one stage: the loss of the step after loading equals the two-stage run's
+        assert next(iter(by_stage(loaded)[0]))[1] == next(iter(by_stage(saved)[1]))[1]
+
+
+def test_dp_x_pp_replica_one_ulp_off_fails_the_save_on_every_rank(tmp_path):
+    root = tmp_path / "ckpt"
+    got = _run("diverge", root, tmp_path / "o", "diverge", pp=2, dp=2)
+    assert all("ReplicationError" in r.get("error", "") or "SaveFailedError" in r.get("error", "")
+               for r in got.values()), got
+    # rank 3 is stage 1's second replica: its group copy names the tensor and the rank
+    assert all("group-pp1" in r["error"] and "[3]" in r["error"] for r in got.values()), got
+    assert not list(root.glob("step-*/manifest.json"))
+
+
+def test_per_rank_pipeline_stages_reload_by_key_at_another_world_size(tmp_path):
+    """PP 2 saved PER_RANK (fully-qualified keys, one stage per rank) loaded by DP x PP 2x2 under
+    strict=True: the stages' keys are disjoint, so each rank loads its stage's keys from the rank
+    that saved them (ranks 2-3, which have no copy of their own, included); the per-rank RNG,
+    required=False, is skipped with a warning instead of refusing the load."""
+    root = tmp_path / "ckpt"
+    saved = _run("save", root, tmp_path / "o1", "save", pp=2, dp=1, pattern="perrank")
+    assert all("error" not in r for r in saved.values()), saved
+    loaded = _run("load", root, tmp_path / "o2", "load", pp=2, dp=2, pattern="perrank")
+    assert all(r.get("loaded") == 3 for r in loaded.values()), loaded
+    assert by_stage(loaded) == by_stage(saved)

@@ -13,10 +13,12 @@ This module owns the JSON form of these entries and the box geometry; manifest.p
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import CheckpointError
 from .tree import dtype_from_name
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]      # (offsets, sizes)
@@ -57,6 +59,10 @@ def to_json(entry: ShardedEntry, record_json: Callable[[Any], dict]) -> dict:
          **({"layout": t.layout} if t.layout else {}),
          "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes), **record_json(c.record)}
                     for c in t.chunks]} for t in entry.tensors]}
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(k) for k in path) or "/"
 
 
 def _ints(v: Any, what: str) -> tuple[int, ...]:
@@ -122,6 +128,41 @@ def _check_refs(tree: Any, count: int, what: str) -> None:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+def remap_refs(tree: Any, mapping: dict[int, int]) -> Any:
+    """The skeleton with each tensor reference {"t": i} replaced by {"t": mapping[i]}."""
+    if isinstance(tree, dict):
+        if "t" in tree and isinstance(tree["t"], int):
+            return {**tree, "t": mapping[tree["t"]]}
+        return {k: remap_refs(v, mapping) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [remap_refs(v, mapping) for v in tree]
+    return tree
+
+
+def merge_trees(a: Any, b: Any, path: tuple[Any, ...], component: str) -> Any:
+    """Two ranks' skeletons as one: dicts take the union of their keys, everything else must be
+    equal (a non-tensor value that differs between ranks is not SHARDED state)."""
+    if a == b:
+        return a
+    if isinstance(a, dict) and isinstance(b, dict) and isinstance(a.get("d"), list) and isinstance(b.get("d"), list):
+        items = {json.dumps(k): [k, v] for k, v in a["d"]}
+        for k, v in b["d"]:
+            kk = json.dumps(k)
+            items[kk] = [k, merge_trees(items[kk][1], v, path + (k,), component)] if kk in items else [k, v]
+        return {**a, "d": list(items.values())}
+    for tag in ("l", "u"):
+        if (isinstance(a, dict) and isinstance(b, dict) and isinstance(a.get(tag), list)
+                and isinstance(b.get(tag), list) and len(a[tag]) == len(b[tag])):
+            return {**a, tag: [merge_trees(x, y, path + (i,), component)
+                               for i, (x, y) in enumerate(zip(a[tag], b[tag], strict=True))]}
+    raise CheckpointError(
+        f"component {component!r} is SHARDED but ranks hold different non-tensor state at "
+        f"{_path_str(path)!r} ({json.dumps(a)[:80]} vs {json.dumps(b)[:80]}); everything but "
+        "DTensors must be the same on every rank holding it (keys that differ per rank, such as "
+        "an optimizer's integer parameter ids on pipeline stages, need fully-qualified names: "
+        "use ac.ModelState / ac.OptimizerState)")
 
 
 def check_tiling(shape: tuple[int, ...], boxes: list[Box], what: str) -> None:

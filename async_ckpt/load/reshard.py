@@ -1,7 +1,9 @@
 """Loading a SHARDED component into the live state, whatever topology saved it (resharding).
 
 Called by `load.restore.Loader` on the caller's thread of every rank, before any
-``load_state_dict``. The target is the component's live ``state_dict()`` (as DCP loads in place):
+``load_state_dict``. The target is the component's live ``state_dict()`` (as DCP loads in place;
+a stateful may offer ``load_target()`` instead, whose result has a place for every saved entry,
+as `training.state.OptimizerState` does for an optimizer that has not stepped yet):
 its structure is kept, and each leaf is taken from the checkpoint by its key path:
 
 - a DTensor gets the box of its global tensor that this rank's placements cover: the saved
@@ -24,7 +26,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..format.manifest import ComponentEntry, Manifest, ShardEntry, TensorEntry
-from ..format.sharded import Box, GlobalTensor, overlap
+from ..format.sharded import Box, Chunk, GlobalTensor, ShardedEntry, merge_trees, overlap, remap_refs
 from ..format.tree import TensorLeaf, dtype_name, leaves
 from ..storage import Storage
 from .readbuf import ReadSession
@@ -140,11 +142,41 @@ def _fill(structure: Any) -> Any:
     return structure
 
 
+def by_key(entry: ComponentEntry, where: str) -> ComponentEntry | None:
+    """A PER_RANK component's copies as one SHARDED-like entry, when their keys allow it: no key
+    path is in two copies (pipeline stages: each stage its own parameters), so every key names
+    one value. Then a run of another pipeline degree loads each live key from whichever rank saved
+    it. None when copies share keys (RNG states, per-rank counters): those belong to their rank."""
+    seen: set[tuple[Any, ...]] = set()
+    tensors: list[GlobalTensor] = []
+    merged: Any = None
+    for name in sorted(entry.shards):
+        copy = entry.shards[name]
+        mapping = {}
+        for path, leaf in leaves(copy.tree, where):
+            if path in seen:
+                return None
+            seen.add(path)
+            if isinstance(leaf, TensorLeaf):
+                if not 0 <= leaf.index < len(copy.tensors):
+                    return None
+                record = copy.tensors[leaf.index]
+                mapping[leaf.index] = len(tensors)
+                tensors.append(GlobalTensor(path, record.dtype, tuple(record.shape), (
+                    Chunk((0,) * len(record.shape), tuple(record.shape), record),)))
+        tree = remap_refs(copy.tree, mapping)
+        merged = tree if merged is None else merge_trees(merged, tree, (), where)
+    return ComponentEntry(entry.sharing_pattern, entry.required, entry.validation_level,
+                          entry.metadata, {}, ShardedEntry(merged, tuple(tensors), ()))
+
+
 def load_sharded(storage: Storage, folder: str, manifest: Manifest, key: str, live_state: Any,
-                 verify: bool = True, session: ReadSession | None = None) -> Any:
+                 verify: bool = True, session: ReadSession | None = None,
+                 entry: ComponentEntry | None = None) -> Any:
     """The state to pass to the component's load_state_dict: `live_state`'s structure with every
-    leaf taken from the checkpoint (see the module docstring)."""
-    entry = manifest.components[key]
+    leaf taken from the checkpoint (see the module docstring); `entry`: another view of the
+    component (`by_key`)."""
+    entry = entry or manifest.components[key]
     where = f"{storage.child_url(folder)} component {key!r}"
     structure, wants = _plan(live_state, entry, where)
     # every chunk that any wanted box intersects, read once (shared by tied tensors)

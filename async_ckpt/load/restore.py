@@ -15,7 +15,7 @@ from ..dist.messages import LoadStep, LoadVerdict
 from ..dist.topology import Topology
 from ..errors import ERROR_CLASSES, CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..format import metrics_file
-from ..format.manifest import Manifest
+from ..format.manifest import ComponentEntry, Manifest
 from ..format.names import committed_steps, read_manifest, step_dir
 from ..options import CheckpointOptions
 from ..sharing import NODE_SHARED, choose_copy, group_label, group_members
@@ -26,7 +26,9 @@ from .guard import as_checkpoint_error, checkpoint_errors_only
 from .node_shared import read_shared
 from .readbuf import ReadSession
 from .reader import load_shard
-from .reshard import load_sharded
+from .reshard import by_key, load_sharded
+
+BY_KEY = "(by key)"      # a PER_RANK component loaded key by key (load.reshard.by_key)
 
 log = logging.getLogger("async_ckpt")
 
@@ -67,6 +69,7 @@ class Loader:
         self.storage, self.topo, self.link, self.options = storage, topo, link, options
         self.components = components
         self._seq = 0
+        self._by_key: dict[str, ComponentEntry] = {}
 
     def load(self, step: int | None, strict: bool) -> CheckpointInfo | None:
         """Restore `step` (None: the newest committed one; None returned when there is none)."""
@@ -147,6 +150,19 @@ class Loader:
             copies = {name: tuple(e.members) for name, e in entry.shards.items()}
             shard, problem = choose_copy(pattern, copies, manifest.topology, topo, members,
                                          group_label(c, pattern))
+            if problem and pattern is SharingPattern.PER_RANK and (merged := by_key(entry, where)):
+                # the copies' keys are disjoint (pipeline stages): load each live key from the
+                # rank that saved it, at any pipeline degree
+                log.info("[rank %d step %d] component %r: %s; loading it by key", topo.rank, step,
+                         c.key, problem)
+                self._by_key[c.key] = merged
+                plan.append((c, BY_KEY))
+                continue
+            if problem and strict and not c.required:
+                # an optional component (a per-rank RNG) never stands in the way of a topology change
+                log.warning("[rank %d step %d] component %r skipped (required=False): %s", topo.rank,
+                            step, c.key, problem)
+                continue
             if problem and strict:
                 raise CheckpointError(f"cannot load component {c.key!r} of {where} on rank {topo.rank}: "
                                       f"{problem}; load it with the saving topology, or pass strict=False "
@@ -218,10 +234,12 @@ class Loader:
         staged = []
         for c, shard in plan:
             try:
-                if manifest.components[c.key].sharded is not None:
+                if manifest.components[c.key].sharded is not None or shard == BY_KEY:
                     # the live state is the target: each rank reads the boxes it covers
-                    state = load_sharded(storage, folder, manifest, c.key, c.stateful.state_dict(),
-                                         options.verify, session)
+                    target = getattr(c.stateful, "load_target", None)   # see load.reshard
+                    live = target() if callable(target) else c.stateful.state_dict()
+                    state = load_sharded(storage, folder, manifest, c.key, live, options.verify, session,
+                                         self._by_key.get(c.key) if shard == BY_KEY else None)
                 else:
                     state = states[(c.key, shard)] if (c.key, shard) in states else load_shard(
                         storage, folder, manifest, c.key, shard, options.allow_pickle,

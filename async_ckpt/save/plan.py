@@ -55,11 +55,12 @@ class RankPlan:
 StateLayout = tuple
 
 
-def state_layout(components: list[tuple[str, SharingPattern, tuple | None, bool, list[torch.Tensor],
-                                        tuple[ChunkMeta, ...] | None, str | None]]) -> StateLayout:
+def state_layout(components: list[tuple]) -> StateLayout:
     """The cache key of a plan: per component its pattern, group, staging rule and tensor metas."""
+    # (chunks and label may be left out: a component with neither)
+    full = [(*entry, None, None)[:7] for entry in components]
     return tuple((key, pattern, members, validate, tuple((t.dtype, tuple(t.shape)) for t in tensors),
-                  chunks, label) for key, pattern, members, validate, tensors, chunks, label in components)
+                  chunks, label) for key, pattern, members, validate, tensors, chunks, label in full)
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

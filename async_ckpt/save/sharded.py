@@ -16,7 +16,7 @@ from typing import Any
 from ..dist.messages import WrittenTensor
 from ..errors import CheckpointError, ReplicationError
 from ..format.manifest import TensorEntry
-from ..format.sharded import Chunk, GlobalTensor, ShardedEntry, check_tiling
+from ..format.sharded import Chunk, GlobalTensor, ShardedEntry, check_tiling, merge_trees, remap_refs
 from ..format.tree import TensorLeaf, leaves
 
 log = logging.getLogger("async_ckpt")
@@ -24,41 +24,6 @@ log = logging.getLogger("async_ckpt")
 
 def _path_str(path: tuple[Any, ...]) -> str:
     return "/".join(str(k) for k in path) or "/"
-
-
-def _remap(tree: Any, mapping: dict[int, int]) -> Any:
-    """The skeleton with each tensor reference {"t": i} replaced by {"t": mapping[i]}."""
-    if isinstance(tree, dict):
-        if "t" in tree and isinstance(tree["t"], int):
-            return {**tree, "t": mapping[tree["t"]]}
-        return {k: _remap(v, mapping) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_remap(v, mapping) for v in tree]
-    return tree
-
-
-def _merge(a: Any, b: Any, path: tuple[Any, ...], component: str) -> Any:
-    """Two ranks' skeletons as one: dicts take the union of their keys, everything else must be
-    equal (a non-tensor value that differs between ranks is not SHARDED state)."""
-    if a == b:
-        return a
-    if isinstance(a, dict) and isinstance(b, dict) and isinstance(a.get("d"), list) and isinstance(b.get("d"), list):
-        items = {json.dumps(k): [k, v] for k, v in a["d"]}
-        for k, v in b["d"]:
-            kk = json.dumps(k)
-            items[kk] = [k, _merge(items[kk][1], v, path + (k,), component)] if kk in items else [k, v]
-        return {**a, "d": list(items.values())}
-    for tag in ("l", "u"):
-        if (isinstance(a, dict) and isinstance(b, dict) and isinstance(a.get(tag), list)
-                and isinstance(b.get(tag), list) and len(a[tag]) == len(b[tag])):
-            return {**a, tag: [_merge(x, y, path + (i,), component)
-                               for i, (x, y) in enumerate(zip(a[tag], b[tag], strict=True))]}
-    raise CheckpointError(
-        f"component {component!r} is SHARDED but ranks hold different non-tensor state at "
-        f"{_path_str(path)!r} ({json.dumps(a)[:80]} vs {json.dumps(b)[:80]}); everything but "
-        "DTensors must be the same on every rank holding it (keys that differ per rank, such as "
-        "an optimizer's integer parameter ids on pipeline stages, need fully-qualified names: "
-        "use ac.ModelState / ac.OptimizerState)")
 
 
 def build(component: str, level: str, trees: dict[int, Any],
@@ -72,8 +37,8 @@ def build(component: str, level: str, trees: dict[int, Any],
         for path, leaf in leaves(trees[rank], f"component {component!r}"):
             if isinstance(leaf, TensorLeaf):
                 mapping[leaf.index] = index_of.setdefault(path, len(index_of))
-        tree = _remap(trees[rank], mapping)
-        merged = tree if merged is None else _merge(merged, tree, (), component)
+        tree = remap_refs(trees[rank], mapping)
+        merged = tree if merged is None else merge_trees(merged, tree, (), component)
     by_path: dict[tuple[Any, ...], dict[tuple[int, ...], tuple[WrittenTensor, int]]] = {}
     for written, rank in chunks:
         info = written.chunk

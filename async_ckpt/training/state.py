@@ -122,6 +122,16 @@ class OptimizerState:
         self.optimizer.state.clear()
         return {k: v for k, v in state.items() if not k.startswith("state.")}
 
+    def load_target(self) -> dict[str, Any]:
+        """The live state a SHARDED load fills (load.reshard): with the optimizer state's entries
+        even before the first step (DCP's initialisation is undone again, so nothing changes
+        before the load's verdict), so the saved state has a place to land."""
+        fresh = not self.optimizer.state
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        if fresh:
+            self.optimizer.state.clear()
+        return state
+
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
         """Refuse a state saved for other parameters (before anything is restored)."""
         if not self.options.strict:

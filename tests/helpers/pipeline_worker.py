@@ -5,10 +5,12 @@
 A ("pp", "dp") mesh; each pipeline stage is a slice of one Sequential model (original parameter
 names kept), trained with ScheduleGPipe over the pp group, its gradients averaged over the dp
 group. MODE ``save`` trains 3 steps and saves step 3; ``load`` builds the model from another
-seed, trains 1 step (so the optimizer has state), loads the newest step and trains one more.
+seed, trains 1 step (so the optimizer has state), loads the newest step and trains one more;
+``diverge`` is ``save`` with the last rank's first parameter one ulp off.
 PATTERN ``group`` (default): model and optimizer are PER_GROUP with ``mesh["dp"]`` as their
 group, so copies are named by pipeline coordinate; ``sharded``: both are SHARDED through
-ac.ModelState/ac.OptimizerState (fully-qualified keys), replicated over ``mesh["dp"]``.
+ac.ModelState/ac.OptimizerState (fully-qualified keys), replicated over ``mesh["dp"]``;
+``perrank``: both PER_RANK through those helpers, plus a PER_RANK RNG with required=False.
 Every rank writes OUT/SCENARIO-r<rank>.json: its stage, a digest of its stage's model and
 optimizer state, and the loss of the step after loading (last stage).
 """
@@ -82,9 +84,17 @@ def main() -> None:
         opt.zero_grad()
         return float(sum(losses)) if losses else None
 
-    for step in range(3 if mode == "save" else 1):
+    for step in range(1 if mode == "load" else 3):
         train(step)
-    if pattern == "sharded":
+    if mode == "diverge" and rank == dist.get_world_size() - 1:   # one replica one ulp off
+        with torch.no_grad():
+            p = next(module.parameters())
+            p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf")))
+    if pattern == "perrank":
+        comps = [ac.StateComponent("model", ac.ModelState(module), ac.SharingPattern.PER_RANK),
+                 ac.StateComponent("optim", ac.OptimizerState(module, opt), ac.SharingPattern.PER_RANK),
+                 ac.StateComponent("rng", ac.RNGState(), ac.SharingPattern.PER_RANK, required=False)]
+    elif pattern == "sharded":
         comps = [ac.StateComponent("model", ac.ModelState(module), ac.SharingPattern.SHARDED,
                                    process_group=mesh["dp"]),
                  ac.StateComponent("optim", ac.OptimizerState(module, opt), ac.SharingPattern.SHARDED,
@@ -93,9 +103,12 @@ def main() -> None:
         comps = [ac.StateComponent("model", module, ac.SharingPattern.PER_GROUP, process_group=mesh["dp"]),
                  ac.StateComponent("optim", opt, ac.SharingPattern.PER_GROUP, process_group=mesh["dp"])]
     result: dict = {"rank": rank, "stage": stage_index}
+    if mode == "diverge":
+        for c in comps:
+            c.validation_level = ac.ValidationLevel.TENSOR
     with ac.AsyncCheckpointer(root, comps, timeout_s=60) as ckpt:
         try:
-            if mode == "save":
+            if mode != "load":
                 ckpt.save(3).wait()
             else:
                 info = ckpt.load()
