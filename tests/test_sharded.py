@@ -11,9 +11,9 @@ pytestmark = pytest.mark.multiproc
 WORKER = HELPERS / "sharded_worker.py"
 
 
-def _run(name, root, out, parallel, mode, world, dp=1, nnodes=1):
+def _run(name, root, out, parallel, mode, world, dp=1, nnodes=1, full=False):
     return run(name, root, out, nnodes=nnodes, nproc=world // nnodes, worker=WORKER,
-               args=(parallel, mode, str(dp)), timeout=180)
+               args=(parallel, mode, str(dp), *(("full",) if full else ())), timeout=180)
 
 
 def _same_everywhere(results, key):
@@ -77,3 +77,18 @@ def test_a_replica_one_ulp_off_fails_the_save_on_every_rank(tmp_path):
                for r in got.values()), got
     assert all("2.bias" in r["error"] and "rank(s) [3]" in r["error"] for r in got.values()), got
     assert not list(root.glob("step-*/manifest.json"))
+
+
+def test_full_state_mode_is_read_once_per_node_and_shared(tmp_path):
+    """ModelState(full_state_dict=True) as GLOBAL: one consolidated copy. At load, each node reads
+    it once and its other ranks get views of that one shared buffer (copies_on_load), not copies
+    of their own; the FSDP2 state is bit-identical afterwards."""
+    root = tmp_path / "ckpt"
+    saved = _run("save", root, tmp_path / "o1", "fsdp", "save", 4, dp=1, nnodes=2, full=True)
+    assert all("error" not in r for r in saved.values()), saved
+    got = _run("load", root, tmp_path / "o2", "fsdp", "load", 4, dp=1, nnodes=2, full=True)
+    assert all(r.get("loaded") == 3 for r in got.values()), got
+    assert _same_everywhere(got, "digest") == _same_everywhere(saved, "digest")
+    # local rank 1 of each node: every tensor is a view of the node's one buffer
+    assert got[1]["storages"] == 1 and got[3]["storages"] == 1, got
+    assert got[0]["storages"] > 1                  # the node writer keeps what it read

@@ -3,7 +3,9 @@
 Every rank of a node needs the same bytes for these copies. The node writer (local rank 0)
 reads and verifies them, copies them into one shared-memory buffer and posts its name to the
 Store; the other local ranks map it, take private copies (so no two ranks ever alias the same
-optimizer state) and acknowledge; the node writer then removes the buffer. Storage is read once
+optimizer state; components whose stateful only copies what it loads, ``copies_on_load``, get
+views of the buffer instead) and acknowledge; the last one removes the buffer's name (views keep
+the mapping alive until they are dropped). Storage is read once
 per node, which matters on object stores. Every wait is bounded by the checkpointer's timeout.
 """
 from __future__ import annotations
@@ -29,9 +31,14 @@ log = logging.getLogger("async_ckpt")
 
 def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str, str]],
                 topo: Topology, link: StoreLink | None, load_seq: int, allow_pickle: bool,
-                verify: bool, session: ReadSession | None = None) -> dict[tuple[str, str], object]:
+                verify: bool, session: ReadSession | None = None, views: frozenset[str] = frozenset()
+                ) -> dict[tuple[str, str], object]:
     """The states of the (component, shard) copies in `wanted`, read once on this node; empty
-    when there is no other rank on this node to share with (the caller reads them itself)."""
+    when there is no other rank on this node to share with (the caller reads them itself).
+    Components in `views` (their stateful copies what it loads and keeps no reference:
+    ``copies_on_load``) get views of the node's one shared buffer instead of private copies, so
+    a full state (``ModelState(full_state_dict=True)``) is materialised once per node, not once
+    per rank."""
     if link is None or topo.local_world_size == 1 or not wanted:
         return {}
     seq, key = f"load{load_seq}", f"shared/{topo.node}"
@@ -50,8 +57,9 @@ def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str
             tensors = []
             for t in copy.tensors:
                 dt = dtype_from_name(t.dtype, f"shared copy of {copy.component!r}")
-                tensors.append(mapped[t.offset:t.offset + t.nbytes].view(dt).view(t.shape).clone()
-                               if t.nbytes else torch.empty(t.shape, dtype=dt))
+                view = mapped[t.offset:t.offset + t.nbytes].view(dt).view(t.shape) if t.nbytes else None
+                tensors.append(torch.empty(t.shape, dtype=dt) if view is None else
+                               view if copy.component in views else view.clone())
             entry = manifest.components[copy.component].shards[copy.shard]
             states[(copy.component, copy.shard)] = unflatten_owned(
                 entry.tree, tensors, f"{storage.child_url(folder)} component {copy.component!r}",

@@ -226,8 +226,9 @@ class Loader:
         # GLOBAL/REPLICATED copies are the same for every rank of a node: read them once per node.
         shared = [(c.key, shard) for c, shard in plan if shard in NODE_SHARED]
         try:
+            views = frozenset(c.key for c, _ in plan if getattr(c.stateful, "copies_on_load", False))
             states = read_shared(storage, folder, manifest, shared, topo, self.link, self._seq,
-                                 options.allow_pickle, options.verify, session)
+                                 options.allow_pickle, options.verify, session, views)
         except CheckpointError as exc:   # each rank reads (and judges) its copies itself
             log.warning("[rank %d step %d] node-shared read failed, reading per rank: %s", topo.rank, step, exc)
             states = {}

@@ -64,7 +64,14 @@ class ModelState:
 
     ``full_state_dict``/``cpu_offload``/``strict`` are DCP's ``StateDictOptions`` of the same
     names (``strict`` also decides whether ``check_state_dict`` refuses missing/unexpected keys).
+
+    Loading copies the values into the model's own parameters and keeps no reference to them
+    (``copies_on_load``), so a GLOBAL or REPLICATED ModelState is loaded from one shared buffer
+    per node (load.node_shared): a full state dict (``full_state_dict=True``) is materialised
+    once per node, not once per rank.
     """
+
+    copies_on_load = True
 
     def __init__(self, model: Any, *, full_state_dict: bool = False, cpu_offload: bool = False,
                  strict: bool = True) -> None:

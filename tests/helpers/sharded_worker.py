@@ -1,11 +1,14 @@
 """One rank of a SHARDED (DTensor) scenario, launched by torchrun from tests/test_sharded*.py.
 
-    sharded_worker.py SCENARIO ROOT OUT PARALLEL MODE [DP]
+    sharded_worker.py SCENARIO ROOT OUT PARALLEL MODE [DP [full]]
 
 PARALLEL: ``fsdp`` (FSDP2 over every rank), ``tp`` (1-D tensor parallel over every rank),
 ``dptp`` (a (dp, tp) mesh: tensor parallel inside, data-parallel replicas across). MODE ``save``
 trains a few deterministic steps and saves step 3; ``load`` builds the same model from another
 seed, loads the newest step and reports; ``diverge`` nudges one replica by one ulp before saving.
+With ``full``, the model is a GLOBAL consolidated copy instead
+(``ac.ModelState(model, full_state_dict=True)``; the optimizer stays SHARDED); a load then reports how
+many storages the model state handed to each rank spans (one: views of the node's shared buffer).
 Every rank writes OUT/SCENARIO-r<rank>.json: a digest of the full (gathered) model and optimizer
 state, the loss of one fixed forward pass, and the error of the save or load, if any.
 """
@@ -86,6 +89,7 @@ def digest(model, opt) -> dict:
 def main() -> None:
     scenario, root, out, parallel, mode = sys.argv[1:6]
     dp = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+    full = len(sys.argv) > 7 and sys.argv[7] == "full"
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     result: dict = {"rank": rank, "world": dist.get_world_size()}
@@ -93,6 +97,13 @@ def main() -> None:
     train(model, opt, 1 if mode == "load" else 3)     # a loaded optimizer needs its state to exist
     comps = [ac.StateComponent("model", model, ac.SharingPattern.SHARDED, process_group=group),
              ac.StateComponent("optim", opt, ac.SharingPattern.SHARDED, process_group=group)]
+    if full:
+        class Recording(ac.ModelState):
+            def load_state_dict(self, state):
+                result["storages"] = len({v.untyped_storage().data_ptr() for v in state.values()})
+                super().load_state_dict(state)
+        comps = [ac.StateComponent("model", Recording(model, full_state_dict=True), ac.SharingPattern.GLOBAL),
+                 ac.StateComponent("optim", opt, ac.SharingPattern.SHARDED)]
     if mode == "diverge" and rank == dist.get_world_size() - 1:
         with torch.no_grad():
             w = model[2].bias.to_local() if hasattr(model[2].bias, "to_local") else model[2].bias
