@@ -41,7 +41,7 @@ from .load.restore import Loader, list_infos
 from .options import CheckpointOptions, check_step
 from .save.commit import Committer
 from .save.coordinator import Coordinator
-from .save.chunking import chunk_layout
+from .save.chunking import chunk_layout, needs_split, split_replicated
 from .save.datafile import DataFileStreamer
 from .save.job import ComponentSpec, SaveJob
 from .save.lease import LeaseKeeper
@@ -272,6 +272,8 @@ class AsyncCheckpointer:
             chunks = None
             if sharded:     # DTensors -> their local shards, each a box of its global tensor
                 tensors, chunks = chunk_layout(tensors, tree, c.key, self.topo, members)
+            elif pattern is SharingPattern.REPLICATED and needs_split(tensors, self.topo):
+                tensors, chunks = split_replicated(tensors, tree, c.key, self.topo)
             level = validation_level(c, pattern)
             if level is ValidationLevel.NONE and c.validation_level not in (None, ValidationLevel.NONE):
                 self._warn_unchecked(c, pattern)

@@ -92,3 +92,29 @@ def test_full_state_mode_is_read_once_per_node_and_shared(tmp_path):
     # local rank 1 of each node: every tensor is a view of the node's one buffer
     assert got[1]["storages"] == 1 and got[3]["storages"] == 1, got
     assert got[0]["storages"] > 1                  # the node writer keeps what it read
+
+
+def test_a_giant_replicated_tensor_is_written_in_row_blocks_by_several_ranks(tmp_path):
+    import json
+    worker = HELPERS / "replicated_split_worker.py"
+    root = tmp_path / "ckpt"
+    saved = run("save", root, tmp_path / "o1", nnodes=2, nproc=2, worker=worker, args=("save",), timeout=180)
+    assert all("error" not in r for r in saved.values()), saved
+    doc = json.loads(next(root.glob("step-*/manifest.json")).read_text())
+    comp = doc["components"]["state"]
+    assert doc["format_version"] == 2 and comp["sharing_pattern"] == "replicated" and not comp["shards"]
+    big = next(t for t in comp["sharded"]["tensors"] if t["path"] == ["big"])
+    assert [c["offsets"][0] for c in big["chunks"]] == [0, 1500, 3000, 4500]
+    # each block in another rank's data file: the 24 MiB are spread over the 4 ranks
+    assert len({c["file"].split("-")[2] for c in big["chunks"]}) == 4
+    want = _same_everywhere(saved, "digest")
+    for world, nnodes in ((4, 2), (2, 1)):     # node-shared read at 2 x 2; per rank on one node
+        got = run(f"load{world}", root, tmp_path / f"o{world}", nnodes=nnodes, nproc=world // nnodes,
+                  worker=worker, args=("load",), timeout=180)
+        assert all(r.get("loaded") == 1 for r in got.values()), got
+        assert _same_everywhere(got, "digest") == want
+    off = run("diverge", tmp_path / "c2", tmp_path / "o5", nnodes=2, nproc=2, worker=worker,
+              args=("diverge",), timeout=180)
+    assert all("ReplicationError" in r.get("error", "") or "SaveFailedError" in r.get("error", "")
+               for r in off.values()), off
+    assert all("[4500, 0]" in r["error"] and "[3]" in r["error"] for r in off.values()), off

@@ -70,6 +70,7 @@ class ShardDescriptor:
     metadata: dict | None
     members: tuple[int, ...]   # PER_GROUP: the group's ranks
     slots: tuple[Slot, ...] = ()
+    chunked: bool = False      # records are chunks of global tensors (SHARDED, split REPLICATED)
 
 
 @dataclass(frozen=True)

@@ -266,10 +266,12 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
                 raise ValueError(f"components.{key}.sharing_pattern {pattern!r} is not one of "
                                  f"format_version {version}'s patterns")
             entry = None
-            if pattern == SharingPattern.SHARDED.value:
-                if shards or "sharded" not in c:
-                    raise ValueError(f"components.{key} is SHARDED: it needs a 'sharded' entry "
-                                     "and no copies")
+            chunked = pattern == SharingPattern.SHARDED.value or (
+                pattern == SharingPattern.REPLICATED.value and "sharded" in c)   # split REPLICATED
+            if chunked:
+                if shards or "sharded" not in c or version < SHARDED_VERSION:
+                    raise ValueError(f"components.{key} is {pattern} in chunks: it needs a "
+                                     "'sharded' entry, no copies, and format_version 2")
                 entry = sharded.parse(c["sharded"], f"components.{key}.sharded",
                                       lambda doc, what: _tensor(doc, files, what))
             elif "sharded" in c:

@@ -19,6 +19,7 @@ from ..format.codec import align_up
 from ..errors import CorruptCheckpointError
 from ..dist.link import StoreLink, StoreLost
 from .reader import check_files, read_tensors, unflatten_owned
+from .reshard import whole_tensors
 from ..format.manifest import Manifest
 from .readbuf import ReadSession
 from ..dist.messages import SharedCopies, SharedCopy, SharedTensor
@@ -60,10 +61,9 @@ def read_shared(storage, folder: str, manifest: Manifest, wanted: list[tuple[str
                 view = mapped[t.offset:t.offset + t.nbytes].view(dt).view(t.shape) if t.nbytes else None
                 tensors.append(torch.empty(t.shape, dtype=dt) if view is None else
                                view if copy.component in views else view.clone())
-            entry = manifest.components[copy.component].shards[copy.shard]
             states[(copy.component, copy.shard)] = unflatten_owned(
-                entry.tree, tensors, f"{storage.child_url(folder)} component {copy.component!r}",
-                allow_pickle)
+                _tree(manifest, copy.component, copy.shard), tensors,
+                f"{storage.child_url(folder)} component {copy.component!r}", allow_pickle)
     finally:
         del mapped
         _acknowledge(link, seq, key, topo, answer.shm)
@@ -94,6 +94,9 @@ def _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, all
     try:
         read = {}
         for comp, shard in wanted:
+            if manifest.components[comp].sharded is not None:     # REPLICATED in row blocks
+                read[(comp, shard)] = whole_tensors(storage, folder, manifest, comp, verify, session)[1]
+                continue
             entry = manifest.components[comp].shards[shard]
             check_files(storage, folder, manifest, {t.file for t in entry.tensors})
             read[(comp, shard)] = read_tensors(storage, folder, entry,
@@ -123,9 +126,14 @@ def _read_and_share(storage, folder, manifest, wanted, topo, link, seq, key, all
         link.post(seq, key, SharedCopies(error=str(exc)))
         raise
     link.post(seq, key, SharedCopies(name, max(offset, 1), tuple(copies)))
-    return {ks: unflatten_owned(manifest.components[ks[0]].shards[ks[1]].tree, tensors,
+    return {ks: unflatten_owned(_tree(manifest, *ks), tensors,
                                 f"{storage.child_url(folder)} component {ks[0]!r}", allow_pickle)
             for ks, tensors in read.items()}
+
+
+def _tree(manifest: Manifest, component: str, shard: str) -> object:
+    entry = manifest.components[component]
+    return entry.sharded.tree if entry.sharded is not None else entry.shards[shard].tree
 
 
 def _unlink(name: str) -> None:

@@ -30,7 +30,7 @@ from ..format.sharded import Box, Chunk, GlobalTensor, ShardedEntry, merge_trees
 from ..format.tree import TensorLeaf, dtype_name, leaves
 from ..storage import Storage
 from .readbuf import ReadSession
-from .reader import check_files, read_tensors
+from .reader import check_files, read_tensors, unflatten_owned
 
 _MISSING = object()
 
@@ -140,6 +140,39 @@ def _fill(structure: Any) -> Any:
     if isinstance(structure, tuple):
         return tuple(_fill(v) for v in structure)
     return structure
+
+
+def whole_tensors(storage: Storage, folder: str, manifest: Manifest, key: str, verify: bool = True,
+                  session: ReadSession | None = None) -> tuple[Any, list[torch.Tensor]]:
+    """A chunked component's skeleton and every global tensor, whole (its chunks read, verified
+    and put together): how a REPLICATED component split into row blocks is loaded."""
+    entry = manifest.components[key]
+    assert entry.sharded is not None
+    where = f"{storage.child_url(folder)} component {key!r}"
+    records = [c.record for t in entry.sharded.tensors for c in t.chunks]
+    check_files(storage, folder, manifest, {r.file for r in records})
+    read = iter(read_tensors(storage, folder, ShardEntry(None, tuple(records), ()), where, verify, session))
+    out = []
+    for t in entry.sharded.tensors:
+        parts = [(c, next(read)) for c in t.chunks]
+        if len(parts) == 1:
+            out.append(parts[0][1])
+            continue
+        whole = torch.empty(t.shape, dtype=parts[0][1].dtype)
+        for chunk, data in parts:
+            dst = whole
+            for d, (o, n) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
+                dst = dst.narrow(d, o, n)
+            dst.copy_(data)
+        out.append(whole)
+    return entry.sharded.tree, out
+
+
+def load_whole(storage: Storage, folder: str, manifest: Manifest, key: str, allow_pickle: bool,
+               verify: bool = True, session: ReadSession | None = None) -> Any:
+    """A chunked REPLICATED component's state, rebuilt from its saved skeleton (as any copy is)."""
+    tree, tensors = whole_tensors(storage, folder, manifest, key, verify, session)
+    return unflatten_owned(tree, tensors, f"{storage.child_url(folder)} component {key!r}", allow_pickle)
 
 
 def by_key(entry: ComponentEntry, where: str) -> ComponentEntry | None:

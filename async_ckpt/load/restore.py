@@ -26,7 +26,7 @@ from .guard import as_checkpoint_error, checkpoint_errors_only
 from .node_shared import read_shared
 from .readbuf import ReadSession
 from .reader import load_shard
-from .reshard import by_key, load_sharded
+from .reshard import by_key, load_sharded, load_whole
 
 BY_KEY = "(by key)"      # a PER_RANK component loaded key by key (load.reshard.by_key)
 
@@ -167,7 +167,7 @@ class Loader:
                 raise CheckpointError(f"cannot load component {c.key!r} of {where} on rank {topo.rank}: "
                                       f"{problem}; load it with the saving topology, or pass strict=False "
                                       "to skip it")
-            if pattern is SharingPattern.SHARDED:
+            if pattern is SharingPattern.SHARDED or entry.sharded is not None:
                 if entry.sharded is None:
                     raise CorruptCheckpointError(f"component {c.key!r} of {where} is SHARDED but "
                                                  "has no chunk records")
@@ -235,16 +235,22 @@ class Loader:
         staged = []
         for c, shard in plan:
             try:
-                if manifest.components[c.key].sharded is not None or shard == BY_KEY:
+                entry = manifest.components[c.key]
+                if (c.key, shard) in states:
+                    state = states[(c.key, shard)]
+                elif shard == BY_KEY or (entry.sharded is not None
+                                         and entry.sharing_pattern == SharingPattern.SHARDED.value):
                     # the live state is the target: each rank reads the boxes it covers
                     target = getattr(c.stateful, "load_target", None)   # see load.reshard
                     live = target() if callable(target) else c.stateful.state_dict()
                     state = load_sharded(storage, folder, manifest, c.key, live, options.verify, session,
                                          self._by_key.get(c.key) if shard == BY_KEY else None)
+                elif entry.sharded is not None:       # a REPLICATED component written in chunks
+                    state = load_whole(storage, folder, manifest, c.key, options.allow_pickle,
+                                       options.verify, session)
                 else:
-                    state = states[(c.key, shard)] if (c.key, shard) in states else load_shard(
-                        storage, folder, manifest, c.key, shard, options.allow_pickle,
-                        options.verify, session)
+                    state = load_shard(storage, folder, manifest, c.key, shard, options.allow_pickle,
+                                       options.verify, session)
                 check_before_load(c, state)
                 staged.append((c, state))
             except CheckpointError as exc:

@@ -54,9 +54,10 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
             files[f.name] = FileEntry(f.size, f.hash)
         for written in report.shards:
             meta = written.shard
-            if meta.pattern == SharingPattern.SHARDED.value:
+            if meta.chunked or meta.pattern == SharingPattern.SHARDED.value:
                 _, trees_of, records = chunked.setdefault(meta.component, (meta, {}, []))
-                trees_of[written.rank] = meta.tree
+                if meta.tree_source:
+                    trees_of[written.rank] = meta.tree
                 records.extend((t, written.rank) for t in written.tensors)
                 continue
             part = copies.setdefault((meta.component, meta.shard), _Copy(meta))

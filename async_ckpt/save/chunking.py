@@ -19,7 +19,12 @@ import torch
 from ..dist.topology import Topology
 from ..errors import InvalidArgumentError
 from ..format.tree import TensorLeaf, leaves
-from ..sharing import chunk_writer
+from ..sharing import chunk_writer, replica_owners
+
+# A REPLICATED tensor larger than this and than its fair share of the component (bytes / world)
+# is split into row blocks written by different ranks (`split_replicated`), so one giant tensor
+# is not carried by one rank.
+SPLIT_MIN_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,50 @@ def chunk_layout(tensors: list[Any], tree: Any, component: str, topo: Topology,
         local.append(mine)
         metas.append(_decided(meta, holders, replicas, topo.rank))
     return local, tuple(metas)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def needs_split(tensors: list[torch.Tensor], topo: Topology) -> bool:
+    """Whether a REPLICATED component has a tensor too large to be written by one rank."""
+    if topo.world_size == 1:
+        return False
+    fair = sum(_nbytes(t) for t in tensors) / topo.world_size
+    return any(t.dim() and t.shape[0] > 1 and _nbytes(t) >= SPLIT_MIN_BYTES and _nbytes(t) > fair
+               for t in tensors)
+
+
+def split_replicated(tensors: list[torch.Tensor], tree: Any, component: str, topo: Topology
+                     ) -> tuple[list[torch.Tensor], tuple[ChunkMeta, ...]]:
+    """A REPLICATED component as chunks: tensors above their fair share split into row blocks
+    (one per rank at most), the rest whole; every chunk written by one rank, balanced over ranks
+    and nodes like whole tensors (`sharing.replica_owners`), the same on every rank."""
+    paths: dict[int, tuple[Any, ...]] = {}
+    for path, leaf in leaves(tree, component):
+        if isinstance(leaf, TensorLeaf):
+            paths.setdefault(leaf.index, path)
+    fair = sum(_nbytes(t) for t in tensors) / topo.world_size
+    local: list[torch.Tensor] = []
+    boxes: list[tuple[tuple[Any, ...], tuple[int, ...], tuple[int, ...]]] = []
+    for i, t in enumerate(tensors):
+        rows = t.shape[0] if t.dim() else 0
+        if rows > 1 and _nbytes(t) >= SPLIT_MIN_BYTES and _nbytes(t) > fair:
+            blocks = min(topo.world_size, rows)
+            start = 0
+            for b in range(blocks):
+                n = rows // blocks + (1 if b < rows % blocks else 0)
+                local.append(t.narrow(0, start, n))
+                boxes.append((paths[i], tuple(t.shape), (start,) + (0,) * (t.dim() - 1)))
+                start += n
+        else:
+            local.append(t)
+            boxes.append((paths[i], tuple(t.shape), (0,) * t.dim()))
+    owners = replica_owners([_nbytes(t) for t in local], topo)
+    metas = tuple(ChunkMeta(path, shape, offsets, owner == topo.rank, True)
+                  for (path, shape, offsets), owner in zip(boxes, owners, strict=True))
+    return local, metas
 
 
 def _decided(meta: ChunkMeta, holders: tuple[int, ...], replicas: tuple[int, ...] | None,

@@ -61,7 +61,7 @@ class SaveJob:
                 num_tensors=shard.num_tensors, tree_source=shard.tree_source,
                 tree=tree if shard.tree_source else None, required=comp.required,
                 validation=comp.validation_level, metadata=comp.metadata,
-                members=tuple(comp.members or ()),
+                members=tuple(comp.members or ()), chunked=shard.chunked,
                 slots=tuple(Slot(s.index, dtype_name(s.dtype), s.shape, s.nbytes, s.offset,
                                  None if s.chunk is None else ChunkInfo(
                                      s.chunk.path, s.chunk.global_shape, s.chunk.offsets, s.chunk.layout))

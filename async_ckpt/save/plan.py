@@ -41,6 +41,7 @@ class ShardPlan:
     slots: tuple[TensorSlot, ...]
     num_tensors: int     # in the whole component (REPLICATED: over all ranks)
     tree_source: bool    # this rank's skeleton goes into the manifest
+    chunked: bool = False   # written as chunks of global tensors (SHARDED; split REPLICATED)
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,13 @@ class Planner:
         topo, offset, shards = self.topo, 0, []
         for component, pattern, members, validate, metas, chunks, label in key:
             sizes = [_nbytes(dtype, shape) for dtype, shape in metas]
-            if pattern is SharingPattern.SHARDED:
-                # every rank's chunks and skeleton go into the manifest; replicated chunks are
-                # written by one holder and staged by the others only to be digested
+            if chunks is not None:
+                # SHARDED: every rank's chunks and skeleton go into the manifest; replicated
+                # chunks are written by one holder and staged by the others only to be digested
+                # (a split REPLICATED component: the same, with rank 0's skeleton)
                 writes = [c.write for c in chunks]
                 staged = [c.write or (validate and c.replicated) for c in chunks]
-                tree_source = True
+                tree_source = pattern is SharingPattern.SHARDED or topo.rank == 0
             elif pattern is SharingPattern.REPLICATED:
                 owners = replica_owners(sizes, topo)
                 writes = [o == topo.rank for o in owners]
@@ -106,7 +108,7 @@ class Planner:
                                             chunks[index] if chunks else None))
                     offset = align_up(offset + nbytes)
             shards.append(ShardPlan(component, pattern, copy_name(pattern, topo, members, label),
-                                    tuple(slots), len(metas), tree_source))
+                                    tuple(slots), len(metas), tree_source, chunks is not None))
         plan = RankPlan(tuple(shards), offset)
         self._cache = (key, plan)
         return plan

@@ -126,7 +126,7 @@ class RankWorker:
             if comp.members and shard.pattern is SharingPattern.PER_GROUP:
                 groups[comp.key] = tuple(comp.members)
             level = ValidationLevel(comp.validation_level)
-            if shard.pattern is SharingPattern.SHARDED and level is not ValidationLevel.NONE:
+            if shard.chunked and level is not ValidationLevel.NONE:
                 digests[comp.key] = digest_chunks(shard, shard_views)
             elif stages_every_replica(shard.pattern, level, self.topo, comp.members):
                 digests[comp.key] = digest(shard, shard_views, tree, level)

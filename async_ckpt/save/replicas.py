@@ -147,8 +147,9 @@ def find_mismatches(announces: dict[int, Announcement],
     for key, (pattern, level) in sorted(any_rank.patterns.items()):
         if level == ValidationLevel.NONE.value:
             continue
-        if pattern == SharingPattern.SHARDED.value:
-            found.extend(_chunk_mismatches(announces, key, level))
+        if pattern == SharingPattern.SHARDED.value or any(
+                "chunks" in a.digests.get(key, {}) for a in announces.values()):
+            found.extend(_chunk_mismatches(announces, key, level))     # SHARDED, split REPLICATED
             continue
         for copy, ranks in replica_sets(announces, key, copies or {}):
             extra = {} if pattern == SharingPattern.REPLICATED.value else {"copy": copy}
