@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -177,8 +177,8 @@ class _Writer(NodeWriter):
     each rank's "file" gets fabricated records of the right sizes."""
 
     def __init__(self, topo: Topology, link: StoreLink, storage: Any = None):
-        self.storage, self.topo, self.link = storage or _StubStorage(), topo, link
-        self.streamer, self.compressed, self.coordinator = None, False, None
+        self.storage, self.topo, self.link = storage or _StubStorage(), topo, link  # type: ignore[assignment]
+        self.streamer, self.compressed, self.coordinator = None, False, None  # type: ignore[assignment]
         self.real_objects = storage is not None
 
     def _attach(self, name: str, capacity: int) -> Any:
@@ -387,11 +387,11 @@ def run_waiting(master: Any, world: int, waiters: int, window_s: float) -> dict:
         coord_link.post(seq, f"begun/{n}", Begun(n))
     coordinator = Coordinator(None, topos[0], coord_link, None, {})  # type: ignore[arg-type]
     time.sleep(0.6)                    # every heartbeat has beaten once
-    for t in list(tallies.values()) + [coord_tally]:
-        t.ops.clear()
-    results: dict[int, Any] = {}
+    for tally in list(tallies.values()) + [coord_tally]:
+        tally.ops.clear()
+    results: dict[Any, Any] = {}
     threads = [threading.Thread(target=lambda r=r: results.__setitem__(
-        r, wait_outcome(jobs[r], topos[r], links[r])), daemon=True) for r in ranks]
+        r, wait_outcome(jobs[r], topos[r], links[r])), daemon=True) for r in ranks]  # type: ignore[arg-type]
     job0 = SimpleJob(step, seq)
     coord_thread = threading.Thread(target=lambda: results.__setitem__(
         "coordinator", coordinator._other_reports(job0)), daemon=True)  # type: ignore[arg-type]
@@ -443,12 +443,7 @@ def run_s3(server_name: str, master: Any, worlds: tuple[int, ...] = (8, 16), ten
             storage = open_storage(root, server.storage_options())
             assert isinstance(storage, S3Storage)
             counts: Counter[str] = Counter()
-            real_call = storage.call
-
-            async def counted(method: str, path: str, **kwargs: Any) -> Any:
-                counts[method] += 1
-                return await real_call(method, path, **kwargs)
-            storage.call = counted  # type: ignore[method-assign]
+            storage.call = _counted(storage.call, counts)  # type: ignore[method-assign]
             row: dict[str, Any] = {"world": world, "tensors": tensors, "saves": []}
             probe = probe_requests(storage, world, counts)
             row["first_save_probe"] = probe
@@ -463,6 +458,13 @@ def run_s3(server_name: str, master: Any, worlds: tuple[int, ...] = (8, 16), ten
     finally:
         server.stop()
     return out
+
+
+def _counted(real_call: Any, counts: Counter) -> Any:
+    async def counted(method: str, path: str, **kwargs: Any) -> Any:
+        counts[method] += 1
+        return await real_call(method, path, **kwargs)
+    return counted
 
 
 def probe_requests(storage: Any, world: int, counts: Counter) -> dict:
@@ -483,11 +485,14 @@ def probe_requests(storage: Any, world: int, counts: Counter) -> dict:
 
 
 def listing_requests(storage: Any) -> None:
-    from async_ckpt.load.restore import list_infos
-    from async_ckpt.format.names import committed_steps
-    listed = getattr(sys.modules.get("async_ckpt.checkpointer"), "committed_steps_of", None)
-    (listed or committed_steps)(storage)
-    list_infos(storage, 0)
+    """What latest_step() and list_checkpoints() ask the storage (as the checkpointer does)."""
+    from async_ckpt.format.names import committed_steps, read_manifest as read
+    from async_ckpt.load.restore import info_of
+    from async_ckpt.save import commit
+    listed = getattr(commit, "committed_in", committed_steps)
+    listed(storage)                                   # latest_step()
+    for step in listed(storage):                      # list_checkpoints()
+        info_of(storage, read(storage, step_dir(step), step), step_dir(step))
 
 
 def s3_save(master: Any, storage: Any, world: int, tensors: int, seq: int) -> None:
@@ -592,12 +597,13 @@ def compare(before: dict, after: dict) -> str:
         old = b.get(key(r))
         if r.get("skipped") or old is None:
             continue
+        rt_old, rt_new = old["store_round_trips_total"], r["store_round_trips_total"]
         lines.append(
             f"| {r['world']} x {r['tensors']} | {r['pattern']} | {_fmt_bytes(old['manifest_bytes'])} / "
             f"{_fmt_bytes(r['manifest_bytes'])} | {old['coordinator_s']:.3f} / {r['coordinator_s']:.3f} | "
-            f"{old['retention_s']:.3f} / {r['retention_s']:.3f} | {old['store_round_trips_total']:,} / "
-            f"{r['store_round_trips_total']:,} ({_ratio(old['store_round_trips_total'], r['store_round_trips_total'])}) | "
-            f"{_fmt_bytes(old['load_bytes'])} / {_fmt_bytes(r['load_bytes'])} | {old['objects']:,} / {r['objects']:,} |")
+            f"{old['retention_s']:.3f} / {r['retention_s']:.3f} | {rt_old:,} / {rt_new:,} "
+            f"({_ratio(rt_old, rt_new)}) | {_fmt_bytes(old['load_bytes'])} / {_fmt_bytes(r['load_bytes'])} "
+            f"| {old['objects']:,} / {r['objects']:,} |")
     bw = {w["world"]: w for w in before.get("waiting", [])}
     if after.get("waiting"):
         lines += ["", "| ranks | round trips/s per waiting rank | coordinator waiting, rt/s | "

@@ -128,17 +128,31 @@ def _clients_of(base: Any) -> _Clients:
 
 
 class Waits:
-    """Background blocking waits, each for every key of one group; `wait(t)` returns True once
-    one group is complete (`which` says which), False after `t` seconds. Threads whose group
-    never completes end at their horizon; `abandon()` stops them from re-arming."""
+    """Background blocking waits, each for every key of one group, on connections of their own.
+    `wait(t)` returns True once one group is complete (`which` says which), False after `t`
+    seconds; `observe(event)` sets `event` then too. A thread whose group never completes
+    re-arms every horizon until `abandon()`."""
 
     def __init__(self, link: "StoreLink", groups: list[list[str]], horizon_s: float):
         self._link, self._done, self._stop = link, threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+        self._observers: list[threading.Event] = []
         self.which: int | None = None
         self.error: BaseException | None = None
         for index, keys in enumerate(groups):
             threading.Thread(target=self._run, args=(index, keys, horizon_s),
                              name="ckpt-store-wait", daemon=True).start()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def observe(self, event: threading.Event) -> None:
+        with self._lock:
+            if self._done.is_set():
+                event.set()
+            else:
+                self._observers.append(event)
 
     def _run(self, index: int, keys: list[str], horizon_s: float) -> None:
         link = self._link
@@ -166,9 +180,14 @@ class Waits:
                 link._release_waiter(client)
 
     def _finish(self, index: int | None, error: BaseException | None) -> None:
-        if not self._done.is_set():
+        with self._lock:
+            if self._done.is_set():
+                return
             self.which, self.error = index, error
             self._done.set()
+            observers, self._observers = self._observers, []
+        for event in observers:
+            event.set()
 
     def wait(self, timeout: float) -> bool:
         if not self._done.wait(max(0.0, timeout)):
@@ -198,6 +217,8 @@ class StoreLink:
         self._beats: dict[int, int] = {}
         self._progress: dict[int, int] = {}
         self._existing: set[str] = set()      # heartbeat keys known to exist (never deleted)
+        self._outcomes: dict[int, Waits] = {}  # one blocking wait per save for its outcome
+        self._outcomes_lock = threading.Lock()
         # Set by the checkpointer: whether this rank has moved past save number `seq` (a later
         # save() was called, or it is blocked waiting), see gather's `watch`.
         self.moved_on: Callable[[int], bool] = lambda seq: False
@@ -368,6 +389,24 @@ class StoreLink:
             raise StoreLost(self.lost)
         return Waits(self, [[self._key(seq, n) for n in group] for group in groups], horizon_s)
 
+    def outcome_wait(self, seq: int) -> Waits:
+        """The blocking wait for save `seq`'s ``outcome``, shared by every thread of this process
+        that waits on that save (the rank worker, the node writer's and coordinator's gathers):
+        one connection per save, not one per waiter."""
+        with self._outcomes_lock:
+            waits = self._outcomes.get(seq)
+            if waits is None:
+                waits = self._outcomes[seq] = self.waits(seq, [["outcome"]])
+            return waits
+
+    def end_save(self, seq: int) -> None:
+        """This process is done with save `seq` (its rank worker resolved it): stop its wait for
+        the outcome if the outcome never came, and those of earlier saves."""
+        with self._outcomes_lock:
+            ended = [s for s in self._outcomes if s <= seq]
+            for s in ended:
+                self._outcomes.pop(s).abandon()
+
     # -- failures: one counter and one list per save --------------------------------------------
     def post_error(self, seq: int, rank: int, message: str) -> None:
         """Tell every waiter of save `seq` that `rank` failed: appended to ``errors``, then
@@ -475,8 +514,13 @@ class StoreLink:
         save = isinstance(seq, int)
         if save and self.events(seq):
             self._raise_failure(seq, stop_on_outcome)
-        groups = [list(names.values())] + ([["outcome"]] if save and stop_on_outcome else [])
-        waits = self.waits(seq, groups, WAIT_HORIZON_S if forever else max(0.05, deadline - start))
+        wake = threading.Event()
+        waits = self.waits(seq, [list(names.values())],
+                           WAIT_HORIZON_S if forever else max(0.05, deadline - start))
+        waits.observe(wake)
+        outcome = self.outcome_wait(seq) if isinstance(seq, int) and stop_on_outcome else None
+        if outcome is not None:
+            outcome.observe(wake)
         found: set = set()
         beats: dict[int, tuple[int, float]] = {}
         seen_events = 0
@@ -487,9 +531,11 @@ class StoreLink:
                 pause = 0.0 if first else (self.wake_s if forever else
                                            min(self.wake_s, max(0.0, deadline - time.monotonic())))
                 first = False
-                if waits.wait(pause):
-                    if waits.which == 0:
-                        return self.get_many(seq, names, kind)
+                wake.wait(pause)
+                wake.clear()
+                if waits.wait(0):
+                    return self.get_many(seq, names, kind)
+                if outcome is not None and outcome.wait(0):
                     self._raise_failure(seq, True)   # the outcome came first: it can only be a failure
                 states, events = (self.peer_states(ranks, (seq, "nev") if save else None)
                                   if ranks else ({}, self.events(seq) if save else 0))

@@ -161,7 +161,7 @@ class RankWorker:
         last = link.events(seq)          # creates the counter read with the heartbeat below
         changed, answered = last > 0, False
         watch = None if self.topo.rank == 0 else _CoordinatorWatch(link, job)
-        waits = None if watch is None else link.waits(seq, [["outcome"]])
+        waits = None if watch is None else link.outcome_wait(seq)
         try:
             while True:
                 if changed:
@@ -186,8 +186,7 @@ class RankWorker:
                     events = watch.check()
                 changed, last = events != last, events
         finally:
-            if waits is not None:
-                waits.abandon()
+            link.end_save(seq)
         return link.get(seq, "outcome", Outcome)
 
     def _answer_full(self, job: SaveJob, request: FullRequest) -> None:
