@@ -526,11 +526,9 @@ class StoreLink:
         seen_events = 0
         ranks = sorted(set((alive or {}).values()) | set(getattr(watch, "callers", {}).values()))
         try:
-            first = True
             while True:
-                pause = 0.0 if first else (self.wake_s if forever else
-                                           min(self.wake_s, max(0.0, deadline - time.monotonic())))
-                first = False
+                pause = (self.wake_s if forever else
+                         min(self.wake_s, max(0.0, deadline - time.monotonic())))
                 wake.wait(pause)
                 wake.clear()
                 if waits.wait(0):
