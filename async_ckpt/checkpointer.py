@@ -29,17 +29,18 @@ import torch
 from .dist.link import StoreLink, StoreLost, namespace
 from .dist.liveness import Heartbeat, await_departures, depart, hosts_store
 from .dist.shm import sweep_dead_buffers
-from .dist.topology import current_topology
-from .errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError, storage_errors_translated
+from .dist.topology import Topology, current_topology
+from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError,
+                     storage_errors_translated)
 from .format import metrics_file
 from .format.codec import Compressor
-from .format.names import committed_steps, manifest_path, step_dir
+from .format.names import manifest_path, read_manifest, step_dir
 from .format.tree import flatten
 from .handle import SaveHandle, Settlement
 from .load.guard import checkpoint_errors_only
-from .load.restore import Loader, list_infos
+from .load.restore import Loader, info_of
 from .options import CheckpointOptions, check_step
-from .save.commit import Committer
+from .save.commit import Committer, committed_in
 from .save.coordinator import Coordinator
 from .save.chunking import chunk_layout, needs_split, split_replicated
 from .save.datafile import DataFileStreamer
@@ -56,6 +57,11 @@ from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLev
 from .version import __version__
 
 log = logging.getLogger("async_ckpt")
+
+
+def probes_writability(topo: Topology) -> bool:
+    """Whether this rank runs the storage's write probe on its first save: its node's writer."""
+    return topo.is_node_writer
 
 
 def _close_at_exit(ref: "weakref.ref[AsyncCheckpointer]") -> None:
@@ -181,7 +187,10 @@ class AsyncCheckpointer:
         """The save path's threads, on the first save (a checkpointer that only loads has none)."""
         if self._started:
             return
-        self._check_root(self.storage.check_writable)
+        # One rank per node proves the root takes writes (on S3, 4 requests); the others only
+        # read through this storage (their node writer writes their data), so a read-only check.
+        self._check_root(self.storage.check_writable if probes_writability(self.topo)
+                         else self.storage.check_root)
         self._worker = RankWorker(self._link, self.topo, self.storage, self._pool)
         if self.topo.is_node_writer:
             sweep_dead_buffers()
@@ -408,8 +417,8 @@ class AsyncCheckpointer:
         check_step(step)
         if step in self._pending_steps():
             raise CheckpointError(f"step {step} is being saved; wait() for it before deleting it")
-        key = f"deleted/{step}"
         count = self._deletes[step] = self._deletes.get(step, 0) + 1
+        key = f"deleted/{step}/{count}"          # the count-th delete(step) of this checkpointer
         if self._committer is not None:
             try:
                 self._committer.delete_step(step, must_exist=True)
@@ -417,27 +426,35 @@ class AsyncCheckpointer:
                 self._link.increment("delete", key)
             log.info("[rank %d] deleted step %d", self.topo.rank, step)
             return
-        deadline = time.monotonic() + self._link.timeout_s
-        while self._link.increment("delete", key, 0) < count:
-            if time.monotonic() > deadline:
+        waits = self._link.waits("delete", [[key]], self._link.timeout_s)   # blocks in the Store
+        try:
+            if not waits.wait(self._link.timeout_s):
                 raise CheckpointError(f"rank 0 did not delete step {step} within "
                                       f"{self._link.timeout_s:g} s; every rank must call delete(step) "
                                       "for the same steps (or only rank 0 does)")
-            time.sleep(0.01)
+        finally:
+            waits.abandon()
 
     # -- reading ------------------------------------------------------------------------------
     @storage_errors_translated
     @checkpoint_errors_only
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
-        steps = committed_steps(self.storage)
+        steps = committed_in(self.storage)
         return steps[-1] if steps else None
 
     @storage_errors_translated
     @checkpoint_errors_only
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first (unreadable manifests are logged and skipped)."""
-        return list_infos(self.storage, self.topo.rank)
+        infos = []
+        for step in committed_in(self.storage):
+            try:
+                infos.append(info_of(self.storage, read_manifest(self.storage, step_dir(step), step),
+                                     step_dir(step)))
+            except (CorruptCheckpointError, FileNotFoundError) as exc:
+                log.warning("[rank %d] skipping step %d: %s", self.topo.rank, step, exc)
+        return infos
 
     @storage_errors_translated
     def load(self, step: int | None = None, *, strict: bool = True) -> CheckpointInfo | None:

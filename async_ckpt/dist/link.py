@@ -4,7 +4,22 @@ Never a collective on the training process group: a node writer or rank worker t
 Store (TCPStore) with its own client connection, and every wait has a deadline whose message says
 which ranks or nodes were missing. Keys live under one namespace per checkpointer and save
 sequence number (``<ns>/<seq>/...``); what each key holds is a typed message of `dist.messages`
-(the table of keys is there). ``err/<rank>`` keys are counted in ``nerr`` for cheap polling.
+(the table of keys is there).
+
+Nothing polls. A wait blocks in the Store (``Store.wait``) on a background thread with a
+connection of its own, while the waiting thread wakes every ``wake_s`` (at most 1 s) to check
+what only the waiter can judge: deadlines, peers' liveness (one ``multi_get`` of their heartbeat
+keys) and failures. A failure is one counter per save, ``nev`` (``Store.add``), and one list,
+``errors`` (``Store.append``): a waiter reads the counter with the heartbeats in the same request
+and the list once, instead of one key per rank. A waiting rank therefore makes about one request
+per second (plus its heartbeat's two), whatever the world size.
+
+Client connections are created once per process and Store, shared by every link on that Store
+(`_Clients`): creating a TCPStore client sometimes stalls for 5 s in its connect (measured with
+torch 2.13 on loopback: about one connect in 25, sequential or not, libuv or not, whatever the
+store's timeout; the TCP connect itself is instant, the stall is inside the client's
+connect-and-validate), so connections are made ahead of the first save, in the background, and
+reused by every later checkpointer of the process, never one per thread and save.
 
 A world of one uses the same link over an in-process ``HashStore`` (`StoreLink.in_process`):
 the save path is the same code at every world size, its waits simply have no peers.
@@ -13,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -21,13 +37,14 @@ from typing import Any, Callable, Iterable, TypeVar
 from ..errors import CheckpointError
 from .messages import Outcome, RankError, decode, encode
 
+log = logging.getLogger("async_ckpt")
 M = TypeVar("M")
 T = TypeVar("T")
 
 
 def _is_timeout(exc: BaseException) -> bool:
     """A Store call that waited too long (the Store itself is fine)."""
-    return "timeout" in type(exc).__name__.lower() or "Timeout" in str(exc)
+    return "timeout" in type(exc).__name__.lower() or "timeout" in str(exc).lower()
 
 
 class LinkTimeout(CheckpointError):
@@ -82,28 +99,136 @@ def namespace(root_url: str) -> str:
         return f"async_ckpt/{digest}/{_instances[digest]}"
 
 
+WAIT_HORIZON_S = 120.0    # a background Store wait is re-armed after this (c10d logs a warning then)
+
+
+class _Clients:
+    """This process's connections to one Store, shared by every link on it: one for short
+    requests (a TCPStore client sends one request at a time under its own lock, so threads share
+    it) and idle ones for blocking waits (a waiting connection serves nobody else)."""
+
+    def __init__(self, base: Any):
+        self.base = base
+        self.shared: Any = None
+        self.idle: list[Any] = []
+        self.lock = threading.Lock()
+        self.connect_lock = threading.Lock()
+
+
+_clients: dict[int, _Clients] = {}
+_clients_lock = threading.Lock()
+
+
+def _clients_of(base: Any) -> _Clients:
+    with _clients_lock:
+        entry = _clients.get(id(base))
+        if entry is None or entry.base is not base:
+            entry = _clients[id(base)] = _Clients(base)
+        return entry
+
+
+class Waits:
+    """Background blocking waits, each for every key of one group, on connections of their own.
+    `wait(t)` returns True once one group is complete (`which` says which), False after `t`
+    seconds; `observe(event)` sets `event` then too. A thread whose group never completes
+    re-arms every horizon until `abandon()`."""
+
+    def __init__(self, link: "StoreLink", groups: list[list[str]], horizon_s: float):
+        self._link, self._done, self._stop = link, threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+        self._observers: list[threading.Event] = []
+        self.which: int | None = None
+        self.error: BaseException | None = None
+        for index, keys in enumerate(groups):
+            threading.Thread(target=self._run, args=(index, keys, horizon_s),
+                             name="ckpt-store-wait", daemon=True).start()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def observe(self, event: threading.Event) -> None:
+        with self._lock:
+            if self._done.is_set():
+                event.set()
+            else:
+                self._observers.append(event)
+
+    def _run(self, index: int, keys: list[str], horizon_s: float) -> None:
+        link = self._link
+        try:
+            client = link._waiter()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self._finish(None, exc)
+            return
+        healthy = True
+        try:
+            while not self._stop.is_set():
+                try:
+                    client.wait(keys, datetime.timedelta(seconds=max(0.01, horizon_s)))
+                    self._finish(index, None)
+                    return
+                except Exception as exc:  # noqa: BLE001 - timeouts re-arm; anything else is the Store
+                    if not _is_timeout(exc):
+                        healthy = False
+                        link.lose(f"lost the torch.distributed Store ({link.host}): {exc}; its host "
+                                  "process has probably died")
+                        self._finish(None, StoreLost(link.lost or str(exc)))
+                        return
+        finally:
+            if healthy:
+                link._release_waiter(client)
+
+    def _finish(self, index: int | None, error: BaseException | None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.which, self.error = index, error
+            self._done.set()
+            observers, self._observers = self._observers, []
+        for event in observers:
+            event.set()
+
+    def wait(self, timeout: float) -> bool:
+        if not self._done.wait(max(0.0, timeout)):
+            return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def abandon(self) -> None:
+        self._stop.set()
+
+
 class StoreLink:
-    """Thread-safe access to the Store: each thread gets its own cloned client.
+    """Thread-safe access to the Store, over this process's shared connections (`_Clients`).
 
     Every call is bounded: a client is created (``clone()``, a TCP connect) within
     ``liveness_s`` or the link counts the Store as lost; a call that fails because the Store is
     unreachable raises `StoreLost` naming its host, and so does every later call, at once, without
-    touching the network again (``lost`` holds the reason). Peers' liveness and progress are read
-    through `dist.liveness`.
+    touching the network again (``lost`` holds the reason). Peers' liveness and progress are one
+    key per rank, ``hb/<rank>`` = "<beats>:<saves called>", written by `dist.liveness.Heartbeat`.
     """
 
     def __init__(self, store: Any, ns: str, timeout_s: float, host: str = "the Store's host"):
         self._base, self.ns, self.timeout_s, self.host = store, ns, timeout_s, host
-        self._local = threading.local()
+        self._pool = _clients_of(store)
         self.lost: str | None = None
+        self._beats: dict[int, int] = {}
+        self._progress: dict[int, int] = {}
+        self._existing: set[str] = set()      # heartbeat keys known to exist (never deleted)
+        self._outcomes: dict[int, Waits] = {}  # one blocking wait per save for its outcome
+        self._outcomes_lock = threading.Lock()
         # Set by the checkpointer: whether this rank has moved past save number `seq` (a later
-        # save() was called, or it is blocked waiting), see gather's `callers`.
+        # save() was called, or it is blocked waiting), see gather's `watch`.
         self.moved_on: Callable[[int], bool] = lambda seq: False
 
     @classmethod
     def from_default_group(cls, ns: str, timeout_s: float) -> "StoreLink":
         from torch.distributed import distributed_c10d
-        return cls(distributed_c10d._get_default_store(), ns, timeout_s, store_host())
+        link = cls(distributed_c10d._get_default_store(), ns, timeout_s, store_host())
+        link.prepare(waiters=2)
+        return link
 
     @classmethod
     def in_process(cls, ns: str, timeout_s: float) -> "StoreLink":
@@ -111,15 +236,59 @@ class StoreLink:
         from torch.distributed import HashStore
         return cls(HashStore(), ns, timeout_s)
 
+    # -- connections ----------------------------------------------------------------------------
+    @property
+    def liveness_s(self) -> float:
+        """How long a rank's heartbeat may stand still before it counts as dead."""
+        return min(self.timeout_s, 30.0)
+
+    @property
+    def wake_s(self) -> float:
+        """How often a waiting thread wakes to check deadlines, liveness and failures."""
+        return max(0.02, min(1.0, self.liveness_s / 4))
+
+    def prepare(self, waiters: int) -> None:
+        """Connect the shared client and `waiters` waiting ones in the background now, so that a
+        slow connect never lands on a save (the first save takes them when they are ready)."""
+        if not hasattr(self._base, "clone"):
+            return
+
+        def connect() -> None:
+            try:
+                self._client()
+                with self._pool.lock:
+                    missing = waiters - len(self._pool.idle)
+                for _ in range(max(0, missing)):
+                    self._release_waiter(self._connect())
+            except Exception as exc:  # noqa: BLE001 - the first real call reports it
+                log.debug("connecting to the Store ahead of time failed: %s", exc)
+        threading.Thread(target=connect, name="ckpt-store-connect-ahead", daemon=True).start()
+
     def _client(self) -> Any:
         if self.lost is not None:
             raise StoreLost(self.lost)
-        client = getattr(self._local, "client", None)
+        pool = self._pool
+        client = pool.shared
         if client is None:
-            client = self._connect()
-            client.set_timeout(datetime.timedelta(seconds=max(self.timeout_s, 30)))
-            self._local.client = client
+            with pool.connect_lock:
+                if pool.shared is None:
+                    pool.shared = self._connect()
+                client = pool.shared
         return client
+
+    def _waiter(self) -> Any:
+        """A connection for one blocking wait (an idle one, or a new one)."""
+        if self.lost is not None:
+            raise StoreLost(self.lost)
+        with self._pool.lock:
+            if self._pool.idle:
+                return self._pool.idle.pop()
+        return self._connect()
+
+    def _release_waiter(self, client: Any) -> None:
+        with self._pool.lock:
+            if client is not self._base and len(self._pool.idle) < 8:
+                self._pool.idle.append(client)
 
     def _connect(self) -> Any:
         """A new client connection, within liveness_s (TCPStore's own connect retries for as long
@@ -130,7 +299,9 @@ class StoreLink:
 
         def connect() -> None:
             try:
-                box["client"] = self._base.clone()
+                client = self._base.clone()
+                client.set_timeout(datetime.timedelta(seconds=max(self.timeout_s, 30)))
+                box["client"] = client
             except Exception as exc:  # noqa: BLE001 - reported below
                 box["error"] = exc
         thread = threading.Thread(target=connect, name="ckpt-store-connect", daemon=True)
@@ -174,10 +345,23 @@ class StoreLink:
     def get(self, seq: int | str, name: str, kind: type[M]) -> M:
         """The `kind` message under ``<seq>/<name>`` (it must exist)."""
         raw = self._call(lambda c: c.get(self._key(seq, name)))
+        return self._decode(name, kind, raw)
+
+    @staticmethod
+    def _decode(name: str, kind: type[M], raw: Any) -> M:
         try:
             return decode(kind, raw)
         except ValueError as exc:
             raise CheckpointError(f"unreadable {name!r} message in the Store: {exc}") from None
+
+    def get_many(self, seq: int | str, names: dict[Any, str], kind: type[M]) -> dict[Any, M]:
+        """Several messages (all must exist) in one request."""
+        if not names:
+            return {}
+        keys = [self._key(seq, n) for n in names.values()]
+        raws = self._call(lambda c: c.multi_get(keys))
+        return {ident: self._decode(name, kind, raw)
+                for (ident, name), raw in zip(names.items(), raws, strict=True)}
 
     def increment(self, seq: int | str, name: str, by: int = 1) -> int:
         """Add `by` to the counter ``<seq>/<name>`` and return its new value (0 reads it)."""
@@ -192,15 +376,63 @@ class StoreLink:
                     pass
         self._call(delete_all)
 
-    def post_error(self, seq: int, rank: int, message: str) -> None:
-        self.post(seq, f"err/{rank}", RankError(rank, message))
-        self.increment(seq, "nerr")
+    def retire(self, seq: int | str, names: Iterable[str]) -> None:
+        """Delete keys nobody reads any more; never raises (a lost Store has nothing to free)."""
+        try:
+            self.delete(seq, names)
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.debug("could not delete keys of save %s: %s", seq, exc)
 
-    def errors(self, seq: int, ranks: Iterable[int]) -> dict[int, str]:
-        if self.increment(seq, "nerr", 0) == 0:
+    def waits(self, seq: int | str, groups: list[list[str]], horizon_s: float = WAIT_HORIZON_S) -> Waits:
+        """Start blocking waits (see `Waits`) for the keys ``<seq>/<name>`` of each group."""
+        if self.lost is not None:
+            raise StoreLost(self.lost)
+        return Waits(self, [[self._key(seq, n) for n in group] for group in groups], horizon_s)
+
+    def outcome_wait(self, seq: int) -> Waits:
+        """The blocking wait for save `seq`'s ``outcome``, shared by every thread of this process
+        that waits on that save (the rank worker, the node writer's and coordinator's gathers):
+        one connection per save, not one per waiter."""
+        with self._outcomes_lock:
+            waits = self._outcomes.get(seq)
+            if waits is None:
+                waits = self._outcomes[seq] = self.waits(seq, [["outcome"]])
+            return waits
+
+    def end_save(self, seq: int) -> None:
+        """This process is done with save `seq` (its rank worker resolved it): stop its wait for
+        the outcome if the outcome never came, and those of earlier saves."""
+        with self._outcomes_lock:
+            ended = [s for s in self._outcomes if s <= seq]
+            for s in ended:
+                self._outcomes.pop(s).abandon()
+
+    # -- failures: one counter and one list per save --------------------------------------------
+    def post_error(self, seq: int, rank: int, message: str) -> None:
+        """Tell every waiter of save `seq` that `rank` failed: appended to ``errors``, then
+        ``nev`` (the save's event counter) bumped."""
+        line = encode(RankError(rank, message)) + "\n"
+        self._call(lambda c: c.append(self._key(seq, "errors"), line))
+        self.bump(seq)
+
+    def bump(self, seq: int | str) -> int:
+        """Count an event of save `seq` (a failure, a FULL request) for its waiters."""
+        return self.increment(seq, "nev")
+
+    def events(self, seq: int | str) -> int:
+        return self.increment(seq, "nev", 0)
+
+    def errors(self, seq: int, ranks: Iterable[int] = ()) -> dict[int, str]:
+        """Every rank's first reported error of save `seq` (one request when there is none)."""
+        if self.events(seq) == 0 or not self.has(seq, "errors"):
             return {}
-        return {r: self.get(seq, f"err/{r}", RankError).message
-                for r in ranks if self.has(seq, f"err/{r}")}
+        raw = self._call(lambda c: c.get(self._key(seq, "errors")))
+        found: dict[int, str] = {}
+        for line in (raw.decode() if isinstance(raw, bytes) else str(raw)).splitlines():
+            if line.strip():
+                error = self._decode("errors", RankError, line)
+                found.setdefault(error.rank, error.message)
+        return found
 
     def failed_outcome(self, seq: int) -> "RemoteFailure | None":
         """The coordinator's published failure of this save, if it published one."""
@@ -212,24 +444,53 @@ class StoreLink:
         return RemoteFailure(dict(outcome.causes) or {-1: outcome.message or "save failed"})
 
     # -- liveness -----------------------------------------------------------------------------
-    def beat(self, rank: int) -> None:
-        self._call(lambda c: c.add(f"{self.ns}/hb/{rank}", 1))
+    def _hb(self, rank: int) -> str:
+        return f"{self.ns}/hb/{rank}"
 
-    def heartbeat_of(self, rank: int) -> int:
-        return self._call(lambda c: c.add(f"{self.ns}/hb/{rank}", 0))
+    def beat(self, rank: int, progress: int | None = None) -> None:
+        """One heartbeat of `rank` (and how many saves it has called): one request."""
+        count = self._beats[rank] = self._beats.get(rank, 0) + 1
+        if progress is not None:
+            self._progress[rank] = progress
+        value = f"{count}:{self._progress.get(rank, 0)}"
+        self._call(lambda c: c.set(self._hb(rank), value))
 
     def publish_progress(self, rank: int, seq: int) -> None:
         """How many saves this rank has called (its latest save number)."""
-        self._call(lambda c: c.set(f"{self.ns}/progress/{rank}", str(seq)))
+        self._progress[rank] = seq
+        value = f"{self._beats.get(rank, 0)}:{seq}"
+        self._call(lambda c: c.set(self._hb(rank), value))
+
+    def peer_states(self, ranks: Iterable[int], counter: tuple[int | str, str] | None = None
+                    ) -> tuple[dict[int, tuple[int, int]], int]:
+        """(rank -> (beats, saves called), the value of `counter`) in one request: ranks that
+        never beat read (0, 0). `counter` (seq, name), if given, must exist (create it with
+        ``increment(seq, name, 0)``)."""
+        ranks = list(ranks)
+        keys = [self._hb(r) for r in ranks]
+        unknown = [k for k in keys if k not in self._existing]
+        if unknown:
+            if self._call(lambda c: c.check(unknown)):
+                self._existing.update(unknown)
+            else:
+                for key in unknown:
+                    if self._exists(key):
+                        self._existing.add(key)
+        present = [k for k in keys if k in self._existing]
+        extra = [self._key(*counter)] if counter is not None else []
+        raws = self._call(lambda c: c.multi_get(present + extra)) if present or extra else []
+        values = dict(zip(present, raws[:len(present)]))
+        states = {r: _parse_beat(values.get(k)) for r, k in zip(ranks, keys)}
+        return states, (int(raws[-1]) if extra else 0)
+
+    def _exists(self, key: str) -> bool:
+        return self._call(lambda c: c.check([key]))
+
+    def heartbeat_of(self, rank: int) -> int:
+        return self.peer_states([rank])[0][rank][0]
 
     def progress_of(self, rank: int) -> int:
-        key = f"{self.ns}/progress/{rank}"
-        return self._call(lambda c: int(c.get(key)) if c.check([key]) else 0)
-
-    @property
-    def liveness_s(self) -> float:
-        """How long a rank's heartbeat may stand still before it counts as dead."""
-        return min(self.timeout_s, 30.0)
+        return self.peer_states([rank])[0][rank][1]
 
     # -- waiting ------------------------------------------------------------------------------
     def gather(self, seq: int | str, names: dict[Any, str], kind: type[M], what: str, world: range,
@@ -238,49 +499,102 @@ class StoreLink:
                watch: Callable[[set], None] | None = None) -> dict[Any, M]:
         """Wait until every key in `names` exists and return their `kind` messages.
 
-        Raise RemoteFailure as soon as any rank of `world` reports an error (or a failed outcome
-        is published); LinkTimeout naming the missing ones when the deadline (default: timeout_s
-        from now; `forever`: none) passes, or when the rank expected to post a key (`alive`:
-        ident -> rank) stops beating for liveness_s: it died. A legitimately long wait (a node
-        writing a huge state) is therefore bounded by liveness, not by a guess of its duration.
-        `watch`, called with the idents found so far on every round, may raise too (e.g.
+        One blocking Store wait for all the keys (and, for a save with `stop_on_outcome`, one
+        for its outcome), then one ``multi_get``. Meanwhile, every ``wake_s``: raise
+        RemoteFailure as soon as any rank reports an error (or a failed outcome is published);
+        LinkTimeout naming the missing ones when the deadline (default: timeout_s from now;
+        `forever`: none) passes, or when the rank expected to post a key (`alive`: ident -> rank)
+        stops beating for liveness_s: it died. A legitimately long wait (a node writing a huge
+        state) is therefore bounded by liveness, not by a guess of its duration. `watch`, called
+        with the idents known to be there on every wake, may raise too (e.g.
         `liveness.CallerWatch`: a live peer that never called this save).
         """
         start = time.monotonic()
         deadline = start + self.timeout_s if deadline is None else deadline
-        found: dict[Any, M] = {}
+        save = isinstance(seq, int)
+        if save and self.events(seq):
+            self._raise_failure(seq, stop_on_outcome)
+        wake = threading.Event()
+        waits = self.waits(seq, [list(names.values())],
+                           WAIT_HORIZON_S if forever else max(0.05, deadline - start))
+        waits.observe(wake)
+        outcome = self.outcome_wait(seq) if isinstance(seq, int) and stop_on_outcome else None
+        if outcome is not None:
+            outcome.observe(wake)
+        found: set = set()
         beats: dict[int, tuple[int, float]] = {}
-        pause = 0.002
-        while True:
-            for ident, name in names.items():
-                if ident not in found and self.has(seq, name):
-                    found[ident] = self.get(seq, name, kind)
-            if len(found) == len(names):
-                return found
-            errors = self.errors(seq, world) if isinstance(seq, int) else {}
-            if errors:
-                raise RemoteFailure(errors)
-            if stop_on_outcome and isinstance(seq, int) and (failed := self.failed_outcome(seq)):
-                raise failed
-            now = time.monotonic()
-            if watch is not None:
-                watch(set(found))
-            for ident, rank in (alive or {}).items():
-                if ident in found:
-                    continue
-                count = self.heartbeat_of(rank)
-                if rank not in beats or beats[rank][0] != count:
-                    beats[rank] = (count, now)
-                elif now - beats[rank][1] > self.liveness_s:
-                    raise LinkTimeout(f"rank {rank} stopped answering (no heartbeat for "
-                                      f"{self.liveness_s:g} s) while {what} {ident} was awaited: "
-                                      "it died or hangs", [ident])
-            if not forever and now > deadline:
-                missing = sorted(i for i in names if i not in found)
-                raise LinkTimeout(
-                    f"{what} {', '.join(map(str, missing))} did not answer within "
-                    f"{self.timeout_s:g} s (crashed, hung, or far behind?); raise the "
-                    "checkpointer's timeout_s if ranks legitimately reach save() that far apart",
-                    missing)
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.01)
+        seen_events = 0
+        ranks = sorted(set((alive or {}).values()) | set(getattr(watch, "callers", {}).values()))
+        try:
+            while True:
+                pause = (self.wake_s if forever else
+                         min(self.wake_s, max(0.0, deadline - time.monotonic())))
+                wake.wait(pause)
+                wake.clear()
+                if waits.wait(0):
+                    return self.get_many(seq, names, kind)
+                if outcome is not None and outcome.wait(0):
+                    self._raise_failure(seq, True)   # the outcome came first: it can only be a failure
+                states, events = (self.peer_states(ranks, (seq, "nev") if save else None)
+                                  if ranks else ({}, self.events(seq) if save else 0))
+                if events != seen_events:       # a failure, or a FULL request (not ours to judge)
+                    seen_events = events
+                    self._raise_failure(seq, stop_on_outcome)
+                now = time.monotonic()
+                if watch is not None:
+                    see = getattr(watch, "see", None)
+                    if see is not None:
+                        see(states)
+                    try:
+                        watch(set(found))
+                    except LinkTimeout as exc:
+                        if not self._posted(seq, names, exc.missing, found):
+                            raise
+                for ident, rank in (alive or {}).items():
+                    if ident in found:
+                        continue
+                    count = states.get(rank, (0, 0))[0]
+                    if rank not in beats or beats[rank][0] != count:
+                        beats[rank] = (count, now)
+                    elif now - beats[rank][1] > self.liveness_s and not self._posted(seq, names, [ident], found):
+                        raise LinkTimeout(f"rank {rank} stopped answering (no heartbeat for "
+                                          f"{self.liveness_s:g} s) while {what} {ident} was awaited: "
+                                          "it died or hangs", [ident])
+                if not forever and now >= deadline:
+                    missing = sorted(i for i in names if not self._posted(seq, names, [i], found))
+                    if not missing:
+                        continue
+                    raise LinkTimeout(
+                        f"{what} {', '.join(map(str, missing))} did not answer within "
+                        f"{self.timeout_s:g} s (crashed, hung, or far behind?); raise the "
+                        "checkpointer's timeout_s if ranks legitimately reach save() that far apart",
+                        missing)
+        finally:
+            waits.abandon()
+
+    def _posted(self, seq: int | str, names: dict[Any, str], idents: list, found: set) -> bool:
+        """Whether every key of `idents` exists (then they count as found)."""
+        if all(self.has(seq, names[i]) for i in idents if i in names):
+            found.update(idents)
+            return True
+        return False
+
+    def _raise_failure(self, seq: int | str, stop_on_outcome: bool) -> None:
+        if not isinstance(seq, int):
+            return
+        if stop_on_outcome and (failed := self.failed_outcome(seq)):
+            raise failed
+        errors = self.errors(seq)
+        if errors:
+            raise RemoteFailure(errors)
+
+
+def _parse_beat(raw: Any) -> tuple[int, int]:
+    if raw is None:
+        return 0, 0
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    beats, _, progress = text.partition(":")
+    try:
+        return int(beats), int(progress or 0)
+    except ValueError:
+        return 0, 0

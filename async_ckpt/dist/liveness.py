@@ -4,8 +4,9 @@ the misuse check, and the departure handshake. All through the Store, from backg
 Call sequence (who calls what):
 
 - every rank, at construction (several ranks only): `Heartbeat(link, rank, progress)` starts a
-  daemon thread that, twice a second, bumps ``hb/<rank>`` and publishes ``progress/<rank>``
-  (the number of the latest save() this rank called). Calls that fail are retried with backoff;
+  daemon thread that, twice a second, sets ``hb/<rank>`` to "<beats>:<saves called>" (one
+  request; a waiter reads every peer's liveness and progress with one ``multi_get``). Calls
+  that fail are retried with backoff;
   once the Store has been unreachable for ``liveness_s`` the thread marks the link lost
   (`StoreLink.lose`: every later call raises StoreLost naming the Store's host) and stops, so a
   dead Store costs a few log lines, not two a second forever;
@@ -47,14 +48,10 @@ class Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
-        link, published, failing_since, pause = self._link, -1, None, BEAT_EVERY_S
+        link, failing_since, pause = self._link, None, BEAT_EVERY_S
         while not self._stop.is_set() and link.lost is None:
             try:
-                link.beat(self._rank)
-                seq = self._progress()
-                if seq != published:
-                    link.publish_progress(self._rank, seq)
-                    published = seq
+                link.beat(self._rank, self._progress())
                 failing_since, pause = None, BEAT_EVERY_S
             except Exception as exc:  # noqa: BLE001 - a hiccup may pass; a dead Store does not
                 now = time.monotonic()
@@ -72,13 +69,24 @@ class Heartbeat:
 
 
 class CallerWatch:
-    """For `StoreLink.gather`: raises NotCalled for a live peer that has not called save number
-    `seq` (for `step`) while this rank has moved past it for PEER_LAG_S. `callers`: the gathered
-    ident -> the rank that must post it."""
+    """For `StoreLink.gather` (and the rank worker's wait): raises NotCalled for a live peer that
+    has not called save number `seq` (for `step`) while this rank has moved past it for
+    PEER_LAG_S. `callers`: the gathered ident -> the rank that must post it. The waiter hands it
+    the peers' states it read anyway (`see`); without them it reads each caller's progress."""
 
     def __init__(self, link: StoreLink, seq: int, step: int, callers: dict[Any, int]):
         self.link, self.seq, self.step, self.callers = link, seq, step, callers
         self._since: dict[int, float] = {}
+        self._states: dict[int, tuple[int, int]] | None = None
+
+    def see(self, states: dict[int, tuple[int, int]]) -> None:
+        """Peers' (beats, saves called) as just read by the waiter."""
+        self._states = states
+
+    def _progress(self, rank: int) -> int:
+        if self._states is not None and rank in self._states:
+            return self._states[rank][1]
+        return self.link.progress_of(rank)
 
     def __call__(self, found: set) -> None:
         link, now = self.link, time.monotonic()
@@ -86,7 +94,7 @@ class CallerWatch:
             self._since.clear()
             return
         for ident, rank in self.callers.items():
-            if ident in found or link.progress_of(rank) >= self.seq:
+            if ident in found or self._progress(rank) >= self.seq:
                 self._since.pop(rank, None)
                 continue
             since = self._since.setdefault(rank, now)
@@ -94,7 +102,7 @@ class CallerWatch:
                 raise NotCalled(
                     f"rank {rank} has not called save(step {self.step}); every rank must call "
                     f"save() for the same steps (rank {rank} is alive: its heartbeat goes on, but "
-                    f"it has called {link.progress_of(rank)} save(s), this is save number "
+                    f"it has called {self._progress(rank)} save(s), this is save number "
                     f"{self.seq})", [ident])
 
 

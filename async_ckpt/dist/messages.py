@@ -12,8 +12,13 @@ key                       message                posted by -> read by
                                                  node's writer (where its staged buffer is)
 ``begun/<node>``          `Begun`                node writer of node > 0 -> coordinator
 ``node/<node>``           `NodeReport`           node writer of node > 0 -> coordinator
-``vh/<rank>``             `Announcement`         every rank's worker -> coordinator
-``err/<rank>``            `RankError`            a rank whose save() or worker failed -> all
+``vh/<rank>``             `Announcement`         every rank's worker -> coordinator (REPLICATED
+                                                 layouts as `layout_hash`es)
+``errors``                `RankError` lines      every rank whose save() or worker failed
+                                                 (``Store.append``) -> all
+``nev``                   a counter              bumped after each ``errors`` line, failed
+                                                 ``outcome`` and ``fullreq``: the one thing a
+                                                 waiter reads (with the heartbeats) per wake
 ``fullreq``               `FullRequest`          coordinator -> ranks holding odd replicas
 ``full/<rank>``           `FullAnswer`           those ranks -> coordinator
 ``outcome``               `Outcome`              coordinator -> every rank's worker
@@ -22,10 +27,24 @@ key                       message                posted by -> read by
 ``verdict/<rank>`` (load) `LoadVerdict`          every rank -> every rank, before any
                                                  load_state_dict
 ========================  =====================  ==============================================
+
+Outside the save and load sequence numbers: ``hb/<rank>`` ("<beats>:<saves called>", the
+heartbeat, `dist.liveness`), ``close/departed/<rank>`` (a counter, close()) and
+``delete/deleted/<step>/<n>`` (created by rank 0 once the n-th delete(step) is done).
+
+Who deletes what (no rank deletes W keys per save): every rank deletes its own keys of save N
+(``vh``, ``job``, ``full``, a node writer also ``begun``/``node``) once it has read N's
+``outcome``: the coordinator had read all of them before publishing it. The coordinator deletes
+N's ``outcome``, ``nev``, ``errors`` and ``fullreq`` once every rank has announced N + 1: a rank
+worker handles saves in order, so it has read N's outcome by then. Keys carry the sequence number,
+so saves in flight together (``max_pending`` > 1: the training thread posts ``job/<rank>`` of
+N + 1 while N is written) never share a key, and a Store wait (which waits for a key to exist)
+can never be woken by an earlier save's key.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -145,6 +164,17 @@ class Announcement:
     replicated_shapes: dict[str, tuple[tuple[str, tuple[int, ...]], ...]]   # -> ((dtype, shape), ...)
     digests: dict[str, dict[str, Any]]
     groups: dict[str, tuple[int, ...]]                # PER_GROUP component -> its ranks
+    # REPLICATED component -> `layout_hash` of its layout: ranks send these instead of
+    # `replicated_shapes` (30 KB per rank at 1,000 tensors); the coordinator has rank 0's
+    # layouts in process and checks every rank's hash against them.
+    layout_hashes: dict[str, str] = field(default_factory=dict)
+
+
+def layout_hash(shapes: Any) -> str:
+    """A short hash of one component's REPLICATED layout ((dtype, shape), ...), the same on every
+    rank for the same layout."""
+    text = json.dumps([[str(d), list(s)] for d, s in shapes], separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)

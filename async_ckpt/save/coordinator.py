@@ -28,7 +28,7 @@ import time
 from ..dist.link import LinkTimeout, RemoteFailure, StoreLink, causes_of
 from ..dist.liveness import CallerWatch
 from ..dist.messages import (Announcement, Begun, CommittedInfo, FullAnswer, FullItem, FullRequest,
-                             NodeReport, Outcome, WrittenTensor)
+                             NodeReport, Outcome, WrittenTensor, layout_hash)
 from ..dist.topology import Topology
 from ..errors import CheckpointError, ReplicationError
 from ..format.manifest import Manifest
@@ -89,13 +89,10 @@ class Coordinator:
         peers = {r: r for r in world if r != topo.rank}
         announces = link.gather(seq, {r: f"vh/{r}" for r in world}, Announcement, "rank(s)", world,
                                 alive=peers, watch=CallerWatch(link, seq, job.step, peers))
-        # Every rank announced this save, so every worker and node writer is done with the
-        # previous one: only now may its keys go (deleting earlier races a reader's get()).
-        nodes = range(1, topo.num_nodes)
-        link.delete(seq - 1, ["outcome", "nerr", "fullreq"] + [f"begun/{n}" for n in nodes]
-                    + [f"node/{n}" for n in nodes]
-                    + [f"{kind}/{r}" for r in world for kind in ("job", "vh", "err", "full")])
-        disagreement = check_agreement(announces)
+        # Every rank announced this save, so every worker has read the previous one's outcome:
+        # only now may its shared keys go (each rank deleted its own keys of it already).
+        link.retire(seq - 1, ["outcome", "nev", "errors", "fullreq"])
+        disagreement = check_agreement(with_layouts(announces, job.replicated_shapes))
         if disagreement:
             raise CheckpointError(disagreement)
         job.timings["write_s"] = reports[0].write_s
@@ -149,6 +146,7 @@ class Coordinator:
             self.committer.discard_uncommitted(job.step)
         self.link.post(job.seq, "outcome", Outcome(ok=False, message=str(exc), causes=causes,
                                                    replication=isinstance(exc, ReplicationError)))
+        self.link.bump(job.seq)          # wakes every waiter of this save (see dist.link)
 
     def _full_compare(self, job: SaveJob, manifest: Manifest, mismatches: list[dict]
                       ) -> dict[tuple[str, int, int], dict]:
@@ -169,9 +167,26 @@ class Coordinator:
             return {}
         link = self.link
         link.post(job.seq, "fullreq", FullRequest(tuple(items)))
+        link.bump(job.seq)               # the waiting rank workers look for it
         ranks = sorted({pair[0] for item in items for pair in item.pairs})
         answers = link.gather(job.seq, {r: f"full/{r}" for r in ranks}, FullAnswer, "rank(s)",
                               range(self.topo.world_size), stop_on_outcome=False)
         return {(r.component, r.tensor, r.report_as): {"max_abs_diff": r.max_abs_diff,
                                                        "differing": r.differing}
                 for answer in answers.values() for r in answer.results}
+
+
+def with_layouts(announces: dict[int, Announcement], shapes: dict) -> dict[int, Announcement]:
+    """Announcements carry REPLICATED layouts as hashes; put back the coordinator's own layouts
+    (rank 0's) where a rank's hash matches, and the odd hash where it does not, so that
+    `check_agreement` names the component and the ranks that differ."""
+    mine = {key: layout_hash(value) for key, value in shapes.items()}
+    restored = {}
+    for rank, announce in announces.items():
+        if announce.replicated_shapes or not announce.layout_hashes and not mine:
+            restored[rank] = announce
+            continue
+        layouts = {key: (shapes[key] if mine.get(key) == digest else ((f"layout {digest}", ()),))
+                   for key, digest in announce.layout_hashes.items()}
+        restored[rank] = dataclasses.replace(announce, replicated_shapes=layouts)
+    return restored

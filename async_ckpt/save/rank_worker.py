@@ -24,7 +24,8 @@ import time
 
 from ..dist.link import LinkTimeout, RemoteFailure, StoreLink
 from ..dist.liveness import CallerWatch
-from ..dist.messages import Announcement, FullAnswer, FullItem, FullRequest, FullResult, Outcome
+from ..dist.messages import (Announcement, FullAnswer, FullItem, FullRequest, FullResult, Outcome,
+                             layout_hash)
 from ..dist.topology import Topology
 from ..errors import CheckpointError, ReplicationError, SaveFailedError, translate_storage_error
 from ..format.manifest import ShardEntry, TensorEntry
@@ -47,6 +48,7 @@ class RankWorker:
     def __init__(self, link: StoreLink, topo: Topology, storage: Storage, pool: BufferPool):
         self.link, self.topo, self.storage, self.pool = link, topo, storage, pool
         self._queue: queue.Queue[SaveJob | None] = queue.Queue()
+        self._answered: set[int] = set()      # saves whose FULL request this rank answered
         self._thread = threading.Thread(target=self._loop, name="ckpt-rank-worker", daemon=True)
         self._thread.start()
 
@@ -90,7 +92,22 @@ class RankWorker:
         if self.topo.is_node_writer:
             job.written.wait()
         self.pool.release(job.buffer)
+        self._retire(job)
         self._resolve(job, outcome)
+
+    def _retire(self, job: SaveJob) -> None:
+        """Delete this rank's keys of the save: once its outcome is out, the coordinator has read
+        every one of them (job/<r> went to the node writer before its report). Each rank deletes
+        its own two to four keys, so no rank deletes W keys per save (the coordinator removes
+        the save's few shared keys once every rank has announced the next save)."""
+        topo = self.topo
+        names = [f"vh/{topo.rank}"] + ([f"full/{topo.rank}"] if job.seq in self._answered else [])
+        self._answered.discard(job.seq)
+        if not topo.is_node_writer:
+            names.append(f"job/{topo.rank}")
+        elif topo.node != 0:
+            names += [f"begun/{topo.node}", f"node/{topo.node}"]
+        self.link.retire(job.seq, names)
 
     def _resolve(self, job: SaveJob, outcome: Outcome) -> None:
         settlement = job.settlement
@@ -130,49 +147,49 @@ class RankWorker:
                 digests[comp.key] = digest_chunks(shard, shard_views)
             elif stages_every_replica(shard.pattern, level, self.topo, comp.members):
                 digests[comp.key] = digest(shard, shard_views, tree, level)
-        return Announcement(patterns, job.replicated_shapes, digests, groups)
+        # The coordinator has rank 0's layouts in process: every rank sends only their hashes.
+        hashes = {key: layout_hash(shapes) for key, shapes in job.replicated_shapes.items()}
+        return Announcement(patterns, {}, digests, groups, layout_hashes=hashes)
 
     def _wait_outcome(self, job: SaveJob) -> Outcome:
         """The coordinator's verdict. Rank 0 must enter this save within timeout_s; after that
-        the wait lasts as long as the save takes, unless rank 0 stops beating (it died)."""
-        link, seq, world = self.link, job.seq, range(self.topo.world_size)
-        coordinator_here = self.topo.rank == 0
-        deadline = time.monotonic() + link.timeout_s
-        entered = coordinator_here
-        watch = CallerWatch(link, seq, job.step, {0: 0})
-        answered, pause, last_beat = False, 0.002, (-1, time.monotonic())
-        while True:
-            if coordinator_here:
-                # In process: the coordinator sets job.published once the outcome is posted.
-                job.published.wait(0.05)
-            if link.has(seq, "outcome"):
-                return link.get(seq, "outcome", Outcome)
-            if errors := link.errors(seq, world):
-                return Outcome(ok=False, message="; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items())),
-                               causes=errors)
-            if not answered and link.has(seq, "fullreq"):
-                request = link.get(seq, "fullreq", FullRequest)
-                if any(p[0] == self.topo.rank for item in request.items for p in item.pairs):
-                    self._answer_full(job, request)
-                answered = True
-            if coordinator_here:
-                continue
-            now = time.monotonic()
-            entered = entered or link.has(seq, "vh/0")
-            if not entered:
-                watch(set())
-            if not entered and now > deadline:
-                raise LinkTimeout(f"rank 0 did not start saving step {job.step} within "
-                                  f"{link.timeout_s:g} s of this rank (crashed, hung, or far behind?)", [0])
-            beat = link.heartbeat_of(0)
-            if beat != last_beat[0]:
-                last_beat = (beat, now)
-            elif now - last_beat[1] > link.liveness_s:
-                raise LinkTimeout(f"the coordinator (rank 0) stopped answering (no heartbeat for "
-                                  f"{link.liveness_s:g} s) before publishing the outcome of step "
-                                  f"{job.step}: it died or hangs", [0])
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.01)
+        the wait lasts as long as the save takes, unless rank 0 stops beating (it died).
+
+        No polling: a blocking Store wait for ``outcome`` (rank 0: the in-process
+        ``job.published``), and every ``wake_s`` one request reading rank 0's heartbeat and
+        progress and the save's event counter ``nev`` (failures, a FULL request); the keys
+        behind the counter are read only when it moved."""
+        link, seq = self.link, job.seq
+        last = link.events(seq)          # creates the counter read with the heartbeat below
+        changed, answered = last > 0, False
+        watch = None if self.topo.rank == 0 else _CoordinatorWatch(link, job)
+        waits = None if watch is None else link.outcome_wait(seq)
+        try:
+            while True:
+                if changed:
+                    if link.has(seq, "outcome"):
+                        break
+                    if errors := link.errors(seq):
+                        return Outcome(ok=False, message="; ".join(
+                            f"rank {r}: {m}" for r, m in sorted(errors.items())), causes=errors)
+                    if not answered and link.has(seq, "fullreq"):
+                        request = link.get(seq, "fullreq", FullRequest)
+                        if any(p[0] == self.topo.rank for item in request.items for p in item.pairs):
+                            self._answer_full(job, request)
+                        answered = True
+                if waits is None:        # the coordinator is in this process
+                    if job.published.wait(link.wake_s):
+                        break
+                    events = link.events(seq)
+                else:
+                    assert watch is not None
+                    if waits.wait(link.wake_s):
+                        break
+                    events = watch.check()
+                changed, last = events != last, events
+        finally:
+            link.end_save(seq)
+        return link.get(seq, "outcome", Outcome)
 
     def _answer_full(self, job: SaveJob, request: FullRequest) -> None:
         views = dict(zip((s.component for s in job.plan.shards), job.buffer.views(job.plan), strict=True))
@@ -181,6 +198,7 @@ class RankWorker:
                    for item in request.items for compare_rank, report_as in item.pairs
                    if compare_rank == self.topo.rank]
         self.link.post(job.seq, f"full/{self.topo.rank}", FullAnswer(tuple(results)))
+        self._answered.add(job.seq)
 
     def _compare_one(self, job: SaveJob, item: FullItem, shards: dict, views: dict, report_as: int
                      ) -> FullResult:
@@ -194,3 +212,37 @@ class RankWorker:
         result = compare_full(views[item.component][position], reference)
         return FullResult(item.component, item.tensor, report_as, result["max_abs_diff"],
                           result["differing"])
+
+
+class _CoordinatorWatch:
+    """What a rank worker checks about rank 0 while it waits for the outcome: that rank 0 entered
+    the save within timeout_s (it called save(), or announced), that it called it at all
+    (`CallerWatch`), and that it keeps beating. One request per check: rank 0's heartbeat key and
+    the save's event counter, whose value `check` returns."""
+
+    def __init__(self, link: StoreLink, job: SaveJob):
+        self.link, self.job = link, job
+        self.deadline = time.monotonic() + link.timeout_s
+        self.entered = False
+        self.caller = CallerWatch(link, job.seq, job.step, {0: 0})
+        self.last_beat = (-1, time.monotonic())
+
+    def check(self) -> int:
+        link, job = self.link, self.job
+        states, events = link.peer_states([0], (job.seq, "nev"))
+        beat, progress = states[0]
+        now = time.monotonic()
+        self.entered = self.entered or progress >= job.seq or link.has(job.seq, "vh/0")
+        if not self.entered:
+            self.caller.see(states)
+            self.caller(set())
+            if now > self.deadline:
+                raise LinkTimeout(f"rank 0 did not start saving step {job.step} within "
+                                  f"{link.timeout_s:g} s of this rank (crashed, hung, or far behind?)", [0])
+        if beat != self.last_beat[0]:
+            self.last_beat = (beat, now)
+        elif now - self.last_beat[1] > link.liveness_s:
+            raise LinkTimeout(f"the coordinator (rank 0) stopped answering (no heartbeat for "
+                              f"{link.liveness_s:g} s) before publishing the outcome of step "
+                              f"{job.step}: it died or hangs", [0])
+        return events

@@ -106,3 +106,16 @@ class Storage(Protocol):
 
     def child_url(self, path: str) -> str:
         """A URL for `path` under the root, for messages and CheckpointInfo.url."""
+
+
+# Optional capability (looked up with getattr, like S3's ``list_uploads``):
+#
+#     def find_named(self, name: str, max_requests: int) -> list[str] | None:
+#         """Folders directly under the root that hold an entry `name` (as ``exists`` sees
+#         it: ``exists(f"{folder}/{name}")`` is true for exactly these), found in at most
+#         `max_requests` requests, or None when that is not enough (the caller then asks
+#         ``exists`` per folder)."""
+#
+# Local folders answer it with one directory scan; S3 with one paginated listing of the root
+# (ListObjectsV2 without a delimiter: a page holds 1,000 keys of any folder), which beats one
+# HEAD per step folder while the folders hold few objects each.

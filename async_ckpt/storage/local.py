@@ -262,6 +262,12 @@ class LocalStorage:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def find_named(self, name: str, max_requests: int = 0) -> list[str]:
+        """Folders directly under the root holding an entry `name` (see base.py): one scan of
+        the root, then the same check as ``exists`` per entry (no request to count here)."""
+        return [folder for folder in self.list_dir("")
+                if os.path.exists(os.path.join(self._p(folder), name))]
+
     def delete(self, path: str) -> None:
         try:
             os.unlink(self._p(path))

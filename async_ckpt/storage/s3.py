@@ -301,6 +301,24 @@ class S3Storage:
             return names
         return sorted(self.run(go()))
 
+    def find_named(self, name: str, max_requests: int) -> list[str] | None:
+        """Folders directly under the root holding an object `name` (see base.py), from one
+        listing of every key under the root; None if it needs more than `max_requests` pages."""
+        prefix = self._folder_key("")
+
+        async def go() -> list[str] | None:
+            found, pages = [], 0
+            async for page in self._pages("list_objects_v2", "", Prefix=prefix):
+                pages += 1
+                for obj in page.get("Contents", []):
+                    folder, _, rest = obj["Key"][len(prefix):].partition("/")
+                    if rest == name and folder:
+                        found.append(folder)
+                if page.get("IsTruncated") and pages >= max_requests:
+                    return None
+            return sorted(found)
+        return self.run(go()) if max_requests > 0 else None
+
     # -- unfinished uploads (optional capability, for cleanup tools) -----------------------------
     def list_uploads(self, path: str = "") -> list[str]:
         """Paths (relative to the root) of the unfinished multipart uploads under folder `path`."""

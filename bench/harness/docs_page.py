@@ -14,7 +14,29 @@ OTHERS = (
      "python -m bench.gpu"),
     ("`async-ckpt verify` against the raw cold read of the same bytes", "bench/results/verify.md",
      "python -m bench.verify --size-gib 1"),
+    ("Scale (8 to 4,096 simulated ranks: manifest, coordinator, Store traffic, objects, S3 requests)",
+     "bench/results/scale.md", "python -m bench.scale"),
 )
+# Sections written by hand into docs/benchmarks.md between these markers survive a rewrite of the
+# page (they are put back before "Other benchmarks").
+KEEP_START, KEEP_END = "<!-- hand-written: start -->", "<!-- hand-written: end -->"
+
+
+def _hand_written() -> list[str]:
+    """The hand-written sections of the current page, markers included."""
+    try:
+        with open(DOC) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    kept, pos = [], 0
+    while (start := text.find(KEEP_START, pos)) >= 0:
+        end = text.find(KEEP_END, start)
+        if end < 0:
+            break
+        kept.append(text[start:end + len(KEEP_END)])
+        pos = end + len(KEEP_END)
+    return kept
 
 METHOD = """\
 ## How to read it
@@ -87,6 +109,8 @@ def write(doc: dict, text: str, stem: str) -> None:
              f"{doc['load_average_start'][0]:.2f}/{doc['load_average_end'][0]:.2f}.", "",
              METHOD, text, "", LIMITS, "## Plots", ""]
     lines += [f"![{os.path.basename(p)}]({p})" for p in plots]
+    for section in _hand_written():
+        lines += ["", section]
     lines += ["", "## Other benchmarks", ""]
     if not doc.get("distributed"):
         lines.append("- Distributed (world 2 and 4, gloo): `python -m bench.distributed`, results in "

@@ -1,0 +1,729 @@
+"""`python -m bench.scale`: what a save costs at 8 to 4,096 ranks, simulated in one process.
+
+Each row is a topology (ranks, 8 per node) x tensors per rank x pattern (PER_RANK: every rank its
+own copy, FSDP-like; REPLICATED: one copy spread over all ranks). A row drives the library's own
+code for one save: the real `Planner` for every rank, `SaveJob.descriptor` and the rank worker's
+announcement, the real `NodeWriter.write` (waiting for its peers' descriptors, building the node
+report; only the data-file write is stubbed), and the real `Coordinator.run` (gathering,
+agreement, `assemble`, the manifest commit to a local folder, sweep and retention), all through
+`StoreLink`s over a real TCPStore on 127.0.0.1 (every message encoded, sent, stored and decoded).
+Every Store client is wrapped in `CountingStore`, which counts requests (round trips) per role.
+
+Per row it reports: root manifest bytes, the largest manifest fragment (`largest_fragment`: none
+before per-node fragments exist), coordinator time per save (all messages already posted, so
+this is processing, not waiting), retention time, Store round trips per save by role, what one
+loading rank parses and how long (`loading_rank_reads`), objects per checkpoint
+(`objects_per_checkpoint`). Separately, per world size, a waiting phase measures Store round
+trips per second of waiting ranks (real `RankWorker._wait_outcome` plus the rank's own real
+`Heartbeat`, on their own clients and threads) and of the coordinator waiting for node reports,
+while a save is in flight. With ``--s3 moto|seaweedfs`` an S3 phase counts S3 requests per save
+at 8 and 16 ranks against a real loopback server (the data objects are real, tiny) and per first
+save (the write probe), and the table extrapolates them.
+
+    python -m bench.scale --quick                      # 8 and 64 ranks x 100 tensors (~1 min)
+    python -m bench.scale                              # every row that fits --max-entries
+    python -m bench.scale --rows 512x1000,4096x100 --label after --out bench/results/scale-after
+    python -m bench.scale --compare bench/results/scale-before.json bench/results/scale-after.json
+
+Rows whose ranks x tensors exceed ``--max-entries`` (default 600,000) are skipped and marked
+"not run": at 4,096 x 1,000 the old protocol needs ~10 GB and minutes per save on one machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+from async_ckpt.dist.link import StoreLink
+from async_ckpt.dist.liveness import Heartbeat
+from async_ckpt.dist.messages import Begun, NodeReport, Outcome
+from async_ckpt.dist.topology import Topology
+from async_ckpt.format.manifest import MANIFEST_NAME, Manifest
+from async_ckpt.format.names import read_manifest, step_dir
+from async_ckpt.format.tree import flatten
+from async_ckpt.handle import Settlement
+from async_ckpt.options import CheckpointOptions
+from async_ckpt.save import plan as plan_module
+from async_ckpt.save import rank_worker as rank_worker_module
+from async_ckpt.save.commit import Committer
+from async_ckpt.save.coordinator import Coordinator
+from async_ckpt.save.datafile import FileResult, RecordResult
+from async_ckpt.save.job import ComponentSpec, SaveJob
+from async_ckpt.save.node_writer import NodeWriter
+from async_ckpt.save.plan import Planner, state_layout
+from async_ckpt.save.rank_worker import RankWorker
+from async_ckpt.sharing import stages_every_replica
+from async_ckpt.storage import LocalStorage
+from async_ckpt.types import SharingPattern, ValidationLevel
+
+PER_NODE = 8
+ALL_ROWS = [(w, t) for w in (8, 64, 512, 4096) for t in (100, 1000)]
+QUICK_ROWS = [(8, 100), (64, 100)]
+PATTERNS = {"per_rank": SharingPattern.PER_RANK, "replicated": SharingPattern.REPLICATED}
+_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+             "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+             "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+_SHAPES = ((512, 4096), (128, 4096), (128, 4096), (4096, 512), (1792, 4096), (1792, 4096),
+           (4096, 1792), (4096,), (4096,))
+
+
+# -- counting ----------------------------------------------------------------------------------
+class Tally:
+    """Store requests of one role, by operation (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.ops: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, op: str, n: int = 1) -> None:
+        with self._lock:
+            self.ops[op] += n
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(n for op, n in self.ops.items() if op != "connect")
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.ops)
+
+
+ROUND_TRIPS = ("set", "get", "add", "check", "delete_key", "wait", "multi_get", "multi_set",
+               "compare_set", "append", "num_keys")
+
+
+class CountingStore:
+    """A Store (client) that counts each request it sends; its clones count into the same Tally.
+    ``clone()`` is counted as "connect" (a new TCP connection), not as a round trip."""
+
+    def __init__(self, store: Any, tally: Tally):
+        self._store, self._tally = store, tally
+
+    def clone(self) -> "CountingStore":
+        self._tally.add("connect")
+        return CountingStore(self._store.clone(), self._tally)
+
+    def set_timeout(self, timeout: datetime.timedelta) -> None:
+        self._store.set_timeout(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name not in ROUND_TRIPS:
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._tally.add(name)
+            return attr(*args, **kwargs)
+        return counted
+
+
+def new_store() -> Any:
+    from torch.distributed import TCPStore
+    return TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=600),
+                    wait_for_workers=False)
+
+
+def link_for(master: Any, ns: str, tally: Tally, timeout_s: float = 600.0) -> StoreLink:
+    return StoreLink(CountingStore(master, tally), ns, timeout_s, "the bench's TCPStore")
+
+
+# -- the simulated state -------------------------------------------------------------------------
+def llama_state(tensors: int) -> dict[str, torch.Tensor]:
+    """`tensors` bf16 tensors named like a Llama checkpoint's (~40 characters); meta tensors: only
+    their dtype and shape matter here."""
+    state = {}
+    for i in range(tensors):
+        name = f"model.layers.{i // len(_SUFFIXES)}.{_SUFFIXES[i % len(_SUFFIXES)]}"
+        state[name] = torch.empty(_SHAPES[i % len(_SHAPES)], dtype=torch.bfloat16, device="meta")
+    return state
+
+
+class _StubBuffer:
+    """What a SaveJob needs of a staging buffer when nothing is staged."""
+
+    def __init__(self, name: str, capacity: int):
+        self.name, self.capacity, self.tensor = name, capacity, None
+
+    def views(self, plan: Any) -> list[list[torch.Tensor]]:
+        return [[] for _ in plan.shards]
+
+    def wait_copied(self) -> None:
+        return None
+
+
+class _StubStorage:
+    """The node writers' storage: data writes are stubbed, so there is no folder to sync."""
+
+    def sync_dir(self, path: str) -> None:
+        return None
+
+
+class _Writer(NodeWriter):
+    """The real NodeWriter.write (waiting for peers, building the report) without the data write:
+    each rank's "file" gets fabricated records of the right sizes."""
+
+    def __init__(self, topo: Topology, link: StoreLink, storage: Any = None):
+        self.storage, self.topo, self.link = storage or _StubStorage(), topo, link  # type: ignore[assignment]
+        self.streamer, self.compressed, self.coordinator = None, False, None  # type: ignore[assignment]
+        self.real_objects = storage is not None
+
+    def _attach(self, name: str, capacity: int) -> Any:
+        return None
+
+    def _write_rank_file(self, folder: str, desc: Any, buffer: Any) -> tuple[Any, Any]:
+        slots = [slot for sh in desc.shards for slot in sh.slots]
+        if not slots:
+            return None, None
+        name = f"data-n{self.topo.node:05d}-r{desc.rank:05d}-{os.urandom(4).hex()}.bin"
+        offset, records = 0, []
+        for slot in slots:
+            records.append(RecordResult(offset, slot.nbytes, f"{desc.rank:08x}{slot.index:024x}", ()))
+            offset += (slot.nbytes + 63) // 64 * 64
+        if self.real_objects:          # the S3 phase: a real (tiny) object per data file
+            writer = self.storage.open_writer(f"{folder}/{name}")
+            writer.write(memoryview(b"\0" * 1024))
+            writer.commit()
+        return name, FileResult(offset, "f" * 32, tuple(records))
+
+
+@dataclasses.dataclass
+class World:
+    """Every simulated rank's topology, plan and job for one row."""
+    topos: list[Topology]
+    jobs: list[SaveJob]
+    plan_s: float
+    owners_s: float
+
+
+def build_world(world: int, tensors: int, pattern: SharingPattern, step: int, seq: int) -> World:
+    local = min(PER_NODE, world)
+    topos = [Topology(r, world, r % local, local, r // local) for r in range(world)]
+    meta = llama_state(tensors)
+    tree, _ = flatten({k: torch.zeros(1, dtype=torch.bfloat16) for k in meta}, "model")
+    flat = list(meta.values())        # flatten keeps the dict's order
+    level = (ValidationLevel.QUICK if pattern is SharingPattern.REPLICATED else ValidationLevel.NONE)
+    shapes = ({"model": tuple((str(t.dtype), tuple(t.shape)) for t in flat)}
+              if pattern is SharingPattern.REPLICATED else {})
+    real_owners = plan_module.replica_owners
+    memo: dict[Any, Any] = {}
+    owners_s = 0.0
+
+    def owners(sizes: list[int], topo: Topology) -> Any:
+        # Every rank computes the same assignment; time it once, reuse it for the other ranks.
+        nonlocal owners_s
+        key = (tuple(sizes), topo.world_size, topo.local_world_size)
+        if key not in memo:
+            t0 = time.perf_counter()
+            memo[key] = real_owners(sizes, topo)
+            owners_s = time.perf_counter() - t0
+        return memo[key]
+    plan_module.replica_owners = owners
+    jobs, plan_s = [], 0.0
+    try:
+        for topo in topos:
+            stage_all = stages_every_replica(pattern, level, topo)
+            t0 = time.perf_counter()
+            plan = Planner(topo).plan(state_layout([("model", pattern, None, stage_all, flat)]))
+            plan_s = max(plan_s, time.perf_counter() - t0)
+            jobs.append(SaveJob(step, seq, plan, _StubBuffer(f"shm-{topo.rank}", plan.buffer_nbytes),  # type: ignore[arg-type]
+                                [tree], [ComponentSpec("model", True, level.value, None)],
+                                {"loss": 1.0 / step}, Settlement(step), time.perf_counter(),
+                                replicated_shapes=shapes))
+    finally:
+        plan_module.replica_owners = real_owners
+    return World(topos, jobs, plan_s, owners_s)
+
+
+def announce(job: SaveJob, topo: Topology, link: StoreLink) -> Any:
+    """The rank worker's real announcement (replica digests stubbed: nothing is staged)."""
+    stub = RankWorker.__new__(RankWorker)
+    stub.link, stub.topo = link, topo
+    real = rank_worker_module.digest
+    rank_worker_module.digest = lambda *a, **k: {"quick": "0" * 32}
+    try:
+        return RankWorker._announce(stub, job)
+    finally:
+        rank_worker_module.digest = real
+
+
+def wait_outcome(job: SaveJob, topo: Topology, link: StoreLink) -> Outcome:
+    stub = RankWorker.__new__(RankWorker)
+    stub.link, stub.topo = link, topo
+    return RankWorker._wait_outcome(stub, job)
+
+
+def retire(job: SaveJob, topo: Topology, link: StoreLink) -> None:
+    """The rank worker deleting its own keys once it has the outcome (where it does: before this
+    change the coordinator deleted every rank's keys, counted in its column)."""
+    if hasattr(RankWorker, "_retire"):
+        stub = RankWorker.__new__(RankWorker)
+        stub.link, stub.topo, stub._answered = link, topo, set()
+        RankWorker._retire(stub, job)
+
+
+# -- what the lead's fragments will change: one function each ------------------------------------
+def largest_fragment(storage: LocalStorage, step: int, manifest: Manifest) -> int | None:
+    """Bytes of the largest per-node manifest fragment of `step` (None: no fragments)."""
+    names = [n for n in storage.list_dir(step_dir(step)) if n.startswith("fragment")]
+    return max((storage.size(f"{step_dir(step)}/{n}") for n in names), default=None)
+
+
+def loading_rank_reads(storage: LocalStorage, step: int, rank: int) -> tuple[int, float]:
+    """(bytes, seconds) that one loading rank reads and validates before it reads any data:
+    today the whole manifest."""
+    t0 = time.perf_counter()
+    read_manifest(storage, step_dir(step), step)
+    return storage.size(f"{step_dir(step)}/{MANIFEST_NAME}"), time.perf_counter() - t0
+
+
+def objects_per_checkpoint(storage: LocalStorage, step: int, manifest: Manifest) -> int:
+    """Objects a committed checkpoint consists of (data files are stubbed: counted from the
+    manifest), plus the manifest itself and any fragment in the folder."""
+    fragments = [n for n in storage.list_dir(step_dir(step)) if n.startswith("fragment")]
+    return len(manifest.files) + 1 + len(fragments)
+
+
+# -- one save of one row -------------------------------------------------------------------------
+def run_row(master: Any, root: str, world: int, tensors: int, pattern_name: str, seq: int,
+            sample: int = 16) -> dict:
+    pattern = PATTERNS[pattern_name]
+    step = seq * 10
+    ns = f"bench/{world}x{tensors}/{pattern_name}"
+    tallies = {role: Tally() for role in ("ranks", "node_writers", "coordinator", "workers")}
+    links = {role: link_for(master, ns, tally) for role, tally in tallies.items()}
+    for link in links.values():
+        link.has(0, "warm-up")          # the client connection, outside every figure
+    for tally in tallies.values():
+        tally.ops.clear()
+    t0 = time.perf_counter()
+    w = build_world(world, tensors, pattern, step, seq)
+    build_s = time.perf_counter() - t0
+    storage = LocalStorage(root)
+    options = CheckpointOptions.from_keywords({}, keep_last=2, keep_best=1, best_metric="loss",
+                                              greater_is_better=False)
+    committer = Committer(storage, options, 0, w.topos[0].num_nodes > 1, lambda: {step})
+    coordinator = Coordinator(storage, w.topos[0], links["coordinator"], committer, {"bench": "scale"})
+    # Every rank's hand-over and announcement, then every node's report (node 0's in process).
+    own_report = None
+    for node in range(w.topos[0].num_nodes):
+        ranks = list(w.topos[0].node_ranks(node))
+        for r in ranks[1:]:
+            links["ranks"].post(seq, f"job/{r}", w.jobs[r].descriptor(r))
+        for r in ranks:
+            links["ranks"].post(seq, f"vh/{r}", announce(w.jobs[r], w.topos[r], links["ranks"]))
+        writer = _Writer(w.topos[ranks[0]], links["node_writers"])
+        report = writer.write(w.jobs[ranks[0]])
+        if report.failed:
+            raise RuntimeError(f"node {node} failed: {report.causes}")
+        if node == 0:
+            own_report = report
+        else:
+            links["node_writers"].post(seq, f"node/{node}", report)
+    job0 = w.jobs[0]
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=coordinator.run, args=(job0, own_report))
+    thread.start()
+    job0.published.wait()
+    coordinator_s = time.perf_counter() - t0
+    thread.join()
+    retention_s = time.perf_counter() - t0 - coordinator_s
+    outcome = links["workers"].get(seq, "outcome", Outcome)
+    if not outcome.ok:
+        raise RuntimeError(f"the simulated save failed: {outcome.message[:500]}")
+    # Every other rank's worker fetches the verdict: measured on a sample, counted for all.
+    sampled = [r for r in range(1, world)][:: max(1, (world - 1) // sample)][:sample]
+    before = tallies["workers"].total()
+    for r in sampled:
+        wait_outcome(w.jobs[r], w.topos[r], links["workers"])
+        retire(w.jobs[r], w.topos[r], links["workers"])
+    per_worker = (tallies["workers"].total() - before) / max(1, len(sampled))
+    manifest = read_manifest(storage, step_dir(step), step)
+    load_bytes, load_s = loading_rank_reads(storage, step, world - 1)
+    per_role = {role: t.total() for role, t in tallies.items() if role != "workers"}
+    per_role["workers"] = round(per_worker * (world - 1))
+    return {
+        "world": world, "tensors": tensors, "pattern": pattern_name, "nodes": w.topos[0].num_nodes,
+        "manifest_bytes": storage.size(f"{step_dir(step)}/{MANIFEST_NAME}"),
+        "largest_fragment_bytes": largest_fragment(storage, step, manifest),
+        "coordinator_s": round(coordinator_s, 4), "retention_s": round(retention_s, 4),
+        "plan_s_per_rank": round(w.plan_s, 4), "replica_owners_s": round(w.owners_s, 4),
+        "build_s": round(build_s, 2),
+        "store_round_trips": per_role, "store_round_trips_total": sum(per_role.values()),
+        "store_ops": {role: t.snapshot() for role, t in tallies.items()},
+        "worker_round_trips_each": per_worker,
+        "load_bytes": load_bytes, "load_s": round(load_s, 4),
+        "objects": objects_per_checkpoint(storage, step, manifest),
+    }
+
+
+# -- waiting ranks ------------------------------------------------------------------------------
+def run_waiting(master: Any, world: int, waiters: int, window_s: float) -> dict:
+    """Round trips per second of ranks waiting for the outcome (each: the real rank worker wait
+    and the rank's real heartbeat, on its own Store clients) and of the coordinator waiting for
+    node reports, while a save is in flight."""
+    ns, seq, step = f"bench/wait/{world}", 1, 10
+    local = min(PER_NODE, world)
+    topos = [Topology(r, world, r % local, local, r // local) for r in range(world)]
+    nodes = topos[0].num_nodes
+    hb0 = Heartbeat(link_for(master, ns, Tally()), 0, lambda: seq)   # rank 0 is alive
+    # Node writers are alive (beating) while they write.
+    writer_beats = [Heartbeat(link_for(master, ns, Tally()), topos[0].node_writer_of(n), lambda: seq)
+                    for n in range(1, min(nodes, 64))]
+    ranks = [r for r in range(1, world)][:: max(1, (world - 1) // waiters)][:waiters]
+    tallies = {r: Tally() for r in ranks}
+    links = {r: link_for(master, ns, tallies[r]) for r in ranks}
+    for link in links.values():
+        link.has(0, "warm-up")
+    beats = [Heartbeat(links[r], r, lambda: seq) for r in ranks]
+    jobs = {r: SimpleJob(step, seq) for r in ranks}
+    coord_tally = Tally()
+    coord_link = link_for(master, ns, coord_tally)
+    coord_link.has(0, "warm-up")
+    for n in range(1, nodes):
+        coord_link.post(seq, f"begun/{n}", Begun(n))
+    coordinator = Coordinator(None, topos[0], coord_link, None, {})  # type: ignore[arg-type]
+    time.sleep(0.6)                    # every heartbeat has beaten once
+    for tally in list(tallies.values()) + [coord_tally]:
+        tally.ops.clear()
+    results: dict[Any, Any] = {}
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(
+        r, wait_outcome(jobs[r], topos[r], links[r])), daemon=True) for r in ranks]  # type: ignore[arg-type]
+    job0 = SimpleJob(step, seq)
+    coord_thread = threading.Thread(target=lambda: results.__setitem__(
+        "coordinator", coordinator._other_reports(job0)), daemon=True)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    for t in threads + [coord_thread]:
+        t.start()
+    time.sleep(window_s)
+    elapsed = time.perf_counter() - t0
+    counts = {r: tallies[r].total() for r in ranks}
+    coord_count = coord_tally.total()
+    coord_link.post(seq, "outcome", Outcome(ok=True))
+    for n in range(1, nodes):
+        coord_link.post(seq, f"node/{n}", NodeReport(n, topos[0].node_writer_of(n)))
+    for t in threads + [coord_thread]:
+        t.join(30)
+    for b in beats + writer_beats + [hb0]:
+        b.stop()
+    rates = [c / elapsed for c in counts.values()]
+    return {"world": world, "waiters": len(ranks), "window_s": round(elapsed, 2),
+            "rank_rt_per_s": round(statistics.mean(rates), 2), "rank_rt_per_s_max": round(max(rates), 2),
+            "rank_ops": tallies[ranks[0]].snapshot(),
+            "coordinator_rt_per_s": round(coord_count / elapsed, 1),
+            "coordinator_ops": coord_tally.snapshot(),
+            "offered_rt_per_s": round(statistics.mean(rates) * (world - 1) + coord_count / elapsed)}
+
+
+@dataclasses.dataclass(eq=False)
+class SimpleJob:
+    """What the waits read of a SaveJob."""
+    step: int
+    seq: int
+    published: threading.Event = dataclasses.field(default_factory=threading.Event)
+    components: list = dataclasses.field(default_factory=list)
+    plan: Any = None
+
+
+# -- S3 requests ---------------------------------------------------------------------------------
+def run_s3(server_name: str, master: Any, worlds: tuple[int, ...] = (8, 16), tensors: int = 100) -> dict:
+    """S3 requests per save and per first save, counted on a real loopback server."""
+    from async_ckpt.storage.s3 import S3Storage
+    from async_ckpt.storage import open_storage
+    from async_ckpt.storage.testing import servers
+
+    server = servers.start(server_name)
+    out: dict[str, Any] = {"server": server_name, "rows": []}
+    try:
+        for world in worlds:
+            root = server.fresh_root()
+            storage = open_storage(root, server.storage_options())
+            assert isinstance(storage, S3Storage)
+            counts: Counter[str] = Counter()
+            storage.call = _counted(storage.call, counts)  # type: ignore[method-assign]
+            row: dict[str, Any] = {"world": world, "tensors": tensors, "saves": []}
+            probe = probe_requests(storage, world, counts)
+            row["first_save_probe"] = probe
+            for seq in (1, 2, 3):
+                counts.clear()
+                s3_save(master, storage, world, tensors, seq)
+                row["saves"].append(dict(counts))
+            counts.clear()
+            listing_requests(storage)
+            row["listing"] = dict(counts)
+            out["rows"].append(row)
+    finally:
+        server.stop()
+    return out
+
+
+def _counted(real_call: Any, counts: Counter) -> Any:
+    async def counted(method: str, path: str, **kwargs: Any) -> Any:
+        counts[method] += 1
+        return await real_call(method, path, **kwargs)
+    return counted
+
+
+def probe_requests(storage: Any, world: int, counts: Counter) -> dict:
+    """The write probe of a first save: which ranks run it is the checkpointer's `_start` rule."""
+    from async_ckpt import checkpointer
+    local = min(PER_NODE, world)
+    rule = getattr(checkpointer, "probes_writability", None)
+    counts.clear()
+    probing = 0
+    for r in range(world):
+        topo = Topology(r, world, r % local, local, r // local)
+        if rule is None or rule(topo):         # before: every rank probed
+            storage.check_writable()
+            probing += 1
+        else:
+            storage.check_root()
+    return {"ranks_probing": probing, "requests": sum(counts.values()), "ops": dict(counts)}
+
+
+def listing_requests(storage: Any) -> None:
+    """What latest_step() and list_checkpoints() ask the storage (as the checkpointer does)."""
+    from async_ckpt.format.names import committed_steps, read_manifest as read
+    from async_ckpt.load.restore import info_of
+    from async_ckpt.save import commit
+    listed = getattr(commit, "committed_in", committed_steps)
+    listed(storage)                                   # latest_step()
+    for step in listed(storage):                      # list_checkpoints()
+        info_of(storage, read(storage, step_dir(step), step), step_dir(step))
+
+
+def s3_save(master: Any, storage: Any, world: int, tensors: int, seq: int) -> None:
+    pattern = SharingPattern.PER_RANK
+    step = seq * 10
+    ns = f"bench/s3/{world}/{os.urandom(3).hex()}"
+    link = link_for(master, ns, Tally())
+    w = build_world(world, tensors, pattern, step, seq)
+    options = CheckpointOptions.from_keywords({}, keep_last=2)
+    committer = Committer(storage, options, 0, w.topos[0].num_nodes > 1, lambda: {step})
+    coordinator = Coordinator(storage, w.topos[0], link, committer, {"bench": "scale"})
+    own = None
+    for node in range(w.topos[0].num_nodes):
+        ranks = list(w.topos[0].node_ranks(node))
+        for r in ranks[1:]:
+            link.post(seq, f"job/{r}", w.jobs[r].descriptor(r))
+        for r in ranks:
+            link.post(seq, f"vh/{r}", announce(w.jobs[r], w.topos[r], link))
+        report = _Writer(w.topos[ranks[0]], link, storage).write(w.jobs[ranks[0]])
+        if node == 0:
+            own = report
+        else:
+            link.post(seq, f"node/{node}", report)
+    coordinator.run(w.jobs[0], own)  # type: ignore[arg-type]
+    if not link.get(seq, "outcome", Outcome).ok:
+        raise RuntimeError("the S3 save failed")
+
+
+# -- output ------------------------------------------------------------------------------------
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"## bench.scale, {doc['label']} ({doc['git']})", "",
+             f"`{doc['command']}`; Store: TCPStore on 127.0.0.1 in this process, one client "
+             "connection per role (waiting phase: one per waiting rank); data writes stubbed.", "",
+             "| ranks x tensors | pattern | root manifest | largest fragment | coordinator s/save | "
+             "retention s | Store rt/save (ranks / writers / coordinator / workers) | loading rank "
+             "parses | load s | objects |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in doc["rows"]:
+        if r.get("skipped"):
+            lines.append(f"| {r['world']} x {r['tensors']} | {r['pattern']} | not run: {r['skipped']} "
+                         "| | | | | | | |")
+            continue
+        rt = r["store_round_trips"]
+        lines.append(
+            f"| {r['world']} x {r['tensors']} | {r['pattern']} | {_fmt_bytes(r['manifest_bytes'])} | "
+            f"{_fmt_bytes(r['largest_fragment_bytes'])} | {r['coordinator_s']:.3f} | "
+            f"{r['retention_s']:.3f} | {r['store_round_trips_total']:,} ({rt['ranks']:,} / "
+            f"{rt['node_writers']:,} / {rt['coordinator']:,} / {rt['workers']:,}) | "
+            f"{_fmt_bytes(r['load_bytes'])} | {r['load_s']:.3f} | {r['objects']:,} |")
+    if doc.get("waiting"):
+        lines += ["", "Waiting while a save is in flight (round trips per second, measured over "
+                  f"{doc['waiting'][0]['window_s']} s; a waiting rank = its rank worker's wait + its "
+                  "heartbeat):", "",
+                  "| ranks | waiting ranks sampled | per waiting rank | coordinator waiting for "
+                  "node reports | offered to the Store |", "|---:|---:|---:|---:|---:|"]
+        for w in doc["waiting"]:
+            lines.append(f"| {w['world']} | {w['waiters']} | {w['rank_rt_per_s']} (max "
+                         f"{w['rank_rt_per_s_max']}) | {w['coordinator_rt_per_s']} | "
+                         f"{w['offered_rt_per_s']:,} |")
+    if doc.get("s3"):
+        lines += ["", s3_markdown(doc["s3"])]
+    return "\n".join(lines) + "\n"
+
+
+def s3_markdown(s3: dict) -> str:
+    lines = [f"S3 requests ({s3['server']} on 127.0.0.1, PER_RANK, 100 tensors per rank; data "
+             "objects real but tiny, so each is one PUT where a real one is a multipart upload: "
+             "create + parts + complete):", "",
+             "| ranks | first-save write probe (ranks probing: requests) | requests per save "
+             "(3 saves, keep_last=2) | listing + list_checkpoints (2 committed) |",
+             "|---:|---|---|---|"]
+    for row in s3["rows"]:
+        saves = ", ".join(str(sum(s.values())) for s in row["saves"])
+        last = row["saves"][-1]
+        lines.append(f"| {row['world']} | {row['first_save_probe']['ranks_probing']}: "
+                     f"{row['first_save_probe']['requests']} | {saves} ({_ops(last)}) | "
+                     f"{sum(row['listing'].values())} ({_ops(row['listing'])}) |")
+    return "\n".join(lines)
+
+
+def _ops(ops: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(ops.items()))
+
+
+def compare(before: dict, after: dict) -> str:
+    """Side-by-side table of two runs (same rows)."""
+    key = lambda r: (r["world"], r["tensors"], r["pattern"])  # noqa: E731
+    b = {key(r): r for r in before["rows"] if not r.get("skipped")}
+    lines = [f"## bench.scale: before ({before['git']}) / after ({after['git']})", "",
+             "| ranks x tensors | pattern | root manifest | coordinator s/save | retention s | "
+             "Store rt/save | loading rank parses | objects |", "|---|---|---|---|---|---|---|---|"]
+    for r in after["rows"]:
+        old = b.get(key(r))
+        if r.get("skipped") or old is None:
+            continue
+        rt_old, rt_new = old["store_round_trips_total"], r["store_round_trips_total"]
+        lines.append(
+            f"| {r['world']} x {r['tensors']} | {r['pattern']} | {_fmt_bytes(old['manifest_bytes'])} / "
+            f"{_fmt_bytes(r['manifest_bytes'])} | {old['coordinator_s']:.3f} / {r['coordinator_s']:.3f} | "
+            f"{old['retention_s']:.3f} / {r['retention_s']:.3f} | {rt_old:,} / {rt_new:,} "
+            f"({_ratio(rt_old, rt_new)}) | {_fmt_bytes(old['load_bytes'])} / {_fmt_bytes(r['load_bytes'])} "
+            f"| {old['objects']:,} / {r['objects']:,} |")
+    bw = {w["world"]: w for w in before.get("waiting", [])}
+    if after.get("waiting"):
+        lines += ["", "| ranks | round trips/s per waiting rank | coordinator waiting, rt/s | "
+                  "offered to the Store, rt/s |", "|---:|---|---|---|"]
+        for w in after["waiting"]:
+            o = bw.get(w["world"])
+            if o is None:
+                continue
+            lines.append(f"| {w['world']} | {o['rank_rt_per_s']} / {w['rank_rt_per_s']} | "
+                         f"{o['coordinator_rt_per_s']} / {w['coordinator_rt_per_s']} | "
+                         f"{o['offered_rt_per_s']:,} / {w['offered_rt_per_s']:,} |")
+    if before.get("s3") and after.get("s3"):
+        lines += ["", "Before:", "", s3_markdown(before["s3"]), "", "After:", "", s3_markdown(after["s3"])]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(old: float, new: float) -> str:
+    return f"{old / new:.1f}x fewer" if new and old >= new else f"{new / max(old, 1):.1f}x more"
+
+
+def _git() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + (" + changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def parse_rows(text: str) -> list[tuple[int, int]]:
+    rows = []
+    for part in text.split(","):
+        world, tensors = part.lower().split("x")
+        rows.append((int(world), int(tensors)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", help="e.g. 8x100,512x1000 (default: all, or --quick's)")
+    p.add_argument("--quick", action="store_true", help="8 and 64 ranks x 100 tensors, short waits")
+    p.add_argument("--patterns", default="per_rank,replicated")
+    p.add_argument("--max-entries", type=int, default=600_000,
+                   help="skip rows with more ranks x tensors than this (unless named in --rows)")
+    p.add_argument("--waiting", default="", help="world sizes for the waiting phase (default: "
+                   "those of the rows, at most 512)")
+    p.add_argument("--waiters", type=int, default=16)
+    p.add_argument("--window-s", type=float, default=3.0)
+    p.add_argument("--s3", choices=("moto", "seaweedfs"), help="count S3 requests on this server")
+    p.add_argument("--label", default="run")
+    p.add_argument("--out", help="write <out>.json and <out>.md")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE.json", "AFTER.json"))
+    args = p.parse_args(argv)
+    if args.compare:
+        with open(args.compare[0]) as f:
+            before = json.load(f)
+        with open(args.compare[1]) as f:
+            after = json.load(f)
+        print(compare(before, after))
+        return 0
+    rows = parse_rows(args.rows) if args.rows else (QUICK_ROWS if args.quick else ALL_ROWS)
+    explicit = bool(args.rows)
+    patterns = [x for x in args.patterns.split(",") if x]
+    master = new_store()
+    doc: dict[str, Any] = {"label": args.label, "git": _git(), "command": " ".join(
+        ["python -m bench.scale"] + (sys.argv[1:] if argv is None else argv)), "rows": [],
+        "waiting": [], "torch": torch.__version__}
+    tmp = tempfile.mkdtemp(prefix="bench-scale-")
+    seq = 0
+    try:
+        for world, tensors in rows:
+            for pattern in patterns:
+                if world * tensors > args.max_entries and not explicit:
+                    doc["rows"].append({"world": world, "tensors": tensors, "pattern": pattern,
+                                        "skipped": f"{world * tensors:,} entries > --max-entries"})
+                    continue
+                seq += 1
+                root = os.path.join(tmp, f"{world}x{tensors}-{pattern}")
+                t0 = time.perf_counter()
+                row = run_row(master, root, world, tensors, pattern, seq)
+                row["row_s"] = round(time.perf_counter() - t0, 1)
+                doc["rows"].append(row)
+                shutil.rmtree(root, ignore_errors=True)
+                print(json.dumps({k: v for k, v in row.items() if k != "store_ops"}), flush=True)
+        worlds = ([int(x) for x in args.waiting.split(",") if x] if args.waiting else
+                  sorted({w for w, _ in rows if w <= 512}))
+        for world in worlds:
+            waiting = run_waiting(master, world, args.waiters, 1.5 if args.quick else args.window_s)
+            doc["waiting"].append(waiting)
+            print(json.dumps(waiting), flush=True)
+        if args.s3:
+            doc["s3"] = run_s3(args.s3, master)
+            print(json.dumps(doc["s3"]), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = markdown(doc)
+    doc["markdown"] = text
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(doc, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
