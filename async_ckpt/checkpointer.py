@@ -305,10 +305,16 @@ class AsyncCheckpointer:
         blocking = time.perf_counter() - started
         job = SaveJob(step, seq, plan, buffer, trees, specs, metrics, settlement, started,
                       replicated_shapes=shapes, timings={"blocking_s": round(blocking, 6)})
+        if not self.topo.is_node_writer:
+            # Before the save becomes pending: if the Store is gone here, save() raises and
+            # no handle waits for a worker that never got the job (close() would block on it).
+            try:
+                self._link.post(seq, f"job/{self.topo.rank}", job.descriptor(self.topo.rank))
+            except BaseException:
+                self._pool.release(buffer)
+                raise
         with self._lock:
             self._pending.append(settlement)
-        if not self.topo.is_node_writer:
-            self._link.post(seq, f"job/{self.topo.rank}", job.descriptor(self.topo.rank))
         assert self._worker is not None
         self._worker.submit(job)
         if self._writer is not None:

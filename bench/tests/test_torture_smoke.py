@@ -93,6 +93,27 @@ def test_leftovers_removed_by_the_next_commit_pass(tmp_path):
     assert verdict.problems == [] and verdict.cleaned == 1 and verdict.garbage == 0
 
 
+def test_a_folder_of_a_step_saved_anew_is_that_runs_own_leftover(tmp_path):
+    """The full run's local-raw trial 360 (seed 0): trial 359 was killed staging step 5 (an empty
+    folder); trial 360 resumed at 5, committed 5, 6, 7 and was killed inside the retention that
+    removed 5, which left an empty folder of the same name. That folder is trial 360's leftover,
+    not 359's surviving a commit; it must go with the next commit, and is reported if it does not."""
+    t = tracker(tmp_path)
+    assert t.after_kill(0, save(tmp_path, [3, 4], keep_last=2)).problems == []
+    (tmp_path / "step-0000000005").mkdir()                  # trial 1: killed staging step 5
+    assert t.after_kill(1, Run(started=[(5, time.time())])).problems == []
+    run = save(tmp_path, [5, 6, 7], keep_last=2)            # trial 2 re-saves 5 ...
+    run.retained.pop()                                       # ... killed in the retention of 7
+    (tmp_path / "step-0000000005").mkdir()                  # which was removing step 5
+    verdict = t.after_kill(2, run)
+    assert verdict.problems == [] and verdict.garbage == 1, verdict
+    run = save(tmp_path, [8], keep_last=2)                   # the next commit removes it ...
+    assert not (tmp_path / "step-0000000005").exists()
+    (tmp_path / "step-0000000005").mkdir()                  # ... had it not:
+    problems = t.after_kill(3, run).problems
+    assert problems == ["empty folder step-0000000005 (left by trial 2) survived a later commit"], problems
+
+
 def test_the_full_profile_spreads_at_least_a_thousand_kills():
     counts = plan(",".join([*WEIGHTS, "disk-full"]), 1000)
     kills = sum(n for m, n in counts.items() if m != "disk-full")

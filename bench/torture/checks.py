@@ -10,11 +10,16 @@ that did not save:
    commit's sweep has run, i.e. the saver's checkpointer.wait() returned): step folders without
    manifest, files a manifest does not list, unfinished multipart uploads, /dev/shm buffers of
    dead ranks; scratch objects (``.tmp-*``, ``.write-probe-*``) once they are older than the
-   engine's grace period (``SCRATCH_GRACE_S``) when a later saver's first commit sweeps;
+   engine's grace period (``SCRATCH_GRACE_S``) when a later saver's first commit sweeps.
+   A leftover is known by its path *and* the trial that last saved its step: when a later run
+   saves that step again (a resumed run re-saves the step a kill cut short), whatever is in the
+   step's folder afterwards is that run's own (the folder may have been removed and created
+   anew, e.g. then emptied by a kill inside retention), and the count starts again there;
 4. reading changed nothing in the root.
 """
 from __future__ import annotations
 
+import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,6 +29,14 @@ from async_ckpt.save.commit import SCRATCH_GRACE_S
 
 from .observe import Snapshot, landing
 from .state import TortureState, check_state
+
+_STEP_PATH = re.compile(r"^step-(\d+)(?:/|#|$)")
+
+
+def step_of(item: tuple[str, str]) -> int | None:
+    """The step whose folder holds a garbage item (None: under the root, shared memory)."""
+    match = _STEP_PATH.match(item[1])
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -76,6 +89,7 @@ class Tracker:
         self.latest: int | None = None
         self.seen: dict[tuple[str, str], tuple[int, float | None]] = {}   # garbage -> (trial, time)
         self.sweeps: list[tuple[int, float]] = []    # (trial, "saving" time of a run's first commit)
+        self.resaved: dict[int, int] = {}   # step -> the last trial whose run started saving it
         self._loads = self._cleaned = 0
 
     # -- one trial ----------------------------------------------------------------------------
@@ -175,11 +189,16 @@ class Tracker:
     def _check_garbage(self, trial: int, run: Run, snap: Snapshot, problems: list[str],
                        final: bool) -> int:
         now = snap.garbage()
+        for step, _ in run.started:
+            self.resaved[step] = trial
         if run.retained:            # the first commit's sweep ran (the one over every folder)
             first = run.saving_time(run.retained[0])
             self.sweeps.append((trial, first if first is not None else 0.0))
         for item, ts in now.items():
-            if item in self.seen:
+            step = step_of(item)
+            if item in self.seen and step is not None and self.resaved.get(step, -1) > self.seen[item][0]:
+                self.seen[item] = (trial, ts)   # same path, but the step was saved anew since
+            elif item in self.seen:
                 seen_trial, ts = self.seen[item]
                 if ts is None:
                     stale = any(t > seen_trial for t, _ in self.sweeps)
