@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .tree import dtype_from_name
+from .tree import TensorLeaf, dtype_from_name, leaves
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]      # (offsets, sizes)
 _MAX_CHUNKS_CHECKED_PAIRWISE = 1 << 22            # overlap pairs examined per tensor, at most
@@ -105,12 +105,24 @@ def parse(doc: Any, what: str, parse_record: Callable[[Any, str], Any]) -> Shard
         tensors.append(GlobalTensor(path, dtype, shape, tuple(chunks),
                                     layout if isinstance(layout, dict) else None))
     _check_refs(doc["tree"], len(tensors), what)
+    _check_paths(doc["tree"], tensors, what)
     return ShardedEntry(doc["tree"], tuple(tensors), owners)
+
+
+def _check_paths(tree: Any, tensors: list[GlobalTensor], what: str) -> None:
+    """Every tensor is referenced by the skeleton at its own key path (a loader places tensors by
+    the skeleton, tools name them by ``path``: the two must agree, and no record goes unused).
+    Decoding the skeleton here also refuses a malformed one before any byte is read."""
+    refs = {(path, leaf.index) for path, leaf in leaves(tree, what) if isinstance(leaf, TensorLeaf)}
+    for i, t in enumerate(tensors):
+        if (t.path, i) not in refs:
+            raise ValueError(f"{what}.tensors[{i}] (path {list(t.path)[:8]}) is not referenced by "
+                             "the tree at that path")
 
 
 def _check_refs(tree: Any, count: int, what: str) -> None:
     """Every tensor reference of the skeleton indexes the tensor list (the rest of the skeleton is
-    checked when it is decoded)."""
+    checked by `_check_paths`, which decodes it)."""
     stack = [tree]
     while stack:
         node = stack.pop()
