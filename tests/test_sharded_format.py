@@ -6,7 +6,7 @@ Each test copies the checked-in fixture tests/fixtures/sharded_v2/ (2 ranks' DTe
 1 raw, step 2 zstd), edits step 1's manifest and seals it again (support/corruption.py: what a
 hostile editor would do, so the edit reaches the validator), then loads it into plain components
 holding zeros. Multi-chunk tensors come from the fixture; `split` makes more by cutting a raw
-record in two at a byte boundary, with each half's hash.
+record in two at a byte boundary, with each half's hash (support/sharded_edits.py).
 """
 from __future__ import annotations
 
@@ -17,13 +17,12 @@ from typing import Any, Callable
 
 import pytest
 import torch
-import xxhash
-
 import async_ckpt as ac
 from async_ckpt import CorruptCheckpointError
 from support import sharded_state
 from support.compare import assert_same
 from support.corruption import Saved, edit_manifest, flip_bit, pop_field, set_field
+from support.sharded_edits import chunk, entry, split, tensor
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sharded_v2"
 
@@ -34,40 +33,8 @@ def saved(tmp_path) -> Saved:
     return Saved(tmp_path / "ckpts", None)
 
 
-def entry(doc: dict, comp: str = "model") -> dict:
-    return doc["components"][comp]["sharded"]
-
-
-def tensor(doc: dict, path: str, comp: str = "model") -> dict:
-    return next(t for t in entry(doc, comp)["tensors"] if t["path"] == [path])
-
-
-def chunk(doc: dict, path: str = "0.weight", j: int = 1, comp: str = "model") -> dict:
-    return tensor(doc, path, comp)["chunks"][j]
-
-
 W0 = lambda d: tensor(d, "0.weight")           # noqa: E731  [5, 6], chunks rows 0:3 and 3:5
 C1 = chunk                                      # its second chunk
-
-
-def split(saved: Saved, comp: str, path: str, at: int, step: int = 1) -> None:
-    """Cut the single raw chunk of 1-d tensor `path` into [0, at) and [at, n): two records over
-    the same bytes, each with its own hash; the manifest is resealed. The state is unchanged."""
-    data = {p.name: p.read_bytes() for p in saved.folder(step).glob("data-*.bin")}
-
-    def change(doc):
-        t = tensor(doc, path, comp)
-        (whole,) = t["chunks"]
-        assert whole["codec"] == "raw" and len(t["shape"]) == 1
-        item = whole["nbytes"] // t["shape"][0]
-        parts = []
-        for lo, hi in ((0, at), (at, t["shape"][0])):
-            start = whole["offset"] + lo * item
-            raw = data[whole["file"]][start:start + (hi - lo) * item]
-            parts.append({**whole, "offsets": [lo], "sizes": [hi - lo], "shape": [hi - lo], "offset": start,
-                          "length": len(raw), "nbytes": len(raw), "hash": xxhash.xxh3_128_hexdigest(raw)})
-        t["chunks"] = parts
-    edit_manifest(saved, change, step)
 
 
 def load_fails(saved: Saved, step: int = 1, error: type = CorruptCheckpointError) -> Exception:
