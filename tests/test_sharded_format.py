@@ -211,3 +211,40 @@ def test_zstd_chunks_of_the_fixture_are_validated_too(saved, caplog):
     ckpt = ac.AsyncCheckpointer(saved.root, sharded_state.components(model, extra))
     assert [i.step for i in ckpt.list_checkpoints()] == [1]
     assert ckpt.load(1).step == 1 and torch.equal(model[0].weight, sharded_state.expected_model()["0.weight"])
+
+
+# -- the tiling check's cost: linear for the grids writers make, bounded for anything else ---------
+def _bricks(rows: int, per_row: int, seed: int) -> list:
+    """Rows of one element each, every row cut at its own random columns: a tiling that is not a
+    grid (the cells of all rows' cuts far outnumber the boxes)."""
+    import random
+    r, width, out = random.Random(seed), rows * per_row, []
+    for i in range(rows):
+        cuts = sorted(set([0, width] + r.sample(range(1, width), per_row - 1)))
+        out += [((i, a), (1, b - a)) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return out
+
+
+def test_tiling_check_is_linear_for_grids_and_bounded_otherwise():
+    import time
+    from async_ckpt.format.sharded import check_tiling
+    started = time.perf_counter()
+    check_tiling((1, 2900), [((0, i), (1, 1)) for i in range(2900)], "row")   # was ~4 M pairs
+    check_tiling((4096, 64), [((i * 4, j * 8), (4, 8)) for i in range(1024) for j in range(8)], "fsdp x tp")
+    check_tiling((20, 400), _bricks(20, 20, 1), "bricks")                      # swept pairwise
+    assert time.perf_counter() - started < 5
+    grid = [((i, j, k), (1, 1, 1)) for i in range(4) for j in range(4) for k in range(4)]
+    grid[7] = ((0, 0, 0), (1, 1, 1))
+    with pytest.raises(ValueError, match=r"\[0, 0, 0\]\+\[1, 1, 1\] and \[0, 0, 0\]\+\[1, 1, 1\] overlap"):
+        check_tiling((4, 4, 4), grid, "cube")
+    bricks = _bricks(20, 20, 2)
+    (o0, s0), (o1, s1) = bricks[0], bricks[1]
+    bricks[1] = ((0, o1[1] - 1), (1, s1[1] + 1))        # overlaps its neighbour by one element
+    last = bricks[-1]
+    bricks[-1] = (last[0], (1, last[1][1] - 1))          # and leaves a gap of one: same volume
+    with pytest.raises(ValueError, match="overlap"):
+        check_tiling((20, 400), bricks, "bricks")
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="too many to check"):
+        check_tiling((80, 6400), _bricks(80, 80, 3), "crafted")
+    assert time.perf_counter() - started < 5
