@@ -68,3 +68,15 @@ def test_sharded_fixture_consolidates_into_plain_tensors_in_one_process(step):
     assert extra.loads == 1
     assert_same(extra.state, want["extra"])
     assert ckpt.latest_step() == 2
+
+
+@pytest.mark.multiproc
+def test_sharded_fixture_reshards_into_another_layout_on_two_ranks(tmp_path):
+    """The FSDP2 chunks (rows) loaded into tensor-parallel DTensors (columns for the second
+    layer) and other placements on 2 gloo ranks: every gathered tensor bit-exact."""
+    from support import sharded_state
+    sharded_state.load_resharded(SHARDED_FIXTURE, 2, str(tmp_path))
+    results = [json.load(open(tmp_path / f"r{r}.json")) for r in range(2)]
+    for r in results:
+        assert r["step"] == 2 and all(r["exact"].values()), r["exact"]
+        assert {"model/0.weight", "model/2.weight", "extra/cols", "extra/bf16", "extra/repl"} <= set(r["dtensors"])

@@ -8,7 +8,9 @@ written once, a plain tensor and plain values). `expected()` is what any load mu
 tensors; `plain_targets()` are one-process (non-distributed) components to load it into.
 
 `write_fixture(root)` spawns the ranks (torch.multiprocessing, gloo on loopback) and saves step 1
-raw and step 2 zstd; only tests/fixtures/make_fixtures.py calls it, once.
+raw and step 2 zstd; only tests/fixtures/make_fixtures.py calls it, once. `load_resharded(root,
+step, out)` spawns 2 ranks that load a step into another layout (tensor parallel instead of
+FSDP2, other placements) and write, per rank, whether every gathered tensor is bit-exact.
 """
 from __future__ import annotations
 
@@ -77,6 +79,13 @@ def components(m: Any, extra: Any) -> list:
             ac.StateComponent("extra", extra, ac.SharingPattern.SHARDED)]
 
 
+def _init(rank: int, port: int) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
 def _rank(rank: int, root: str, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -84,9 +93,7 @@ def _rank(rank: int, root: str, port: int) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     import async_ckpt as ac
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    _init(rank, port)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         m = model()
@@ -109,9 +116,55 @@ def _rank(rank: int, root: str, port: int) -> None:
         dist.destroy_process_group()
 
 
-def write_fixture(root: str) -> None:
-    import torch.multiprocessing as mp
+def _load_rank(rank: int, root: str, step: int, out: str, port: int) -> None:
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import async_ckpt as ac
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        m, _ = plain_targets()
+        parallelize_module(m, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        zeros = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v for k, v in expected_extra().items()}
+        extra = Extra({"cols": distribute_tensor(zeros["cols"], mesh, [Shard(0)]),
+                       "bf16": distribute_tensor(zeros["bf16"], mesh, [Replicate()]),
+                       "repl": distribute_tensor(zeros["repl"], mesh, [Shard(0)]),
+                       "plain": zeros["plain"], "step": 0, "name": ""})
+        ckpt = ac.AsyncCheckpointer(root, components(m, extra), timeout_s=60)
+        loaded = ckpt.load(step).step
+        got = {**{f"model/{k}": v for k, v in m.state_dict().items()},
+               **{f"extra/{k}": v for k, v in extra.state.items()}}
+        want = {**{f"model/{k}": v for k, v in expected_model().items()},
+                **{f"extra/{k}": v for k, v in expected_extra().items()}}
+        exact = {}
+        for k, v in want.items():
+            g = got[k].full_tensor() if isinstance(got[k], DTensor) else got[k]
+            exact[k] = (g.dtype == v.dtype and g.shape == v.shape and bool(g.view(torch.uint8).equal(
+                v.view(torch.uint8)))) if isinstance(v, torch.Tensor) else g == v
+        sharded = [k for k, v in got.items() if isinstance(v, DTensor)]
+        with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+            json.dump({"step": loaded, "exact": exact, "dtensors": sharded}, f)
+        ckpt.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(root, port), nprocs=WORLD, join=True)
+        return s.getsockname()[1]
+
+
+def write_fixture(root: str) -> None:
+    import torch.multiprocessing as mp
+    mp.spawn(_rank, args=(root, _free_port()), nprocs=WORLD, join=True)
+
+
+def load_resharded(root: str, step: int, out: str) -> None:
+    import torch.multiprocessing as mp
+    mp.spawn(_load_rank, args=(root, step, out, _free_port()), nprocs=WORLD, join=True)
