@@ -5,6 +5,10 @@ stored hash agree is equal without reading a byte (the hash covers the stored by
 pair is read (verified) and compared: max |b - a| and the relative norm ||b - a|| / ||a||,
 computed in float64 (complex: on the magnitude of the difference). Plain values are compared as
 JSON values (NaN equals NaN). Tensors and values only in one step are listed as added or removed.
+A SHARDED component's tensors are its global tensors (its one copy, ``sharded``): equal without a
+read when both steps stored the same chunk boxes with the same hashes, otherwise assembled from
+their chunks and compared, so two steps saved at different world sizes (chunked differently)
+compare by value.
 """
 from __future__ import annotations
 

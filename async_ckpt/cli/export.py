@@ -10,8 +10,10 @@ copy whatever rank wrote each tensor, so it exports whole. Non-tensor values go,
 the safetensors metadata (``async_ckpt``) and the index's ``metadata``; the ``.pt`` file holds
 the state objects as they load.
 
-`logical_tensors` is where a tensor's name meets its stored parts: today one record each. When
-sharded (DTensor) components exist, their chunks are assembled to the global shape there.
+`logical_tensors` is where a tensor's name meets its stored parts: one record each, or for a
+SHARDED component (DTensor state) the chunks of one global tensor, which `state.read_batches`
+assembles to the global shape: the export is the consolidated (unsharded) state, whatever
+topology saved it.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..format.manifest import Manifest, TensorEntry
 from ..format.names import step_dir
+from ..format.tree import unflatten
 from ..load.reader import load_shard
 from ..storage import Storage
 from ..version import __version__
@@ -51,7 +54,8 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class LogicalTensor:
-    """One output tensor: its name and where its bytes are (one record today)."""
+    """One output tensor: its name and where its bytes are (`entry`: one record, or for a SHARDED
+    copy the summary of the global tensor's chunks, `copy.chunks(index)`)."""
     name: str
     copy: Copy
     index: int
@@ -168,6 +172,17 @@ def _format_of(to: str, fmt: str | None) -> str:
     return "hf"
 
 
+def _sharded_state(storage: Storage, manifest: Manifest, cp: Copy, allow_pickle: bool) -> Any:
+    """A SHARDED component's state with every tensor assembled to its global shape."""
+    assert cp.sharded is not None
+    tensors: list[torch.Tensor | None] = [None] * len(cp.sharded.tensors)
+    for batch in read_batches(storage, manifest, cp, list(range(len(tensors)))):
+        for i, t in batch.items():
+            tensors[i] = t
+    where = f"{storage.child_url(step_dir(manifest.step))} component {cp.component!r}"
+    return unflatten(cp.sharded.tree, tensors, where, allow_pickle)   # type: ignore[arg-type]
+
+
 def export_torch(storage: Storage, manifest: Manifest, selected: list[Copy], prefixes: dict[tuple[str, str], str],
                  path: str, allow_pickle: bool) -> int:
     """torch.save of the state objects as they load: one state, or nested by prefix parts."""
@@ -177,7 +192,10 @@ def export_torch(storage: Storage, manifest: Manifest, selected: list[Copy], pre
     with Progress("reading", sum(t.length for cp in selected for t in cp.shard.tensors)) as bar:
         for cp in selected:
             try:
-                state = load_shard(storage, folder, manifest, cp.component, cp.name, allow_pickle)
+                if cp.sharded is not None:
+                    state = _sharded_state(storage, manifest, cp, allow_pickle)
+                else:
+                    state = load_shard(storage, folder, manifest, cp.component, cp.name, allow_pickle)
             except CorruptCheckpointError as exc:
                 if "pickle" in str(exc) and not allow_pickle:
                     raise CliError(f"{exc} (pass --allow-pickle to unpickle it)") from exc

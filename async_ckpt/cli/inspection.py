@@ -3,7 +3,10 @@ is read): topology, versions, timings, metrics, sizes, files, and per component 
 pattern, validation level and copies, each copy's tensors (path, dtype, shape, bytes, codec and
 stored size, the rank and node that wrote it) and plain values.
 
-Sharded (DTensor) components do not exist yet; when they do, each tensor row gains its chunks.
+A SHARDED component has one copy, ``sharded``: each of its tensors is a global tensor (path,
+dtype, global shape) with its ``chunks``, each a box of it (offsets, sizes) and the record that
+holds it (file, codec, stored size, the rank and node that wrote it), and the ``layout`` it was
+saved with (mesh, placements) when known.
 """
 from __future__ import annotations
 
@@ -12,10 +15,48 @@ from typing import Any
 import click
 
 from ..format import metrics_file
+from ..format.sharded import Chunk
 from ..format.names import step_dir
 from .common import check_step_option, choose_step, json_option, manifest_of, open_root, storage_option
 from .output import emit_json, fmt_number, human_bytes, table
 from .state import copies, dotted, leaf_value, writer_of
+
+
+def _chunk(c: Chunk) -> dict[str, Any]:
+    node, rank = writer_of(c.record.file)
+    t = c.record
+    return {"offsets": list(c.offsets), "sizes": list(c.sizes), "nbytes": t.nbytes, "stored": t.length,
+            "codec": t.codec, "file": t.file, "offset": t.offset, "hash": t.hash, "rank": rank,
+            "node": node}
+
+
+def _writer(t: dict[str, Any]) -> str:
+    return ("?" if t["rank"] is None else
+            f"rank {t['rank']}" + ("" if t["node"] is None else f" node {t['node']}"))
+
+
+def _codec(t: dict[str, Any]) -> str:
+    return t["codec"] + (f" {t['stored'] / t['nbytes']:.0%}" if t["codec"] != "raw" and t["nbytes"] else "")
+
+
+def _rows(tensors: list[dict[str, Any]]) -> list[list[str]]:
+    """Table rows: a tensor, then (SHARDED) one row per chunk: its box as ranges per dimension."""
+    rows = []
+    for t in tensors:
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        if "chunks" not in t:
+            rows.append([t["path"], t["dtype"], shape, human_bytes(t["nbytes"]), _codec(t), _writer(t)])
+            continue
+        layout = t["layout"] if isinstance(t.get("layout"), dict) else {}
+        placed = layout.get("placements")
+        rows.append([t["path"], t["dtype"], shape, human_bytes(t["nbytes"]), _codec(t),
+                     f"{len(t['chunks'])} chunk(s)" + (f" {','.join(map(str, placed))[:40]} on mesh "
+                                                       f"{layout.get('mesh')}" if isinstance(placed, list) else "")])
+        for c in t["chunks"]:
+            box = ",".join(f"{o}:{o + s}" for o, s in zip(c["offsets"], c["sizes"], strict=True)) or "scalar"
+            rows.append([f"  [{box}]", "", "x".join(map(str, c["sizes"])) or "scalar",
+                         human_bytes(c["nbytes"]), _codec(c), _writer(c)])
+    return rows
 
 
 def describe(storage: Any, step: int, component: str | None) -> dict[str, Any]:
@@ -31,6 +72,14 @@ def describe(storage: Any, step: int, component: str | None) -> dict[str, Any]:
             "required": entry.required, "metadata": entry.metadata, "copies": {}})
         tensors = []
         for path, leaf, t in cp.tensors():
+            g = cp.chunks(leaf.index)
+            if g is not None:
+                tensors.append({"path": dotted(path), "index": leaf.index, "dtype": g.dtype,
+                                "shape": list(g.shape), "nbytes": t.nbytes, "stored": t.length,
+                                "codec": t.codec, "global": True, "layout": g.layout,
+                                "chunks": [_chunk(c) for c in g.chunks],
+                                **({"numpy": True} if leaf.numpy else {})})
+                continue
             node, rank = writer_of(t.file)
             tensors.append({"path": dotted(path), "index": leaf.index, "dtype": t.dtype, "shape": list(t.shape),
                             "nbytes": t.nbytes, "stored": t.length, "codec": t.codec, "file": t.file,
@@ -69,17 +118,13 @@ def _text(doc: dict[str, Any], values: bool) -> None:
                    + (f", metadata {comp['metadata']}" if comp["metadata"] else ""))
         for name, cp in comp["copies"].items():
             members = f", members {cp['members']}" if "members" in cp else ""
-            click.echo(f"  copy {name}: written by rank(s) {cp['owners']}{members}; "
-                       f"{len(cp['tensors'])} tensor(s), {human_bytes(cp['nbytes'])} "
+            chunked = any("chunks" in t for t in cp["tensors"])
+            click.echo(f"  copy {name}: {'chunks ' if chunked else ''}written by rank(s) "
+                       f"{cp['owners']}{members}; {len(cp['tensors'])} "
+                       f"{'global ' if chunked else ''}tensor(s), {human_bytes(cp['nbytes'])} "
                        f"({human_bytes(cp['stored'])} stored), {len(cp['values'])} value(s)")
             if cp["tensors"]:
-                rows = [[t["path"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
-                         human_bytes(t["nbytes"]),
-                         t["codec"] + (f" {t['stored'] / t['nbytes']:.0%}"
-                                       if t["codec"] != "raw" and t["nbytes"] else ""),
-                         "?" if t["rank"] is None else
-                         f"rank {t['rank']}" + ("" if t["node"] is None else f" node {t['node']}")]
-                        for t in cp["tensors"]]
+                rows = _rows(cp["tensors"])
                 click.echo("    " + table(["TENSOR", "DTYPE", "SHAPE", "BYTES", "CODEC", "WRITTEN BY"],
                                           rows).replace("\n", "\n    "))
             if values and cp["values"]:

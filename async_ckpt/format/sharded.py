@@ -13,16 +13,21 @@ This module owns the JSON form of these entries and the box geometry; manifest.p
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import CheckpointError
-from .tree import dtype_from_name
+from .tree import TensorLeaf, dtype_from_name, leaves
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]      # (offsets, sizes)
-_MAX_CHUNKS_CHECKED_PAIRWISE = 1 << 22            # overlap pairs examined per tensor, at most
+# check_tiling's work bounds, per box of a tensor: grid cells (a writer's layouts have exactly
+# one per box) and, for tilings that are not grids, overlap pairs examined
+_CELLS_PER_BOX = 4
+_PAIRS_PER_BOX = 16
 
 
 @dataclass(frozen=True)
@@ -111,12 +116,24 @@ def parse(doc: Any, what: str, parse_record: Callable[[Any, str], Any]) -> Shard
         tensors.append(GlobalTensor(path, dtype, shape, tuple(chunks),
                                     layout if isinstance(layout, dict) else None))
     _check_refs(doc["tree"], len(tensors), what)
+    _check_paths(doc["tree"], tensors, what)
     return ShardedEntry(doc["tree"], tuple(tensors), owners)
+
+
+def _check_paths(tree: Any, tensors: list[GlobalTensor], what: str) -> None:
+    """Every tensor is referenced by the skeleton at its own key path (a loader places tensors by
+    the skeleton, tools name them by ``path``: the two must agree, and no record goes unused).
+    Decoding the skeleton here also refuses a malformed one before any byte is read."""
+    refs = {(path, leaf.index) for path, leaf in leaves(tree, what) if isinstance(leaf, TensorLeaf)}
+    for i, t in enumerate(tensors):
+        if (t.path, i) not in refs:
+            raise ValueError(f"{what}.tensors[{i}] (path {list(t.path)[:8]}) is not referenced by "
+                             "the tree at that path")
 
 
 def _check_refs(tree: Any, count: int, what: str) -> None:
     """Every tensor reference of the skeleton indexes the tensor list (the rest of the skeleton is
-    checked when it is decoded)."""
+    checked by `_check_paths`, which decodes it)."""
     stack = [tree]
     while stack:
         node = stack.pop()
@@ -167,27 +184,74 @@ def merge_trees(a: Any, b: Any, path: tuple[Any, ...], component: str) -> Any:
 
 def check_tiling(shape: tuple[int, ...], boxes: list[Box], what: str) -> None:
     """The boxes tile `shape` exactly: their volumes add up to it and no two overlap (gaps would
-    leave part of a tensor unrestored; overlaps make it ambiguous)."""
+    leave part of a tensor unrestored; overlaps make it ambiguous).
+
+    Work is linear in the number of boxes for every layout a writer makes (DTensor placements
+    cut each dimension into ranges, so the boxes form a grid): the distinct box edges of every
+    dimension cut the shape into cells, and each cell may be covered once. Other tilings (only
+    hand-made ones) are swept pairwise, at most `_PAIRS_PER_BOX` pairs per box, so a manifest
+    crafted to make the check quadratic is refused instead of taking hours."""
     total = math.prod(shape)
     if sum(math.prod(s) for _, s in boxes) != total:
         raise ValueError(f"{what}: chunks cover {sum(math.prod(s) for _, s in boxes)} of the "
                          f"{total} elements of {list(shape)} (gaps or overlaps)")
-    if total == 0:
+    full = [b for b in boxes if math.prod(b[1])]
+    if total == 0 or len(full) < 2:
         return
-    # Sweep along dimension 0 (or the flat index for 0-d): only boxes whose first ranges meet
-    # can overlap, which keeps grid layouts near-linear.
-    ordered = sorted((b for b in boxes if math.prod(b[1])), key=lambda b: b[0][:1])
-    checked = 0
+    edges = [sorted({b[0][d] for b in full} | {b[0][d] + b[1][d] for b in full})
+             for d in range(len(shape))]
+    if math.prod(len(e) - 1 for e in edges) <= _CELLS_PER_BOX * len(full):
+        _check_cells(full, edges, what)
+    else:
+        _check_pairs(full, what)
+
+
+def _overlap_error(what: str, a: Box, b: Box) -> ValueError:
+    return ValueError(f"{what}: chunks {list(a[0])}+{list(a[1])} and {list(b[0])}+{list(b[1])} overlap")
+
+
+def _check_cells(boxes: list[Box], edges: list[list[int]], what: str) -> None:
+    """Mark the grid cells each box covers (one byte per cell); a cell marked twice is an
+    overlap. The volumes add up and the cell count is bounded (`check_tiling`), so this stops
+    within that many marks."""
+    index = [{v: i for i, v in enumerate(e)} for e in edges]
+    strides = [1] * len(edges)
+    for d in range(len(edges) - 2, -1, -1):
+        strides[d] = strides[d + 1] * (len(edges[d + 1]) - 1)
+    marked = bytearray(strides[0] * (len(edges[0]) - 1)) if edges else bytearray(1)
+    for k, (off, size) in enumerate(boxes):
+        ranges = [range(index[d][o] * strides[d], index[d][o + s] * strides[d], strides[d])
+                  for d, (o, s) in enumerate(zip(off, size, strict=True))]
+        for cell in itertools.product(*ranges):
+            at = sum(cell)
+            if marked[at]:
+                other = next(b for j, b in enumerate(boxes) if j != k and overlap(b, (off, size)))
+                raise _overlap_error(what, other, (off, size))
+            marked[at] = 1
+
+
+def _sweep_pairs(boxes: list[Box], dim: int) -> int:
+    """How many pairs a sweep along `dim` examines: per box, the later boxes (by start) that
+    start before it ends."""
+    starts = sorted(b[0][dim] for b in boxes)
+    ends = sorted((b[0][dim], b[0][dim] + b[1][dim]) for b in boxes)
+    return sum(bisect.bisect_left(starts, end) - i - 1 for i, (_, end) in enumerate(ends))
+
+
+def _check_pairs(boxes: list[Box], what: str) -> None:
+    """Sweep along the dimension where the fewest pairs of boxes meet (only boxes whose ranges
+    there meet can overlap); refused up front if even that is more than the budget."""
+    cost, dim = min((_sweep_pairs(boxes, d), d) for d in range(len(boxes[0][0])))
+    if cost > _PAIRS_PER_BOX * len(boxes):
+        raise ValueError(f"{what}: {len(boxes)} chunks that do not form a grid are too many to "
+                         "check for overlaps")
+    ordered = sorted(boxes, key=lambda b: b[0][dim])
     for i, (off, size) in enumerate(ordered):
         for off2, size2 in ordered[i + 1:]:
-            if shape and off2[0] >= off[0] + size[0]:
+            if off2[dim] >= off[dim] + size[dim]:
                 break
-            checked += 1
-            if checked > _MAX_CHUNKS_CHECKED_PAIRWISE:
-                raise ValueError(f"{what}: too many chunks to check ({len(boxes)})")
             if overlap((off, size), (off2, size2)) is not None:
-                raise ValueError(f"{what}: chunks {list(off)}+{list(size)} and {list(off2)}+"
-                                 f"{list(size2)} overlap")
+                raise _overlap_error(what, (off, size), (off2, size2))
 
 
 def overlap(a: Box, b: Box) -> Box | None:

@@ -199,11 +199,17 @@ def verify_file(storage: Storage, folder: str, manifest: Manifest, name: str,
         check_files(storage, folder, manifest, {name})
     except CorruptCheckpointError as exc:
         return [str(exc)]
-    records = sorted(((t.offset, t.offset + t.length, t.hash, f"component {key!r} shard {sid!r} "
-                       f"tensor #{i} ({t.dtype}{list(t.shape)})")
-                      for key, comp in manifest.components.items()
-                      for sid, shard in comp.shards.items()
-                      for i, t in enumerate(shard.tensors) if t.file == name), key=lambda r: r[:2])
+    records = [(t.offset, t.offset + t.length, t.hash, f"component {key!r} shard {sid!r} "
+                f"tensor #{i} ({t.dtype}{list(t.shape)})")
+               for key, comp in manifest.components.items()
+               for sid, shard in comp.shards.items()
+               for i, t in enumerate(shard.tensors) if t.file == name]
+    records += [(c.record.offset, c.record.offset + c.record.length, c.record.hash,     # SHARDED
+                 f"component {key!r} tensor {'/'.join(map(str, g.path))!r} chunk "
+                 f"{list(c.offsets)}+{list(c.sizes)} ({g.dtype})")
+                for key, comp in manifest.components.items() if comp.sharded
+                for g in comp.sharded.tensors for c in g.chunks if c.record.file == name]
+    records.sort(key=lambda r: r[:2])
     problems = [f"hash mismatch in {url} for {what}" for start, end, digest, what in records
                 if start == end and new_hasher().hexdigest() != digest]
     records = [r for r in records if r[0] < r[1]]
