@@ -145,3 +145,46 @@ def test_a_dtensor_in_another_pattern_says_to_use_sharded():
         assert tensors[0] is not None
     finally:
         dist.destroy_process_group()
+
+
+def test_tied_weights_in_a_sharded_component_save_once_and_load_into_both(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3, bias=False)
+            self.b = torch.nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+    torch.manual_seed(0)
+    saved = Tied()
+    _save_sharded(tmp_path, saved)
+    live = Tied()
+    with ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("m", live, ac.SharingPattern.SHARDED)]) as ck:
+        ck.load()
+    assert torch.equal(live.a.weight, saved.a.weight) and live.b.weight is live.a.weight
+
+
+class _Obj:
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return {"obj": self.value, "n": 1}
+
+    def load_state_dict(self, sd):
+        self.value = sd["obj"]
+
+
+def test_pickled_values_in_a_sharded_component_need_the_opt_in_to_load(tmp_path):
+    with ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("m", _Obj({1, 2}), ac.SharingPattern.SHARDED)],
+                              allow_pickle=True) as ck:
+        ck.save(1).wait()
+    got = _Obj(None)
+    with ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("m", got, ac.SharingPattern.SHARDED)],
+                              allow_pickle=True) as ck:
+        ck.load()
+    assert got.value == {1, 2}
+    refused = _Obj(None)
+    with ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("m", refused, ac.SharingPattern.SHARDED)]) as ck:
+        with pytest.raises(ac.CorruptCheckpointError, match="pickle"):
+            ck.load()
+    assert refused.value is None

@@ -27,7 +27,7 @@ import torch
 from ..errors import CheckpointError
 from ..format.manifest import ComponentEntry, Manifest, ShardEntry, TensorEntry
 from ..format.sharded import Box, Chunk, GlobalTensor, ShardedEntry, merge_trees, overlap, remap_refs
-from ..format.tree import TensorLeaf, dtype_name, leaves
+from ..format.tree import PickledLeaf, TensorLeaf, dtype_name, leaves, unflatten
 from ..storage import Storage
 from .readbuf import ReadSession
 from .reader import check_files, read_tensors, unflatten_owned
@@ -62,11 +62,26 @@ def _path_str(path: tuple[Any, ...]) -> str:
     return "/".join(str(k) for k in path) or "/"
 
 
-def _plan(live_state: Any, entry: ComponentEntry, where: str) -> tuple[Any, list[_Want]]:
+def _node_at(tree: Any, path: tuple[Any, ...]) -> Any:
+    """The skeleton node at a key path (which `leaves` produced from the same skeleton)."""
+    node = tree
+    for key in path:
+        if isinstance(node.get("d"), list):
+            node = next(v for k, v in node["d"] if k == key)
+        else:
+            node = node.get("l", node.get("u"))[key]
+    return node
+
+
+def _plan(live_state: Any, entry: ComponentEntry, where: str, allow_pickle: bool = False
+          ) -> tuple[Any, list[_Want]]:
     """The loaded state's structure (tensor leaves still to fill) and the tensors to fill."""
     assert entry.sharded is not None
     saved_tensors = entry.sharded.tensors
     saved = dict(leaves(entry.sharded.tree, where))
+    for path, leaf in saved.items():
+        if isinstance(leaf, PickledLeaf):   # unpickled only with the opt-in (unflatten refuses)
+            saved[path] = unflatten(_node_at(entry.sharded.tree, path), [], where, allow_pickle)
     prefixes = {path[:k] for path in saved for k in range(len(path))}
     wants: list[_Want] = []
     missing: list[str] = []
@@ -205,13 +220,13 @@ def by_key(entry: ComponentEntry, where: str) -> ComponentEntry | None:
 
 def load_sharded(storage: Storage, folder: str, manifest: Manifest, key: str, live_state: Any,
                  verify: bool = True, session: ReadSession | None = None,
-                 entry: ComponentEntry | None = None) -> Any:
+                 entry: ComponentEntry | None = None, allow_pickle: bool = False) -> Any:
     """The state to pass to the component's load_state_dict: `live_state`'s structure with every
     leaf taken from the checkpoint (see the module docstring); `entry`: another view of the
     component (`by_key`)."""
     entry = entry or manifest.components[key]
     where = f"{storage.child_url(folder)} component {key!r}"
-    structure, wants = _plan(live_state, entry, where)
+    structure, wants = _plan(live_state, entry, where, allow_pickle)
     # every chunk that any wanted box intersects, read once (shared by tied tensors)
     needed: dict[tuple[int, int], TensorEntry] = {}
     pieces = []

@@ -244,7 +244,8 @@ class Loader:
                     target = getattr(c.stateful, "load_target", None)   # see load.reshard
                     live = target() if callable(target) else c.stateful.state_dict()
                     state = load_sharded(storage, folder, manifest, c.key, live, options.verify, session,
-                                         self._by_key.get(c.key) if shard == BY_KEY else None)
+                                         self._by_key.get(c.key) if shard == BY_KEY else None,
+                                         options.allow_pickle)
                 elif entry.sharded is not None:       # a REPLICATED component written in chunks
                     state = load_whole(storage, folder, manifest, c.key, options.allow_pickle,
                                        options.verify, session)

@@ -35,7 +35,9 @@ def build(component: str, level: str, trees: dict[int, Any],
     for rank in sorted(trees):
         mapping = {}
         for path, leaf in leaves(trees[rank], f"component {component!r}"):
-            if isinstance(leaf, TensorLeaf):
+            # a tied tensor (one tensor under two paths) is known by its first path, the one
+            # its chunks carry; later references point at the same global tensor
+            if isinstance(leaf, TensorLeaf) and leaf.index not in mapping:
                 mapping[leaf.index] = index_of.setdefault(path, len(index_of))
         tree = remap_refs(trees[rank], mapping)
         merged = tree if merged is None else merge_trees(merged, tree, (), component)
