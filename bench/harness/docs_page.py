@@ -1,8 +1,14 @@
 """docs/benchmarks.md: the latest harness run (normally `--preset full`) with the machine it ran
-on, plus links to the results other benchmarks own (codec, training loop, GPU)."""
+on, plus links to the results other benchmarks own (codec, training loop, GPU).
+
+Hand-written sections (results of other benchmarks with their reading) survive a rewrite: each
+sits between ``<!-- hand-written: NAME -->`` and ``<!-- /hand-written -->`` on lines of their
+own, and `write` puts every such block of the current page back, in order, after the plots.
+"""
 from __future__ import annotations
 
 import os
+import re
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(REPO, "docs", "benchmarks.md")
@@ -14,6 +20,8 @@ OTHERS = (
      "python -m bench.gpu"),
     ("`async-ckpt verify` against the raw cold read of the same bytes", "bench/results/verify.md",
      "python -m bench.verify --size-gib 1"),
+    ("Sharded DTensor state (FSDP2 + AdamW saved at world 4, loaded 4 -> 2) against DCP",
+     "bench/results/sharded.md", "python -m bench.distributed --cases sharded"),
 )
 
 METHOD = """\
@@ -75,6 +83,14 @@ def _machine(m: dict) -> str:
             f"target {fs.get('fstype', '?')} on {fs.get('device', '?')} at {fs.get('mount_point', '?')}")
 
 
+_KEPT = re.compile(r"^<!-- hand-written: [^>]+ -->\n.*?^<!-- /hand-written -->$", re.M | re.S)
+
+
+def kept_sections(page: str) -> list[str]:
+    """The hand-written blocks of `page`, markers included (see the module docstring)."""
+    return [m.group(0) for m in _KEPT.finditer(page)]
+
+
 def write(doc: dict, text: str, stem: str) -> None:
     rel = os.path.relpath(os.path.dirname(os.path.abspath(stem)), os.path.join(REPO, "docs"))
     plots = [os.path.relpath(os.path.abspath(p), os.path.join(REPO, "docs")) for p in doc.get("plots", [])]
@@ -87,6 +103,13 @@ def write(doc: dict, text: str, stem: str) -> None:
              f"{doc['load_average_start'][0]:.2f}/{doc['load_average_end'][0]:.2f}.", "",
              METHOD, text, "", LIMITS, "## Plots", ""]
     lines += [f"![{os.path.basename(p)}]({p})" for p in plots]
+    try:
+        with open(DOC) as f:
+            kept = kept_sections(f.read())
+    except FileNotFoundError:
+        kept = []
+    for block in kept:
+        lines += ["", block]
     lines += ["", "## Other benchmarks", ""]
     if not doc.get("distributed"):
         lines.append("- Distributed (world 2 and 4, gloo): `python -m bench.distributed`, results in "
