@@ -1,8 +1,14 @@
 """docs/benchmarks.md: the latest harness run (normally `--preset full`) with the machine it ran
-on, plus links to the results other benchmarks own (codec, training loop, GPU)."""
+on, plus links to the results other benchmarks own (codec, training loop, GPU).
+
+Hand-written sections (results of other benchmarks with their reading) survive a rewrite: each
+sits between ``<!-- hand-written: NAME -->`` and ``<!-- /hand-written -->`` on lines of their
+own, and `write` puts every such block of the current page back, in order, after the plots.
+"""
 from __future__ import annotations
 
 import os
+import re
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(REPO, "docs", "benchmarks.md")
@@ -16,28 +22,9 @@ OTHERS = (
      "python -m bench.verify --size-gib 1"),
     ("Scale (8 to 4,096 simulated ranks: manifest, coordinator, Store traffic, objects, S3 requests)",
      "bench/results/scale.md", "python -m bench.scale"),
+    ("Sharded DTensor state (FSDP2 + AdamW saved at world 4, loaded 4 -> 2) against DCP",
+     "bench/results/sharded.md", "python -m bench.distributed --cases sharded"),
 )
-# Sections written by hand into docs/benchmarks.md between these markers survive a rewrite of the
-# page (they are put back before "Other benchmarks").
-KEEP_START, KEEP_END = "<!-- hand-written: start -->", "<!-- hand-written: end -->"
-
-
-def _hand_written() -> list[str]:
-    """The hand-written sections of the current page, markers included."""
-    try:
-        with open(DOC) as f:
-            text = f.read()
-    except FileNotFoundError:
-        return []
-    kept, pos = [], 0
-    while (start := text.find(KEEP_START, pos)) >= 0:
-        end = text.find(KEEP_END, start)
-        if end < 0:
-            break
-        kept.append(text[start:end + len(KEEP_END)])
-        pos = end + len(KEEP_END)
-    return kept
-
 METHOD = """\
 ## How to read it
 
@@ -97,6 +84,14 @@ def _machine(m: dict) -> str:
             f"target {fs.get('fstype', '?')} on {fs.get('device', '?')} at {fs.get('mount_point', '?')}")
 
 
+_KEPT = re.compile(r"^<!-- hand-written: [^>]+ -->\n.*?^<!-- /hand-written -->$", re.M | re.S)
+
+
+def kept_sections(page: str) -> list[str]:
+    """The hand-written blocks of `page`, markers included (see the module docstring)."""
+    return [m.group(0) for m in _KEPT.finditer(page)]
+
+
 def write(doc: dict, text: str, stem: str) -> None:
     rel = os.path.relpath(os.path.dirname(os.path.abspath(stem)), os.path.join(REPO, "docs"))
     plots = [os.path.relpath(os.path.abspath(p), os.path.join(REPO, "docs")) for p in doc.get("plots", [])]
@@ -109,8 +104,13 @@ def write(doc: dict, text: str, stem: str) -> None:
              f"{doc['load_average_start'][0]:.2f}/{doc['load_average_end'][0]:.2f}.", "",
              METHOD, text, "", LIMITS, "## Plots", ""]
     lines += [f"![{os.path.basename(p)}]({p})" for p in plots]
-    for section in _hand_written():
-        lines += ["", section]
+    try:
+        with open(DOC) as f:
+            kept = kept_sections(f.read())
+    except FileNotFoundError:
+        kept = []
+    for block in kept:
+        lines += ["", block]
     lines += ["", "## Other benchmarks", ""]
     if not doc.get("distributed"):
         lines.append("- Distributed (world 2 and 4, gloo): `python -m bench.distributed`, results in "
