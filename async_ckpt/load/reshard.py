@@ -19,16 +19,18 @@ entries, such as an optimizer without state yet) raises CheckpointError naming t
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, translate_storage_error
+from ..format.codec import byte_view, new_hasher
 from ..format.manifest import ComponentEntry, Manifest, ShardEntry, TensorEntry
 from ..format.sharded import Box, Chunk, GlobalTensor, ShardedEntry, merge_trees, overlap, remap_refs
 from ..format.tree import PickledLeaf, TensorLeaf, dtype_name, leaves, unflatten
-from ..storage import Storage
+from ..storage import Storage, StorageError
 from .readbuf import ReadSession
 from .reader import check_files, read_tensors, unflatten_owned
 
@@ -227,40 +229,80 @@ def load_sharded(storage: Storage, folder: str, manifest: Manifest, key: str, li
     entry = entry or manifest.components[key]
     where = f"{storage.child_url(folder)} component {key!r}"
     structure, wants = _plan(live_state, entry, where, allow_pickle)
-    # every chunk that any wanted box intersects, read once (shared by tied tensors)
+    # every chunk that any wanted box intersects, read once (shared by tied tensors); a box made
+    # of whole raw chunks that each fill full rows of it is read straight into its place instead
     needed: dict[tuple[int, int], TensorEntry] = {}
-    pieces = []
+    pieces, direct = [], []
     for w in wants:
         parts = []
         for chunk in w.saved.chunks:
             ov = overlap(w.box, (chunk.offsets, chunk.sizes))
             if ov is not None:
-                ident = (id(w.saved), w.saved.chunks.index(chunk))
-                needed.setdefault(ident, chunk.record)
-                parts.append((chunk, ident, ov))
+                parts.append((chunk, (id(w.saved), w.saved.chunks.index(chunk)), ov))
+        in_place = len(parts) > 1 and all(_fills_rows(w.box, c) for c, _, _ in parts)
+        if not in_place:
+            for _, ident, _ in parts:
+                needed.setdefault(ident, next(c.record for c, i, _ in parts if i == ident))
         pieces.append(parts)
+        direct.append(in_place)
     records = list(needed.values())
-    check_files(storage, folder, manifest, {r.file for r in records})
+    check_files(storage, folder, manifest, {r.file for r in records} |
+                {c.record.file for parts, d in zip(pieces, direct, strict=True) if d for c, _, _ in parts})
     read = read_tensors(storage, folder, ShardEntry(None, tuple(records), ()), where, verify, session)
     by_ident = dict(zip(needed, read, strict=True))
-    for w, parts in zip(wants, pieces, strict=True):
+    for w, parts, in_place in zip(wants, pieces, direct, strict=True):
         offsets, sizes = w.box
         dtype = w.live.dtype
         exact = [p for p in parts if p[0].offsets == offsets and p[0].sizes == sizes]
-        if exact:
+        if exact and not in_place:
             local = by_ident[exact[0][1]]
+        elif in_place:
+            local = torch.empty(sizes, dtype=dtype)
+            flat = byte_view(local.view(-1).view(torch.uint8)) if local.numel() else memoryview(b"")
+            row = local.element_size() * math.prod(sizes[1:])
+            for chunk, _, _ in parts:
+                start = (chunk.offsets[0] - offsets[0]) * row
+                _read_in_place(storage, folder, chunk.record, flat[start:start + chunk.record.nbytes],
+                               verify, where)
         else:
             local = torch.empty(sizes, dtype=dtype)
             for chunk, ident, ov in parts:
-                if ov is None:
-                    continue
                 src, dst = by_ident[ident], local
-                for d, (o, s) in enumerate(zip(*ov, strict=True)):
-                    src = src.narrow(d, o - chunk.offsets[d], s)
-                    dst = dst.narrow(d, o - offsets[d], s)
+                for d, (o, n) in enumerate(zip(*ov, strict=True)):
+                    src = src.narrow(d, o - chunk.offsets[d], n)
+                    dst = dst.narrow(d, o - offsets[d], n)
                 dst.copy_(src)
         w.value = _as_live(w.live, local)
     return _fill(structure)
+
+
+def _fills_rows(box: Box, chunk: Chunk) -> bool:
+    """A raw chunk lying wholly inside `box` and spanning it in every dimension but the first:
+    its bytes are one contiguous slab of the box's C-contiguous tensor."""
+    (bo, bs), co, cs = box, chunk.offsets, chunk.sizes
+    return (chunk.record.codec == "raw" and len(bo) > 0 and co[1:] == bo[1:] and cs[1:] == bs[1:]
+            and bo[0] <= co[0] and co[0] + cs[0] <= bo[0] + bs[0])
+
+
+def _read_in_place(storage: Storage, folder: str, record: TensorEntry, out: memoryview, verify: bool,
+                   where: str) -> None:
+    """One raw record's bytes read into `out` and checked against its hash there: the resharding
+    copy and the read are one pass (as a load into the live tensors would be)."""
+    path = f"{folder}/{record.file}"
+    try:
+        if record.length:
+            storage.read_into(path, record.offset, out)
+    except StorageError as exc:
+        raise translate_storage_error(exc) from exc
+    except (OSError, EOFError) as exc:
+        raise CorruptCheckpointError(f"cannot read {where} record at {storage.child_url(path)} "
+                                     f"offset {record.offset}: {exc}") from exc
+    if verify:
+        hasher = new_hasher()
+        hasher.update(out)
+        if hasher.hexdigest() != record.hash:
+            raise CorruptCheckpointError(f"hash mismatch for {where} record of {record.dtype}"
+                                         f"{list(record.shape)} in {record.file}: the data is corrupt")
 
 
 def _as_live(live: Any, local: torch.Tensor) -> Any:
