@@ -15,11 +15,12 @@ from .training.divergence import DivergenceEvent, DivergenceMonitor
 from .training.rng import RNGState
 from .training.sampler import ResumableSampler
 from .training.schedule import Due, PeriodicTrigger, TrainingSchedule
+from .training.state import ModelState, OptimizerState
 from .types import CheckpointInfo, SharingPattern, StateComponent, ValidationLevel
 from .version import __version__
 
 __all__ = ["AsyncCheckpointer", "StateComponent", "SharingPattern", "ValidationLevel", "SaveHandle",
-           "CheckpointInfo", "CheckpointOptions", "RNGState", "CheckpointError",
+           "CheckpointInfo", "CheckpointOptions", "RNGState", "ModelState", "OptimizerState", "CheckpointError",
            "CheckpointNotFoundError", "CorruptCheckpointError", "ReplicationError", "SaveFailedError",
            "InvalidArgumentError", "ResumableSampler", "EMADetector", "WindowDetector",
            "DivergenceEvent", "DivergenceMonitor", "Due", "PeriodicTrigger", "TrainingSchedule",

@@ -1,0 +1,158 @@
+"""ModelState and OptimizerState: a model's and an optimizer's state as components, the same for
+a plain module, DDP and a `torch.distributed.pipelining` stage.
+
+Both are Stateful wrappers over ``torch.distributed.checkpoint.state_dict`` (DCP's
+``get_model_state_dict``/``get_optimizer_state_dict`` and their ``set_*``), so what is saved is
+keyed by fully-qualified parameter names, never by wrapper prefixes or parameter ids:
+
+- a DDP-wrapped model saves ``layer.weight``, not ``module.layer.weight``, so the checkpoint loads
+  into the wrapped and the unwrapped model alike;
+- the optimizer state is flattened (``StateDictOptions(flatten_optimizer_state_dict=True)``):
+  ``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``... Each parameter carries its group's
+  hyperparameters, so a pipeline stage's optimizer (whose ids start at 0 on every stage) saves
+  and reloads its own groups, betas and eps included;
+- loading into a fresh optimizer (no step taken yet) works: DCP initialises the optimizer state
+  (one step with zero gradients and lr 0) before loading, so the saved state has keys to land in.
+
+Deviations from DCP's defaults, each to keep resume bit-exact: saving an optimizer that has no
+state yet does not leave DCP's initialisation step behind (the state is cleared again and not
+saved), and loading a checkpoint of such an optimizer leaves it without state, as it was saved.
+DTensor state (FSDP2, tensor parallel) is passed through as DCP returns it (the SHARDED pattern).
+
+Register them like any component (REPLICATED under DDP, PER_RANK for a pipeline stage)::
+
+    StateComponent("model", ModelState(model), SharingPattern.REPLICATED)
+    StateComponent("optimizer", OptimizerState(model, optimizer), SharingPattern.REPLICATED)
+
+Both are called on the training thread of every rank: ``state_dict()`` from
+``AsyncCheckpointer.save``, ``check_state_dict`` then ``load_state_dict`` from ``load``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from ..errors import InvalidArgumentError
+
+
+def _module_of(model: Any) -> torch.nn.Module:
+    """The module to read: a pipelining stage (``PipelineStage``) gives its ``submod``."""
+    sub = getattr(model, "submod", None)
+    if not isinstance(model, torch.nn.Module) and isinstance(sub, torch.nn.Module):
+        return sub
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(f"ModelState/OptimizerState need an nn.Module (or a pipeline stage), "
+                                   f"got {type(model).__name__}")
+    return model
+
+
+def _options(full_state_dict: bool, cpu_offload: bool, strict: bool) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=full_state_dict, cpu_offload=cpu_offload, strict=strict,
+                            flatten_optimizer_state_dict=True)
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''} ({len(keys)})"
+
+
+class ModelState:
+    """A model's parameters and buffers by fully-qualified name (wrapper prefixes removed).
+
+    ``full_state_dict``/``cpu_offload``/``strict`` are DCP's ``StateDictOptions`` of the same
+    names (``strict`` also decides whether ``check_state_dict`` refuses missing/unexpected keys).
+    """
+
+    def __init__(self, model: Any, *, full_state_dict: bool = False, cpu_offload: bool = False,
+                 strict: bool = True) -> None:
+        self.model = _module_of(model)
+        self.options = _options(full_state_dict, cpu_offload, strict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model, options=self.options)
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refuse, before anything is restored, a state whose keys or shapes do not fit."""
+        if not self.options.strict:
+            return
+        live = self.state_dict()
+        missing = [k for k in live if k not in state]
+        unexpected = [k for k in state if k not in live]
+        if missing or unexpected:
+            hint = ""
+            if missing and all(f"module.{k}" in state for k in missing):
+                hint = (" The saved keys carry a 'module.' prefix: they were saved from a DDP-wrapped "
+                        "model registered directly; register ac.ModelState(model) in both runs.")
+            raise InvalidArgumentError(f"ModelState: the saved state does not fit the model: missing "
+                                       f"keys {_few(missing)}, unexpected keys {_few(unexpected)}.{hint}")
+        shapes = [f"{k}: saved {list(v.shape)}, model {list(live[k].shape)}" for k, v in state.items()
+                  if isinstance(v, torch.Tensor) and isinstance(live[k], torch.Tensor)
+                  and v.shape != live[k].shape]
+        if shapes:
+            raise InvalidArgumentError(f"ModelState: saved tensors do not match the model's shapes: "
+                                       f"{_few(shapes)}")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        set_model_state_dict(self.model, dict(state), options=self.options)
+
+
+class OptimizerState:
+    """An optimizer's state, flattened and keyed by the fully-qualified names of `model`'s
+    parameters (``state.<fqn>.<name>``, ``param_groups.<fqn>.<hyperparameter>``)."""
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, *, full_state_dict: bool = False,
+                 cpu_offload: bool = False, strict: bool = True) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidArgumentError(f"OptimizerState needs a torch.optim.Optimizer, got "
+                                       f"{type(optimizer).__name__}")
+        self.model = _module_of(model)
+        self.optimizer = optimizer
+        self.options = _options(full_state_dict, cpu_offload, strict)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer.state:
+            return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        # DCP initialises an optimizer without state by stepping it once (zero grads, lr 0): the
+        # parameters do not move, but the state would (Adam's step count starts at 1), so the run
+        # that saved would no longer match one that did not. Undo it and save the groups only.
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        self.optimizer.state.clear()
+        return {k: v for k, v in state.items() if not k.startswith("state.")}
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refuse a state saved for other parameters (before anything is restored)."""
+        if not self.options.strict:
+            return
+        live = {k.split(".", 1)[1].rsplit(".", 1)[0] for k in self.state_dict() if k.startswith("param_groups.")}
+        saved = {k.split(".", 1)[1].rsplit(".", 1)[0] for k in state if k.startswith("param_groups.")}
+        if live != saved:
+            raise InvalidArgumentError(
+                f"OptimizerState: the saved optimizer was built over other parameters: missing "
+                f"{_few(sorted(live - saved))}, unexpected {_few(sorted(saved - live))}; build the "
+                "optimizer over the same model (and pipeline stage) as the run that saved")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        stateless = not any(k.startswith("state.") for k in state)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = {p: p.grad for p in params}
+        # DCP initialises the optimizer state (so the saved one has names to land in) only when
+        # it is empty and no gradient exists. A state saved before the first step has nothing to
+        # land: then keep DCP from initialising (one placeholder gradient) and load the groups.
+        if stateless:
+            self.optimizer.state.clear()
+            for p in params:
+                p.grad = torch.zeros_like(p) if p is params[0] else None
+        elif not self.optimizer.state:
+            for p in params:
+                p.grad = None
+        try:
+            set_optimizer_state_dict(self.model, self.optimizer, state, options=self.options)
+        finally:
+            for p, g in grads.items():
+                p.grad = g
+        if stateless:
+            self.optimizer.state.clear()
