@@ -31,3 +31,9 @@ def test_two_rank_trainers_killed_mid_training_resume_bit_exact(tmp_path, kind):
 @pytest.mark.crash
 def test_hybrid_dp_x_pp_killed_mid_training_resumes_bit_exact(tmp_path):
     check_kill_and_resume(tmp_path, "trainer_run.py", "hybrid", nproc=4)
+
+
+@pytest.mark.multiproc
+@pytest.mark.crash
+def test_accel_trainer_killed_mid_training_resumes_bit_exact(tmp_path):
+    check_kill_and_resume(tmp_path, "trainer_run.py", "accel", nproc=2)

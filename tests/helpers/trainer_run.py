@@ -68,7 +68,8 @@ def main() -> None:
     if a.kind == "ddp_dispatch":
         kw["dispatch_batches"] = True
     if a.kind == "accel":
-        cls = tr.AccelTrainer
+        from accelerate import Accelerator
+        cls, kw["accelerator"] = tr.AccelTrainer, Accelerator(cpu=True)
 
     class Run(cls):  # type: ignore[valid-type, misc]
         def on_step_end(self, step: int, loss: float) -> None:

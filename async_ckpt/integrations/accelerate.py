@@ -1,0 +1,131 @@
+"""Components from a Hugging Face Accelerate setup, and a one-call resume.
+
+For a loop that keeps ``accelerator.prepare(...)``: `components()` registers the prepared model,
+optimizer, LR scheduler, GradScaler, RNG and data position, each *unwrapped* (the model through
+`ModelState`, so no ``module.`` prefix; the optimizer and scheduler inside Accelerate's wrappers),
+with the data-parallel patterns (model, optimizer, scheduler REPLICATED; RNG and data PER_RANK)::
+
+    accelerator = Accelerator(cpu=True)          # cpu=True on machines without GPUs (docs)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ckpt = ac.AsyncCheckpointer(root, components(accelerator, model=model, optimizer=optimizer,
+                                                 lr_scheduler=scheduler, dataloader=loader,
+                                                 generators={"loader": loader_gen}))
+    step, batches = resume(ckpt, loader)         # 0 and a fresh iterator on a fresh start
+
+The data position, and its guard rails:
+- recommended: a ``StatefulDataLoader`` over ``ac.ResumableSampler`` (which shards by rank itself),
+  *not* passed through ``prepare`` (move batches to ``accelerator.device`` yourself);
+- a prepared loader gives a position only with ``DataLoaderConfiguration(use_stateful_dataloader
+  =True)``; otherwise `components()` raises naming the component instead of Accelerate's
+  ``AttributeError: ... 'dl_state_dict'`` at the first save;
+- a ``ResumableSampler`` sharded by rank inside a prepared loader is sharded twice (each rank would
+  see half its share): refused.
+
+`check_launch` refuses the silent single-process fallback (torchrun/``accelerate launch`` started
+several processes but the Accelerator sees one: on a CPU machine without ``cpu=True``).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+from ..checkpointer import AsyncCheckpointer
+from ..errors import InvalidArgumentError
+from ..training.rng import RNGState
+from ..training.sampler import ResumableSampler
+from ..training.state import ModelState, OptimizerState, warn_unregistered_schedulers
+from ..types import SharingPattern, StateComponent
+
+
+def check_launch(accelerator: Any) -> None:
+    """Raise when torch.distributed has several ranks but the Accelerator works as one process."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1 and accelerator.num_processes != world:
+        raise InvalidArgumentError(
+            f"the Accelerator sees {accelerator.num_processes} process(es) but torch.distributed has "
+            f"{world} ranks ({accelerator.distributed_type}): it would train each rank alone. On a "
+            "machine without GPUs build Accelerator(cpu=True), or launch with `accelerate launch "
+            "--cpu --multi_gpu --num_processes N` (docs/training.md, 'Accelerate launch')")
+
+
+def _inner(obj: Any, *names: str) -> Any:
+    for name in names:
+        inner = getattr(obj, name, None)
+        if inner is not None and type(obj).__module__.startswith("accelerate"):
+            return inner
+    return obj
+
+
+def _resumable_samplers(loader: Any) -> list[ResumableSampler]:
+    found, todo, seen = [], [loader], set()
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, ResumableSampler):
+            found.append(obj)
+            continue
+        todo += [getattr(obj, n, None) for n in ("sampler", "batch_sampler", "base_dataloader")]
+    return found
+
+
+def loader_position(loader: Any, key: str = "data") -> Any:
+    """The Stateful holding `loader`'s position (the loader itself), after the guard rails."""
+    prepared = type(loader).__module__.startswith("accelerate")
+    if prepared and any(s.num_replicas > 1 for s in _resumable_samplers(loader)):
+        raise InvalidArgumentError(
+            f"component {key!r}: this loader was prepared by Accelerate, which shards its batches by "
+            "process, and its ResumableSampler shards by rank too, so each rank would see half its "
+            "share. Either build ResumableSampler(..., num_replicas=1, rank=0) for a prepared loader, "
+            "or do not prepare a loader whose sampler shards by itself")
+    if not callable(getattr(loader, "state_dict", None)):
+        raise InvalidArgumentError(
+            f"component {key!r}: {type(loader).__name__} cannot give its position (no state_dict); use "
+            "torchdata's StatefulDataLoader over ac.ResumableSampler")
+    try:
+        loader.state_dict()
+    except AttributeError as exc:
+        raise InvalidArgumentError(
+            f"component {key!r}: the prepared {type(loader).__name__} cannot give its position ({exc}). "
+            "Build the Accelerator with dataloader_config=DataLoaderConfiguration("
+            "use_stateful_dataloader=True) (needs torchdata), or keep the loader out of prepare(): a "
+            "StatefulDataLoader over ac.ResumableSampler, batches moved to accelerator.device") from None
+    return loader
+
+
+def components(accelerator: Any, *, model: Any, optimizer: Any = None, lr_scheduler: Any = None,
+               dataloader: Any = None, generators: Mapping[str, Any] | None = None,
+               extra: tuple[StateComponent, ...] = ()) -> list[StateComponent]:
+    """The components of a data-parallel Accelerate run (see the module docstring)."""
+    check_launch(accelerator)
+    replicated = SharingPattern.REPLICATED
+    out = [StateComponent("model", ModelState(model), replicated)]
+    if optimizer is not None:
+        out.append(StateComponent("optimizer", OptimizerState(model, optimizer), replicated))
+    if lr_scheduler is not None:
+        out.append(StateComponent("lr_scheduler", _inner(lr_scheduler, "scheduler"), replicated))
+    if getattr(accelerator, "scaler", None) is not None:
+        out.append(StateComponent("grad_scaler", accelerator.scaler, replicated))
+    out.append(StateComponent("rng", RNGState(generators), SharingPattern.PER_RANK))
+    if dataloader is not None:
+        out.append(StateComponent("data", loader_position(dataloader), SharingPattern.PER_RANK))
+    out += list(extra)
+    if lr_scheduler is None:
+        warn_unregistered_schedulers(out)
+    return out
+
+
+def forever(loader: Any) -> Iterator[Any]:
+    """Batches across epochs (the loader and its sampler keep the position)."""
+    while True:
+        yield from loader
+
+
+def resume(checkpointer: AsyncCheckpointer, dataloader: Any = None, step: int | None = None
+           ) -> tuple[int, Iterator[Any] | None]:
+    """Load `step` (default: the newest committed checkpoint) and return (the step to continue
+    after, 0 on a fresh start; an endless iterator over `dataloader` from the restored position)."""
+    info = checkpointer.load(step)
+    return (0 if info is None else info.step), (forever(dataloader) if dataloader is not None else None)
