@@ -4,6 +4,9 @@ by loss with ``==``, and the retained checkpoints equal to the uninterrupted run
 from __future__ import annotations
 
 import pytest
+import torch
+
+import async_ckpt as ac
 
 from support.trainers import check_kill_and_resume
 
@@ -37,3 +40,47 @@ def test_hybrid_dp_x_pp_killed_mid_training_resumes_bit_exact(tmp_path):
 @pytest.mark.crash
 def test_accel_trainer_killed_mid_training_resumes_bit_exact(tmp_path):
     check_kill_and_resume(tmp_path, "trainer_run.py", "accel", nproc=2)
+
+
+def test_training_arguments_are_validated():
+    from async_ckpt.trainers import TrainingArguments
+    with pytest.raises(ac.InvalidArgumentError, match="save_strategy"):
+        TrainingArguments("x", max_steps=1, save_strategy="hourly")
+    with pytest.raises(ac.InvalidArgumentError, match="resume_from_checkpoint"):
+        TrainingArguments("x", max_steps=1, resume_from_checkpoint=-1)
+    assert TrainingArguments("x", max_steps=1, resume_from_checkpoint=7).resume_step == 7
+    assert TrainingArguments("x", max_steps=1, resume_from_checkpoint="s3://b/r").resume_root == "s3://b/r"
+
+
+def _trainer(root, **kw):
+    from async_ckpt.trainers import SimpleTrainer, TrainingArguments
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3), torch.randn(16, 1))
+    args = TrainingArguments(str(root), **{"max_steps": 6, "batch_size": 4, "save_steps": 2, **kw})
+    return SimpleTrainer(args, torch.nn.Linear(3, 1), data, torch.nn.functional.mse_loss,
+                         lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+def test_sigterm_saves_the_step_and_stops_cleanly(tmp_path):
+    import os
+    import signal
+
+    trainer = _trainer(tmp_path, save_steps=100)
+    trainer.on_step_end = lambda step, loss: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else None
+    result = trainer.train()
+    assert result.preempted and result.step == 3
+    with ac.AsyncCheckpointer(tmp_path, []) as ck:
+        assert ck.latest_step() == 3
+    again = _trainer(tmp_path, save_steps=100)
+    assert again.train().step == 6 and again.progress.step == 6
+
+
+def test_save_strategies_epochs_and_resume_from_a_step(tmp_path):
+    trainer = _trainer(tmp_path / "a", save_strategy="epochs", save_steps=1, keep_last=None)
+    trainer.train()
+    with ac.AsyncCheckpointer(tmp_path / "a", []) as ck:
+        assert [i.step for i in ck.list_checkpoints()] == [4]          # 16 samples / 4 = 4 steps an epoch
+    other = _trainer(tmp_path / "b", resume_from_checkpoint=str(tmp_path / "a"), max_steps=5)
+    assert other.resume() == 4
+    with pytest.raises(ac.CheckpointNotFoundError):
+        _trainer(tmp_path / "a", resume_from_checkpoint=3).train()

@@ -92,7 +92,37 @@ def loader_position(loader: Any, key: str = "data") -> Any:
             "Build the Accelerator with dataloader_config=DataLoaderConfiguration("
             "use_stateful_dataloader=True) (needs torchdata), or keep the loader out of prepare(): a "
             "StatefulDataLoader over ac.ResumableSampler, batches moved to accelerator.device") from None
+    if prepared:
+        return _PreparedPosition(loader)
     return loader
+
+
+class _PreparedPosition:
+    """A prepared (stateful) loader's position: Accelerate's state (batches handed out in the
+    current pass, replayed by fast-forwarding) plus its pass counter ``iteration``, which
+    Accelerate hands to the sampler's ``set_epoch`` at every pass and does not save itself. A pass
+    that was complete resumes at the start of the next one."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "iteration": int(getattr(self.loader, "iteration", 0))}
+
+    def load_state_dict(self, state: dict) -> None:
+        inner, iteration = dict(state["loader"]), int(state["iteration"])
+        if inner.get("_iterator_finished") or inner.get("_num_yielded", 0) >= len(self.loader):
+            iteration, inner = iteration + 1, {}
+        self.loader.iteration = iteration
+        if inner:
+            self.loader.load_state_dict(inner)
+            return
+        # A fresh pass. Accelerate asked the StatefulDataLoader for its state when preparing it,
+        # which made it create (and keep, for its next pass) an iterator whose sampler iterator
+        # was created before set_epoch(iteration): drop it so the pass starts at the right epoch.
+        base = getattr(self.loader, "base_dataloader", None)
+        if base is not None and getattr(base, "_initial_iter_for_state_dict", False):
+            base._iterator, base._initial_iter_for_state_dict = None, False   # torchdata 0.11
 
 
 def components(accelerator: Any, *, model: Any, optimizer: Any = None, lr_scheduler: Any = None,
