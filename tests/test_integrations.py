@@ -106,3 +106,7 @@ def test_single_process_accelerator_under_several_ranks_is_refused(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with pytest.raises(ac.InvalidArgumentError, match="cpu=True"):
         check_launch(OneProcess())
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)       # `accelerate launch --multi_gpu`,
+    monkeypatch.setenv("WORLD_SIZE", "2")                              # Accelerator() on a CPU machine
+    with pytest.raises(ac.InvalidArgumentError, match="2 ranks"):
+        check_launch(OneProcess())

@@ -84,3 +84,9 @@ def test_save_strategies_epochs_and_resume_from_a_step(tmp_path):
     assert other.resume() == 4
     with pytest.raises(ac.CheckpointNotFoundError):
         _trainer(tmp_path / "a", resume_from_checkpoint=3).train()
+
+
+def test_trainer_overhead_benchmark_runs_and_reports_both_measures():
+    from bench.trainer_overhead import run
+    md = run(steps=20, repeats=1)
+    assert "| median step time |" in md and "trainer layer alone (direct)" in md

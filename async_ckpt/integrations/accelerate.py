@@ -37,16 +37,23 @@ from ..types import SharingPattern, StateComponent
 
 
 def check_launch(accelerator: Any) -> None:
-    """Raise when torch.distributed has several ranks but the Accelerator works as one process."""
+    """Raise when the launcher started several ranks (torch.distributed, or torchrun's WORLD_SIZE)
+    but the Accelerator works as one process: each rank would train alone, unsynchronised."""
+    import os
+
     import torch.distributed as dist
 
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and accelerator.num_processes != world:
         raise InvalidArgumentError(
-            f"the Accelerator sees {accelerator.num_processes} process(es) but torch.distributed has "
-            f"{world} ranks ({accelerator.distributed_type}): it would train each rank alone. On a "
-            "machine without GPUs build Accelerator(cpu=True), or launch with `accelerate launch "
-            "--cpu --multi_gpu --num_processes N` (docs/training.md, 'Accelerate launch')")
+            f"the Accelerator sees {accelerator.num_processes} process(es) but the launcher started "
+            f"{world} ranks ({accelerator.distributed_type}): each rank would train alone. On a "
+            "machine without GPUs build Accelerator(cpu=True) and launch with torchrun or `accelerate "
+            "launch --multi_gpu --num_processes N` (`accelerate launch --cpu` starts one process; "
+            "docs/training.md, 'Accelerate launch')")
 
 
 def _inner(obj: Any, *names: str) -> Any:

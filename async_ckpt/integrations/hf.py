@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -102,6 +103,7 @@ class AsyncCheckpointCallback(TrainerCallback):
         self._rng_at_epoch = False
         self._saved: set[int] = set()
         self._deferred: int | None = None
+        self._resume_folder: str | None = None
 
     # -- components ---------------------------------------------------------------------------------
     def components(self) -> list[StateComponent]:
@@ -140,7 +142,10 @@ class AsyncCheckpointCallback(TrainerCallback):
         folder = tempfile.mkdtemp(prefix=f"async_ckpt-resume-{info.step}-")
         with open(os.path.join(folder, "trainer_state.json"), "w") as f:
             f.write(self.trainer_state.loaded or "{}")
-        trainer.model.save_pretrained(folder)         # the Trainer reloads weights from here
+        # every rank writes its own folder (save_pretrained writes on one rank only); tied weights once
+        from safetensors.torch import save_model
+        save_model(trainer.model, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        self._resume_folder = folder
         return folder
 
     # -- Trainer events -------------------------------------------------------------------------------
@@ -151,6 +156,9 @@ class AsyncCheckpointCallback(TrainerCallback):
         ckpt = self._open()
         if self.resume_step is not None:
             ckpt.load(self.resume_step)               # everything; the RNG waits (see _DeferredRNG)
+            if self._resume_folder is not None:       # the Trainer has read it by now
+                shutil.rmtree(self._resume_folder, ignore_errors=True)
+                self._resume_folder = None
             self._saved.add(self.resume_step)
             loader = kw.get("train_dataloader")
             per_epoch = max(1, len(loader) // max(1, args.gradient_accumulation_steps)) if loader else 0

@@ -1,6 +1,6 @@
 """AccelTrainer (Hugging Face Accelerate): REPLICATED / REPLICATED / PER_RANK.
 
-    accelerate launch --cpu --multi_gpu --num_processes 2 examples/trainers/accel.py [ROOT]
+    accelerate launch --multi_gpu --num_processes 2 examples/trainers/accel.py [ROOT]
     torchrun --nproc-per-node 2 examples/trainers/accel.py [ROOT]          (the same)
 """
 import torch

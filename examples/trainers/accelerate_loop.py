@@ -1,6 +1,6 @@
 """Your own Accelerate loop, checkpointed with async_ckpt.integrations.accelerate.
 
-    accelerate launch --cpu --multi_gpu --num_processes 2 examples/trainers/accelerate_loop.py [ROOT]
+    accelerate launch --multi_gpu --num_processes 2 examples/trainers/accelerate_loop.py [ROOT]
 """
 import torch
 from accelerate import Accelerator
