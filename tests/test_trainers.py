@@ -90,3 +90,30 @@ def test_trainer_overhead_benchmark_runs_and_reports_both_measures():
     from bench.trainer_overhead import run
     md = run(steps=20, repeats=1)
     assert "| median step time |" in md and "trainer layer alone (direct)" in md
+
+
+def test_grad_scaler_and_scheduler_resume_in_process_bit_exact(tmp_path):
+    from async_ckpt.trainers import SimpleTrainer, TrainingArguments
+
+    def make(root, max_steps, record):
+        torch.manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(24, 3), torch.randn(24, 1))
+        model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+        args = TrainingArguments(str(root), max_steps=max_steps, batch_size=4, save_steps=2, keep_last=None)
+
+        class Rec(SimpleTrainer):
+            def on_step_end(self, step, loss):
+                record[step] = loss
+        return Rec(args, model, data, torch.nn.functional.mse_loss, lambda p: torch.optim.AdamW(p, lr=1e-2),
+                   lr_scheduler_factory=lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5),
+                   grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=2))
+    want: dict = {}
+    full = make(tmp_path / "full", 9, want)
+    full.train()
+    got: dict = {}
+    make(tmp_path / "r", 4, got).train()
+    resumed = make(tmp_path / "r", 9, got)
+    assert "grad_scaler" in [c.key for c in resumed.get_state_components()]
+    resumed.train()
+    assert got == want and resumed.grad_scaler.get_scale() == full.grad_scaler.get_scale()
+    assert resumed.lr_scheduler.state_dict() == full.lr_scheduler.state_dict()
