@@ -117,3 +117,21 @@ def test_grad_scaler_and_scheduler_resume_in_process_bit_exact(tmp_path):
     resumed.train()
     assert got == want and resumed.grad_scaler.get_scale() == full.grad_scaler.get_scale()
     assert resumed.lr_scheduler.state_dict() == full.lr_scheduler.state_dict()
+
+
+def test_divergence_stop_saves_and_ends_the_run(tmp_path):
+    from async_ckpt.trainers import SimpleTrainer, TrainingArguments
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3), torch.randn(16, 1))
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append(1)
+        loss = torch.nn.functional.mse_loss(out, target)
+        return loss * float("nan") if len(calls) == 5 else loss
+    args = TrainingArguments(str(tmp_path), max_steps=10, batch_size=4, save_steps=100,
+                             divergence_action="stop", divergence_spans=(2, 4))
+    result = SimpleTrainer(args, torch.nn.Linear(3, 1), data, loss_fn, lambda p: torch.optim.SGD(p, lr=0.1)).train()
+    assert result.step == 5 and result.diverged is not None and result.diverged.action == "stop"
+    with ac.AsyncCheckpointer(tmp_path, []) as ck:
+        assert ck.latest_step() == 5
