@@ -135,3 +135,13 @@ def test_divergence_stop_saves_and_ends_the_run(tmp_path):
     assert result.step == 5 and result.diverged is not None and result.diverged.action == "stop"
     with ac.AsyncCheckpointer(tmp_path, []) as ck:
         assert ck.latest_step() == 5
+
+
+def test_evaluation_leaves_the_training_rng_untouched(tmp_path):
+    import random
+    trainer = _trainer(tmp_path)
+    trainer.eval_fn = lambda m: {"x": float(torch.rand(1)) + random.random()}
+    before = (torch.get_rng_state(), random.getstate())
+    trainer.evaluate()
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    trainer.checkpointer.close()

@@ -176,18 +176,24 @@ class Trainer:
         if info is None:
             return 0
         log.info("[rank %d] resumed from step %d (%s)", self.rank, info.step, info.url)
-        if (self.eval_fn is not None and args.best_metric and args.resume_root is None
+        evaluated = args.eval_on_save or (self.schedule.eval is not None and self.schedule.eval.last_step == info.step)
+        if (self.eval_fn is not None and args.best_metric and args.resume_root is None and evaluated
                 and args.best_metric not in info.metrics):
             self.checkpointer.report_metrics(info.step, self.evaluate())   # lost in the crash
         return info.step
 
     def evaluate(self) -> dict[str, float]:
+        """`eval_fn` on the unwrapped model, in eval mode, without gradients, and RNG-neutral: the
+        generators are put back afterwards, so training draws the same numbers whether or not an
+        evaluation ran (a resumed run evaluates only a checkpoint whose metric was lost)."""
         assert self.eval_fn is not None
         self.model.eval()
+        saved = RNGState().state_dict()
         try:
             with torch.no_grad():
                 return {k: float(v) for k, v in self.eval_fn(self.module).items()}
         finally:
+            RNGState().load_state_dict(saved)
             self.model.train()
 
     def train(self) -> TrainResult:
