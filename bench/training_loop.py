@@ -31,6 +31,10 @@ every CPU this process may use), so background saving competes with training for
 
     python -m bench.training_loop [--steps 30] [--every 6] [--repeats 3] [--size-mb 256]
                                   [--threads N] [--dir PATH] [--quick]
+
+``--trainer-overhead`` measures instead what the trainer layer (async_ckpt.trainers) adds per step
+that does not save, against a bare loop with the same checkpointer (bench/trainer_overhead.py;
+``--steps``/``--repeats`` as given, defaults 300/5).
 """
 from __future__ import annotations
 
@@ -357,6 +361,20 @@ def write(path: str, text: str) -> None:
 
 def main(argv=None) -> int:
     t_all = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--trainer-overhead" in argv:
+        from .trainer_overhead import run
+        p = argparse.ArgumentParser(prog="python -m bench.training_loop --trainer-overhead")
+        p.add_argument("--trainer-overhead", action="store_true")
+        p.add_argument("--steps", type=int, default=300)
+        p.add_argument("--repeats", type=int, default=5)
+        p.add_argument("--out", default=None, help="also write the table to this file")
+        opts = p.parse_args(argv)
+        md = run(opts.steps, opts.repeats)
+        print(md)
+        if opts.out:
+            write(opts.out, md + "\n")
+        return 0
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()

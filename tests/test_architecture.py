@@ -6,7 +6,8 @@ imports nothing else of async_ckpt; the base modules (errors, types, version) im
 `dist` and `format` sit on them; `sharing` on `dist`; `load` and `save` on all of those (a save
 reads a written record back for FULL validation, so `save` may use `load`, never the other way);
 `training` is built on the public API; the checkpointer and the package root sit on top, and
-nothing imports them but the command line (`cli`, run by `__main__`), which sits above all.
+nothing imports them but the command line (`cli`, run by `__main__`), which sits above all, and
+the `integrations` (Accelerate, Hugging Face) and `trainers` built on them (trainers on top).
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ ALLOWED: dict[str, set[str]] = {
     "training": BASE | {"retention"},
     "checkpointer": BASE | {"storage", "format", "dist", "options", "sharing", "retention", "handle",
                             "load", "save"},
+    # integrations (accelerate, hf) and the trainers sit on the public API, beside the command line
+    "integrations": BASE | {"training", "checkpointer"},
+    "trainers": BASE | {"training", "checkpointer", "integrations"},
     # the command line sits on top of everything; `python -m async_ckpt` runs it
     "cli": BASE | {"storage", "format", "dist", "options", "sharing", "retention", "handle", "load",
                    "save", "checkpointer"},

@@ -115,8 +115,9 @@ class OptimizerState:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidArgumentError(f"OptimizerState needs a torch.optim.Optimizer, got "
                                        f"{type(optimizer).__name__}")
+        inner = getattr(optimizer, "optimizer", None)       # accelerate's AcceleratedOptimizer
         self.model = _module_of(model)
-        self.optimizer = optimizer
+        self.optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
         self.options = _options(full_state_dict, cpu_offload, strict)
 
     def state_dict(self) -> dict[str, Any]:
@@ -173,3 +174,26 @@ class OptimizerState:
                 p.grad = g
         if stateless:
             self.optimizer.state.clear()
+
+
+def warn_unregistered_schedulers(components: Any) -> None:
+    """Warn when an optimizer among `components` is driven by an LR scheduler (torch's schedulers
+    leave ``initial_lr`` in its param groups) and no scheduler over it is registered: resuming
+    would restart the schedule at step 0 (torch cannot name the scheduler from its optimizer)."""
+    import warnings
+
+    def optimizer_of(obj: Any) -> Any:
+        obj = getattr(obj, "optimizer", obj)           # OptimizerState, accelerate's wrappers
+        return getattr(obj, "optimizer", obj)
+
+    optimizers = {c.key: optimizer_of(c.stateful) for c in components
+                  if isinstance(optimizer_of(c.stateful), torch.optim.Optimizer)
+                  and not hasattr(c.stateful, "last_epoch") and not hasattr(c.stateful, "get_last_lr")}
+    scheduled = {id(optimizer_of(c.stateful)) for c in components if hasattr(c.stateful, "get_last_lr")}
+    for key, opt in optimizers.items():
+        if id(opt) not in scheduled and any("initial_lr" in g for g in opt.param_groups):
+            warnings.warn(f"component {key!r}: its optimizer is driven by an LR scheduler (its param "
+                          "groups carry 'initial_lr') but no scheduler over it is registered; a resumed "
+                          "run would restart the schedule. Register the scheduler as a component "
+                          "(StateComponent('lr_scheduler', scheduler, <the optimizer's pattern>))",
+                          UserWarning, stacklevel=3)
