@@ -25,3 +25,37 @@ def pytest_collection_modifyitems(items):
             wanted |= {v for v in callspec.params.values() if isinstance(v, str)}
         if wanted & S3_SERVERS:
             item.add_marker(pytest.mark.s3)
+
+
+# ASYNC_CKPT_TEST_TIMES=path: per test, wall seconds and CPU seconds (this process and every
+# child process reaped meanwhile), as JSON. The CPU figure is what a test costs a shared machine,
+# whatever else runs beside it (wall times on a loaded machine say little); docs/reliability.md.
+_TIMES: dict[str, dict[str, float]] = {}
+
+
+def _cpu() -> float:
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import os
+    import time
+    if not os.environ.get("ASYNC_CKPT_TEST_TIMES"):
+        yield
+        return
+    wall, cpu = time.monotonic(), _cpu()
+    yield
+    _TIMES[item.nodeid] = {"wall_s": round(time.monotonic() - wall, 3), "cpu_s": round(_cpu() - cpu, 3)}
+
+
+def pytest_sessionfinish(session):
+    import json
+    import os
+    path = os.environ.get("ASYNC_CKPT_TEST_TIMES")
+    if path and _TIMES:
+        with open(path, "w") as f:
+            json.dump({"wall_s": round(sum(t["wall_s"] for t in _TIMES.values()), 1),
+                       "cpu_s": round(sum(t["cpu_s"] for t in _TIMES.values()), 1), "tests": _TIMES}, f, indent=1)

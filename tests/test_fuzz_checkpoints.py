@@ -17,9 +17,9 @@ every case: a mutation claiming a terabyte must not allocate it). Listing never 
 shows step 1; a damaged metrics file never changes the state and never yields a value that is not
 a float.
 
-Profiles: ASYNC_CKPT_FUZZ=ci (the default: 4 x 80 cases with a fixed seed, so CI runs the same
-cases every time) or full (10,200 cases and about a hundred filesystem combinations, random): see
-docs/reliability.md, "Fuzzing".
+Profiles (ASYNC_CKPT_TESTS, tests/support/profile.py): ci (the default: 4 x 80 cases with a fixed
+seed, so CI runs the same cases every time) or full (10,200 cases and about a hundred filesystem
+combinations, random): see docs/reliability.md, "Fuzzing".
 ASYNC_CKPT_FUZZ_REPORT=path writes the outcome table as JSON.
 """
 from __future__ import annotations
@@ -51,14 +51,11 @@ from async_ckpt.format.tree import flatten
 from async_ckpt.load.guard import UNEXPECTED
 from async_ckpt.storage.testing.conformance import bounded
 from support.corruption import resealed
+from support.profile import FULL, PROFILE
 from support.stateful import Box
 
 pytestmark = pytest.mark.fuzz
 G = ac.SharingPattern.GLOBAL
-PROFILE = os.environ.get("ASYNC_CKPT_FUZZ", "ci")
-if PROFILE not in ("ci", "full"):
-    raise ValueError(f"ASYNC_CKPT_FUZZ={PROFILE!r}: use 'ci' or 'full'")
-FULL = PROFILE == "full"
 # Cases per target. The filesystem target's space is small: hypothesis stops once it has tried
 # every combination (about a hundred), so the others make up the 10,000 of a full run.
 EXAMPLES = {"manifest": 3600, "data": 3600, "metrics": 3000, "fs": 1000} if FULL else \
