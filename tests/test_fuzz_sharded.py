@@ -18,7 +18,8 @@ test_fuzz_checkpoints.py) or in the whole manifest; geometry edits aimed at the 
 their records swapped, a global shape or dtype changed, paths swapped); and flipped or rewritten
 bytes of one chunk record with its hash (and the file's) updated.
 
-Profiles: ASYNC_CKPT_FUZZ=ci (default: 80 + 40 cases, fixed seed) or full (3,000 + 1,000).
+Profiles (tests/support/profile.py): ASYNC_CKPT_TESTS=ci (default: 80 + 40 cases, fixed seed) or
+full (3,000 + 1,000, random seed).
 """
 from __future__ import annotations
 

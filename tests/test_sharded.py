@@ -6,6 +6,7 @@ import pytest
 
 from support.dist import run
 from support.paths import HELPERS
+from support.profile import FULL, pick
 
 pytestmark = pytest.mark.multiproc
 WORKER = HELPERS / "sharded_worker.py"
@@ -37,15 +38,16 @@ def test_fsdp2_saved_at_4_reloads_at_2_and_back_at_4(tmp_path):
     assert all(r.get("loaded") == 3 for r in at2.values()), at2
     assert _same_everywhere(at2, "digest") == want
     assert _same_everywhere(at2, "loss") == loss
-    at4 = _run("load4", root, tmp_path / "o3", "fsdp", "load", 4, nnodes=2)
-    assert _same_everywhere(at4, "digest") == want and _same_everywhere(at4, "loss") == loss
+    if FULL:    # and back to 4 (the CI profile stops at 4 -> 2)
+        at4 = _run("load4", root, tmp_path / "o3", "fsdp", "load", 4, nnodes=2)
+        assert _same_everywhere(at4, "digest") == want and _same_everywhere(at4, "loss") == loss
 
 
 def test_tensor_parallel_saved_at_2_reloads_at_4_and_1(tmp_path):
     root = tmp_path / "ckpt"
     saved = _run("save", root, tmp_path / "o1", "tp", "save", 2)
     want, loss = _same_everywhere(saved, "digest"), _same_everywhere(saved, "loss")
-    for world in (4, 1):
+    for world in pick((4,), (4, 1)):
         got = _run(f"load{world}", root, tmp_path / f"o{world}", "tp", "load", world)
         assert all(r.get("loaded") == 3 for r in got.values()), got
         assert _same_everywhere(got, "digest") == want
@@ -64,7 +66,7 @@ def test_dp_x_tp_2x2_reloads_at_1x2_and_2x1(tmp_path):
     weight = next(t for t in manifest["components"]["model"]["sharded"]["tensors"] if t["path"] == ["0.weight"])
     # colwise over tp=2, replicated over dp=2: two chunks, each written once
     assert sorted(c["offsets"] for c in weight["chunks"]) == [[0, 0], [16, 0]]
-    for dp, world in ((1, 2), (2, 2)):
+    for dp, world in pick(((1, 2),), ((1, 2), (2, 2))):
         got = _run(f"load{dp}x{world // dp}", root, tmp_path / f"o{dp}{world}", "dptp", "load", world, dp=dp)
         assert all(r.get("loaded") == 3 for r in got.values()), got
         assert _same_everywhere(got, "digest") == want and _same_everywhere(got, "loss") == loss
@@ -108,7 +110,8 @@ def test_a_giant_replicated_tensor_is_written_in_row_blocks_by_several_ranks(tmp
     # each block in another rank's data file: the 24 MiB are spread over the 4 ranks
     assert len({c["file"].split("-")[2] for c in big["chunks"]}) == 4
     want = _same_everywhere(saved, "digest")
-    for world, nnodes in ((4, 2), (2, 1)):     # node-shared read at 2 x 2; per rank on one node
+    # node-shared read at 2 x 2; per rank on one node
+    for world, nnodes in pick(((4, 2),), ((4, 2), (2, 1))):
         got = run(f"load{world}", root, tmp_path / f"o{world}", nnodes=nnodes, nproc=world // nnodes,
                   worker=worker, args=("load",), timeout=180)
         assert all(r.get("loaded") == 1 for r in got.values()), got
