@@ -99,7 +99,7 @@ def namespace(root_url: str) -> str:
         return f"async_ckpt/{digest}/{_instances[digest]}"
 
 
-WAIT_HORIZON_S = 120.0    # a background Store wait is re-armed after this (c10d logs a warning then)
+WAIT_HORIZON_S = 300.0    # a background Store wait is re-armed after this (c10d logs a warning then)
 
 
 class _Clients:
