@@ -141,6 +141,15 @@ def link_for(master: Any, ns: str, tally: Tally, timeout_s: float = 600.0) -> St
     return StoreLink(CountingStore(master, tally), ns, timeout_s, "the bench's TCPStore")
 
 
+def warm(link: StoreLink, waiters: int = 3) -> None:
+    """Every connection the link will use, made now: a TCPStore connect sometimes stalls for 5 s
+    (docs/distributed.md), which is no part of a save's cost (the library connects ahead)."""
+    link.has(0, "warm-up")
+    if hasattr(link, "_release_waiter"):           # connections for blocking waits
+        for _ in range(waiters):
+            link._release_waiter(link._connect())
+
+
 # -- the simulated state -------------------------------------------------------------------------
 def llama_state(tensors: int) -> dict[str, torch.Tensor]:
     """`tensors` bf16 tensors named like a Llama checkpoint's (~40 characters); meta tensors: only
@@ -306,7 +315,7 @@ def run_row(master: Any, root: str, world: int, tensors: int, pattern_name: str,
     tallies = {role: Tally() for role in ("ranks", "node_writers", "coordinator", "workers")}
     links = {role: link_for(master, ns, tally) for role, tally in tallies.items()}
     for link in links.values():
-        link.has(0, "warm-up")          # the client connection, outside every figure
+        warm(link)                      # the client connections, outside every figure
     for tally in tallies.values():
         tally.ops.clear()
     t0 = time.perf_counter()
@@ -387,12 +396,12 @@ def run_waiting(master: Any, world: int, waiters: int, window_s: float) -> dict:
     tallies = {r: Tally() for r in ranks}
     links = {r: link_for(master, ns, tallies[r]) for r in ranks}
     for link in links.values():
-        link.has(0, "warm-up")
+        warm(link, 1)
     beats = [Heartbeat(links[r], r, lambda: seq) for r in ranks]
     jobs = {r: SimpleJob(step, seq) for r in ranks}
     coord_tally = Tally()
     coord_link = link_for(master, ns, coord_tally)
-    coord_link.has(0, "warm-up")
+    warm(coord_link)
     for n in range(1, nodes):
         coord_link.post(seq, f"begun/{n}", Begun(n))
     coordinator = Coordinator(None, topos[0], coord_link, None, {})  # type: ignore[arg-type]

@@ -28,9 +28,10 @@ def test_scale_bench_reports_a_tiny_row(tmp_path):
         rt = row["store_round_trips"]
         # Every non-writer rank posts its job and every rank its announcement: 14 + 16 requests.
         assert rt["ranks"] == 30, rt
-        # A non-writer rank's worker, once the outcome is out: one request for its counter, one
-        # blocking wait, one read of the outcome (its key deletions come after resolving).
-        assert row["worker_round_trips_each"] <= 4, row
+        # A rank's worker once the outcome is out: one request for its event counter, one
+        # blocking wait, one read of the outcome, then it deletes its own 2 (a node writer's: 3)
+        # keys of the save.
+        assert 5 <= row["worker_round_trips_each"] <= 6, row
     assert rows["per_rank"]["manifest_bytes"] > rows["replicated"]["manifest_bytes"]
     waiting = doc["waiting"][0]
     assert waiting["world"] == 16 and 0 < waiting["rank_rt_per_s"] <= 5, waiting
