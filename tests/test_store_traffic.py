@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-import support.dist
 from support.dist import run
 from support.paths import HELPERS
 
@@ -35,9 +34,9 @@ def expected(rank: int) -> tuple[dict[str, int], int]:
     return {**worker, **writer, **coordinator}, 6    # rank 0: 23 requests
 
 
-def test_store_requests_per_save_match_the_formulas_and_waiting_is_quiet(tmp_path, monkeypatch):
-    monkeypatch.setattr(support.dist, "WORKER", HELPERS / "store_traffic_worker.py")
-    results = run("traffic", tmp_path / "ckpt", tmp_path / "out", args=(str(SLOW_S),), timeout=300)
+def test_store_requests_per_save_match_the_formulas_and_waiting_is_quiet(tmp_path):
+    results = run("traffic", tmp_path / "ckpt", tmp_path / "out", args=(str(SLOW_S),), timeout=300,
+                  worker=HELPERS / "store_traffic_worker.py")
     totals = []
     for rank, res in sorted(results.items()):
         fixed, nev = expected(rank)
