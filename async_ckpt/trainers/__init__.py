@@ -2,7 +2,8 @@
 resume needs through async_ckpt: the seed's trainer table (docs/trainers.md).
 
 `arguments` (TrainingArguments), `base` (the loop, Trainer, SimpleTrainer), `ddp` (DDPTrainer),
-`pipeline` (PipelineTrainer, HybridPipelineTrainer), `accel` (AccelTrainer, on Hugging Face
+`pipeline` (PipelineTrainer, HybridPipelineTrainer), `fsdp` (FSDP2Trainer), `tensor_parallel`
+(TPTrainer, DP x TP), `accel` (AccelTrainer, on Hugging Face
 Accelerate, imported only when used).
 """
 from typing import Any
@@ -10,10 +11,12 @@ from typing import Any
 from .arguments import TrainingArguments
 from .base import SimpleTrainer, Trainer, TrainResult
 from .ddp import DDPTrainer
+from .fsdp import FSDP2Trainer
 from .pipeline import HybridPipelineTrainer, PipelineTrainer
+from .tensor_parallel import TPTrainer
 
 __all__ = ["TrainingArguments", "Trainer", "TrainResult", "SimpleTrainer", "DDPTrainer", "PipelineTrainer",
-           "HybridPipelineTrainer", "AccelTrainer"]
+           "HybridPipelineTrainer", "FSDP2Trainer", "TPTrainer", "AccelTrainer"]
 
 
 def __getattr__(name: str) -> Any:

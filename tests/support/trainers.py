@@ -49,11 +49,13 @@ def losses(out: Path, rank: int) -> dict[int, str]:
 
 
 def check_kill_and_resume(tmp: Path, script: str, kind: str, *, nproc: int = 1, steps: int = 16,
-                          kill: tuple[str, int] = ("--kill-at", 11)) -> None:
+                          kill: tuple[str, int] = ("--kill-at", 11), extra: tuple[str, ...] = ()) -> None:
     """Uninterrupted run and killed run side by side, then the resume; every loss of the killed
-    and resumed runs equals the uninterrupted one's, and the retained checkpoints are the same."""
+    and resumed runs equals the uninterrupted one's, and the retained checkpoints are the same.
+    `extra`: more arguments for every run. The uninterrupted run's checkpoints stay in
+    ``tmp/ck_full`` (a caller may resume them at another topology)."""
     full, killed, resumed = tmp / "full", tmp / "killed", tmp / "resumed"
-    args = ("--steps", str(steps))
+    args = ("--steps", str(steps), *extra)
     procs = [start(script, kind, tmp / "ck_full", full, *args, nproc=nproc),
              start(script, kind, tmp / "ck", killed, *args, kill[0], str(kill[1]), nproc=nproc)]
     rc, text = finish(procs[0], full)
