@@ -15,7 +15,7 @@ S3_SERVERS = {"seaweedfs", "moto", "any_s3"}
 
 
 @pytest.hookimpl(tryfirst=True)     # before `-m` selects by marker
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """A test that asks for an S3 server is marked `s3`: by fixture (directly or through another
     fixture) or by the name a parametrized fixture requests (test_storage_conformance.py)."""
     for item in items:
@@ -25,6 +25,14 @@ def pytest_collection_modifyitems(items):
             wanted |= {v for v in callspec.params.values() if isinstance(v, str)}
         if wanted & S3_SERVERS:
             item.add_marker(pytest.mark.s3)
+    # Long variants (marker `long`) run only in the full profile (support/profile.py); in the CI
+    # profile they are deselected, not skipped: their property is checked by another test.
+    from support.profile import FULL
+    if not FULL:
+        long = [item for item in items if item.get_closest_marker("long")]
+        if long:
+            config.hook.pytest_deselected(items=long)
+            items[:] = [item for item in items if not item.get_closest_marker("long")]
 
 
 # ASYNC_CKPT_TEST_TIMES=path: per test, wall seconds and CPU seconds (this process and every

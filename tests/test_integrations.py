@@ -23,6 +23,7 @@ def test_importing_async_ckpt_imports_neither_accelerate_nor_transformers():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.long
 @pytest.mark.multiproc
 @pytest.mark.crash
 def test_accelerate_loop_killed_mid_training_resumes_bit_exact(tmp_path):
@@ -41,6 +42,7 @@ def test_hf_trainer_callback_killed_mid_training_resumes_bit_exact(tmp_path):
     check_kill_and_resume(tmp_path, "integration_run.py", "hf")
 
 
+@pytest.mark.long
 @pytest.mark.multiproc
 @pytest.mark.crash
 def test_hf_trainer_callback_two_ranks_killed_during_a_save_resumes_bit_exact(tmp_path):

@@ -43,6 +43,7 @@ def test_fsdp2_saved_at_4_reloads_at_2_and_back_at_4(tmp_path):
         assert _same_everywhere(at4, "digest") == want and _same_everywhere(at4, "loss") == loss
 
 
+@pytest.mark.long      # tensor parallel runs in CI inside DP x TP
 def test_tensor_parallel_saved_at_2_reloads_at_4_and_1(tmp_path):
     root = tmp_path / "ckpt"
     saved = _run("save", root, tmp_path / "o1", "tp", "save", 2)

@@ -22,6 +22,7 @@ def test_fsdp2_trainer_killed_mid_training_resumes_bit_exact(tmp_path):
     check_kill_and_resume(tmp_path, "trainer_run.py", "fsdp", nproc=2, steps=12, kill=("--kill-at", 8))
 
 
+@pytest.mark.long
 @pytest.mark.multiproc
 @pytest.mark.crash
 def test_dp_x_tp_trainer_killed_resumes_bit_exact_and_reshards_to_1x2(tmp_path):

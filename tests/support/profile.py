@@ -30,3 +30,4 @@ FULL = PROFILE == "full"
 def pick(ci: T, full: T) -> T:
     """`full` under ASYNC_CKPT_TESTS=full, else `ci`."""
     return full if FULL else ci
+
