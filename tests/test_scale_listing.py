@@ -31,6 +31,22 @@ def test_local_listing_finds_what_exists_finds(tmp_path):
     assert committed_in(storage) == committed_steps(storage) == [1, 2, 5, 7]
 
 
+def test_fsspec_listing_is_one_find_instead_of_an_exists_per_step(monkeypatch):
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    storage = open_storage(f"memory://scale-listing-{id(fs)}")
+    _fill(storage, [1, 2, 5], [3, 4])
+    calls: Counter = Counter()
+    for method in ("exists", "find"):
+        real = getattr(type(fs), method)
+        monkeypatch.setattr(type(fs), method, lambda self, *a, _real=real, _m=method, **k: (
+            calls.update([_m]), _real(self, *a, **k))[1])
+    assert committed_in(storage) == [1, 2, 5]
+    assert calls == {"find": 1}, calls
+    calls.clear()
+    assert committed_steps(storage) == [1, 2, 5] and calls["exists"] == 5
+
+
 def _counting(storage) -> Counter:
     counts: Counter = Counter()
     real = storage.call

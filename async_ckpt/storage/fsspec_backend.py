@@ -108,6 +108,22 @@ class FsspecStorage:
             return []
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
 
+    def find_named(self, name: str, max_requests: int = 0) -> list[str] | None:
+        """Folders directly under the root holding an entry `name` (see base.py), from one
+        ``fs.find`` of the root two levels deep (an object store's recursive listing, whose pages
+        fsspec does not let us count: the caller's request bound is not checked, beyond refusing
+        a bound below 1)."""
+        if max_requests < 1:
+            return None
+        root = self._p("").rstrip("/") + "/"
+        found = set()
+        for path in self.fs.find(self._p(""), maxdepth=2, withdirs=False):
+            folder, _, rest = path.rstrip("/")[len(root):].partition("/") if path.startswith(root) \
+                else ("", "", "")
+            if folder and rest == name:
+                found.add(folder)
+        return sorted(found)
+
     def delete(self, path: str) -> None:
         try:
             self.fs.rm(self._p(path))
