@@ -49,7 +49,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from typing import Any, Callable, TypeVar, Union
 
 M = TypeVar("M")
 
@@ -141,14 +141,53 @@ class WrittenFile:
 
 
 @dataclass(frozen=True)
+class FragmentInfo:
+    """A multi-node save: the manifest fragment a node writer wrote (format/fragments.py), as the
+    root will list it."""
+    name: str
+    size: int
+    hash: str
+    ranks: tuple[int, ...]
+    copies: dict[str, dict[str, tuple[int, ...]]]    # component -> copy -> members
+    chunks: tuple[str, ...]                          # chunked components with chunks in it
+    nbytes: int                                      # raw bytes of its records
+    described: tuple[ShardDescriptor, ...] = ()      # each component of `copies` (no slots, tree)
+
+
+@dataclass(frozen=True)
+class PathTotal:
+    """A node's chunks of one global tensor, summed: what the coordinator checks their tiling by
+    (the chunks themselves stay in the node's fragment)."""
+    path: tuple[Any, ...]
+    dtype: str
+    global_shape: tuple[int, ...]
+    layout: str
+    volume: int             # elements in the node's (distinct) chunks of it
+
+
+@dataclass(frozen=True)
+class ChunkedPart:
+    """A node's share of a chunked component (SHARDED, split REPLICATED) in a multi-node save:
+    its ranks' distinct skeletons (rank, skeleton) and per-tensor totals."""
+    shard: ShardDescriptor       # without slots or tree
+    trees: tuple[tuple[int, Any], ...]
+    totals: tuple[PathTotal, ...]
+    writers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class NodeReport:
-    """A node writer's result for one save: its files and records, or why it failed."""
+    """A node writer's result for one save: its files and records, or why it failed. A multi-node
+    save reports here only the records the root manifest keeps (`shards`: GLOBAL, REPLICATED,
+    PER_GROUP); the rest are in the node's `fragment`, summarised by `chunked`."""
     node: int
     rank: int
     files: tuple[WrittenFile, ...] = ()
     shards: tuple[WrittenShard, ...] = ()
     write_s: float = 0.0
     causes: dict[int, str] = field(default_factory=dict)   # non-empty: the node failed
+    fragment: FragmentInfo | None = None
+    chunked: tuple[ChunkedPart, ...] = ()
 
     @property
     def failed(self) -> bool:
@@ -286,36 +325,59 @@ def encode(message: Any) -> str:
 def decode(kind: type[M], text: str | bytes) -> M:
     """The `kind` message encoded in `text`; ValueError if it does not have that shape."""
     try:
-        return _build(kind, json.loads(text))
+        return _decoder(kind)(json.loads(text))
     except (TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"malformed {kind.__name__} message: {exc}") from None
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+_DECODERS: dict[Any, Callable[[Any], Any]] = {}
 
 
-def _build(tp: Any, value: Any) -> Any:
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _decoder(tp: Any) -> Callable[[Any], Any]:
+    """A function building a value of type `tp` from its JSON form, made once per type (the
+    coordinator decodes thousands of messages per save: no type introspection per value)."""
+    found = _DECODERS.get(tp)
+    if found is None:
+        found = _DECODERS[tp] = _make_decoder(tp)
+    return found
+
+
+def _make_decoder(tp: Any) -> Callable[[Any], Any]:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        hints = _HINTS.get(tp)
-        if hints is None:
-            hints = _HINTS[tp] = typing.get_type_hints(tp)
-        if not isinstance(value, dict):
-            raise TypeError(f"{tp.__name__} must be an object, got {type(value).__name__}")
-        return tp(**{f.name: _build(hints[f.name], value[f.name])
-                     for f in dataclasses.fields(tp) if f.name in value})
+        hints = typing.get_type_hints(tp)
+        fields = [(f.name, _decoder(hints[f.name])) for f in dataclasses.fields(tp)]
+        cls = tp
+
+        def build(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise TypeError(f"{cls.__name__} must be an object, got {type(value).__name__}")
+            return cls(**{name: dec(value[name]) for name, dec in fields if name in value})
+        return build
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
         options = [a for a in args if a is not type(None)]
-        return _build(options[0], value) if len(options) == 1 else value
+        if len(options) != 1:
+            return _identity
+        inner = _decoder(options[0])
+        return lambda value: None if value is None else inner(value)
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_build(args[0], v) for v in value)
-        return tuple(_build(a, v) for a, v in zip(args, value))
+            item = _decoder(args[0])
+            if item is _identity:
+                return tuple
+            return lambda value: tuple(item(v) for v in value)
+        items = [_decoder(a) for a in args]
+        return lambda value: tuple(dec(v) for dec, v in zip(items, value))
     if origin is dict:
         kt, vt = args
-        return {(int(k) if kt is int else k): _build(vt, v) for k, v in value.items()}
-    if tp is float and isinstance(value, int):
-        return float(value)
-    return value
+        val = _decoder(vt)
+        if kt is int:
+            return lambda value: {int(k): val(v) for k, v in value.items()}
+        return lambda value: {k: val(v) for k, v in value.items()}
+    if tp is float:
+        return lambda value: float(value) if isinstance(value, int) else value
+    return _identity

@@ -28,7 +28,7 @@ import time
 from ..dist.link import LinkTimeout, RemoteFailure, StoreLink, causes_of
 from ..dist.liveness import CallerWatch
 from ..dist.messages import (Announcement, Begun, CommittedInfo, FullAnswer, FullItem, FullRequest,
-                             NodeReport, Outcome, WrittenTensor, layout_hash)
+                             NodeReport, Outcome, WrittenTensor)
 from ..dist.topology import Topology
 from ..errors import CheckpointError, ReplicationError
 from ..format.manifest import Manifest
@@ -92,7 +92,7 @@ class Coordinator:
         # Every rank announced this save, so every worker has read the previous one's outcome:
         # only now may its shared keys go (each rank deleted its own keys of it already).
         link.retire(seq - 1, ["outcome", "nev", "errors", "fullreq"])
-        disagreement = check_agreement(with_layouts(announces, job.replicated_shapes))
+        disagreement = check_agreement(announces, job.replicated_shapes)
         if disagreement:
             raise CheckpointError(disagreement)
         job.timings["write_s"] = reports[0].write_s
@@ -175,18 +175,3 @@ class Coordinator:
                                                        "differing": r.differing}
                 for answer in answers.values() for r in answer.results}
 
-
-def with_layouts(announces: dict[int, Announcement], shapes: dict) -> dict[int, Announcement]:
-    """Announcements carry REPLICATED layouts as hashes; put back the coordinator's own layouts
-    (rank 0's) where a rank's hash matches, and the odd hash where it does not, so that
-    `check_agreement` names the component and the ranks that differ."""
-    mine = {key: layout_hash(value) for key, value in shapes.items()}
-    restored = {}
-    for rank, announce in announces.items():
-        if announce.replicated_shapes or not announce.layout_hashes and not mine:
-            restored[rank] = announce
-            continue
-        layouts = {key: (shapes[key] if mine.get(key) == digest else ((f"layout {digest}", ()),))
-                   for key, digest in announce.layout_hashes.items()}
-        restored[rank] = dataclasses.replace(announce, replicated_shapes=layouts)
-    return restored

@@ -9,12 +9,13 @@ absolute difference, so "bitwise different" and "numerically different" can be t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Mapping
 
 import torch
 
-from ..dist.messages import Announcement
+from ..dist.messages import Announcement, layout_hash
 from ..format.codec import byte_view, new_hasher
 from ..errors import ReplicationError
 from .plan import ShardPlan
@@ -95,14 +96,24 @@ def _groups(values: dict[int, Any]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: (-len(g), g))
 
 
-def check_agreement(announces: dict[int, Announcement]) -> str | None:
-    """Every rank resolved the same components, patterns, groups and replicated shapes."""
+def _layout_key(announce: Announcement) -> dict[str, str]:
+    """A rank's REPLICATED layouts as one hash per component (what ranks announce: comparing
+    hashes keeps the check O(ranks x components), not O(ranks x tensors))."""
+    return announce.layout_hashes or {k: layout_hash(v) for k, v in announce.replicated_shapes.items()}
+
+
+def check_agreement(announces: dict[int, Announcement], shapes: dict | None = None) -> str | None:
+    """Every rank resolved the same components, patterns, groups and replicated shapes. `shapes`:
+    the caller's own REPLICATED layouts, which name the layouts behind matching hashes in the
+    message (see `with_layouts`)."""
     for field, what in (("patterns", "sharing patterns / validation levels"),
                         ("replicated_shapes", "REPLICATED tensor layouts")):
-        groups = _groups({r: getattr(a, field) for r, a in announces.items()})
+        groups = _groups({r: (a.patterns if field == "patterns" else _layout_key(a))
+                          for r, a in announces.items()})
         if len(groups) > 1:
-            first = getattr(announces[groups[0][0]], field)
-            other = getattr(announces[groups[1][0]], field)
+            shown = with_layouts({r: announces[r] for r in (groups[0][0], groups[1][0])}, shapes or {})
+            first = getattr(shown[groups[0][0]], field)
+            other = getattr(shown[groups[1][0]], field)
             keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
             return (f"ranks disagree on {what} of component(s) {keys}: ranks {groups[0]} have "
                     f"{ {k: first.get(k) for k in keys} }, ranks {groups[1]} have "
@@ -247,3 +258,19 @@ def describe(mismatches: list[dict], trees: Mapping[tuple[str, str], Any],
             per_rank.setdefault(rank, []).append(what)
     return ReplicationError(message, {r: f"its replica of {', '.join(w)} differs from the other ranks'"
                                       for r, w in sorted(per_rank.items())})
+
+
+def with_layouts(announces: dict[int, Announcement], shapes: dict) -> dict[int, Announcement]:
+    """Announcements carry REPLICATED layouts as hashes; put back the coordinator's own layouts
+    (rank 0's) where a rank's hash matches, and the odd hash where it does not, so that
+    `check_agreement` names the component and the ranks that differ."""
+    mine = {key: layout_hash(value) for key, value in shapes.items()}
+    restored = {}
+    for rank, announce in announces.items():
+        if announce.replicated_shapes or not announce.layout_hashes and not mine:
+            restored[rank] = announce
+            continue
+        layouts = {key: (shapes[key] if mine.get(key) == digest else ((f"layout {digest}", ()),))
+                   for key, digest in announce.layout_hashes.items()}
+        restored[rank] = dataclasses.replace(announce, replicated_shapes=layouts)
+    return restored
