@@ -456,7 +456,7 @@ class AsyncCheckpointer:
         infos = []
         for step in committed_in(self.storage):
             try:
-                infos.append(info_of(self.storage, read_manifest(self.storage, step_dir(step), step),
+                infos.append(info_of(self.storage, read_manifest(self.storage, step_dir(step), step, fragments=False),
                                      step_dir(step)))
             except (CorruptCheckpointError, FileNotFoundError) as exc:
                 log.warning("[rank %d] skipping step %d: %s", self.topo.rank, step, exc)

@@ -52,6 +52,7 @@ from async_ckpt.dist.link import StoreLink
 from async_ckpt.dist.liveness import Heartbeat
 from async_ckpt.dist.messages import Begun, NodeReport, Outcome
 from async_ckpt.dist.topology import Topology
+from async_ckpt.format import fragments
 from async_ckpt.format.manifest import MANIFEST_NAME, Manifest
 from async_ckpt.format.names import read_manifest, step_dir
 from async_ckpt.format.tree import flatten
@@ -174,21 +175,15 @@ class _StubBuffer:
         return None
 
 
-class _StubStorage:
-    """The node writers' storage: data writes are stubbed, so there is no folder to sync."""
-
-    def sync_dir(self, path: str) -> None:
-        return None
-
-
 class _Writer(NodeWriter):
-    """The real NodeWriter.write (waiting for peers, building the report) without the data write:
-    each rank's "file" gets fabricated records of the right sizes."""
+    """The real NodeWriter.write (waiting for peers, building the report, writing the node's
+    manifest fragment to `storage`) without the data write: each rank's "file" gets fabricated
+    records of the right sizes (`real_objects`: plus a real, tiny object, for the S3 phase)."""
 
-    def __init__(self, topo: Topology, link: StoreLink, storage: Any = None):
-        self.storage, self.topo, self.link = storage or _StubStorage(), topo, link  # type: ignore[assignment]
+    def __init__(self, topo: Topology, link: StoreLink, storage: Any, real_objects: bool = False):
+        self.storage, self.topo, self.link = storage, topo, link
         self.streamer, self.compressed, self.coordinator = None, False, None  # type: ignore[assignment]
-        self.real_objects = storage is not None
+        self.real_objects = real_objects
 
     def _attach(self, name: str, capacity: int) -> Any:
         return None
@@ -284,26 +279,30 @@ def retire(job: SaveJob, topo: Topology, link: StoreLink) -> None:
         RankWorker._retire(stub, job)
 
 
-# -- what the lead's fragments will change: one function each ------------------------------------
+# -- what a checkpoint is made of, and what a loading rank reads -----------------------------------
 def largest_fragment(storage: LocalStorage, step: int, manifest: Manifest) -> int | None:
     """Bytes of the largest per-node manifest fragment of `step` (None: no fragments)."""
-    names = [n for n in storage.list_dir(step_dir(step)) if n.startswith("fragment")]
-    return max((storage.size(f"{step_dir(step)}/{n}") for n in names), default=None)
+    return max((ref.size for ref in manifest.fragments.values()), default=None)
 
 
-def loading_rank_reads(storage: LocalStorage, step: int, rank: int) -> tuple[int, float]:
-    """(bytes, seconds) that one loading rank reads and validates before it reads any data:
-    today the whole manifest."""
+def loading_rank_reads(storage: LocalStorage, step: int, rank: int, topo: Topology
+                       ) -> tuple[int, float]:
+    """(bytes, seconds) that one loading rank reads and validates before it reads any data: the
+    root manifest and the fragment holding its copy (the loader's own calls: load/restore.py)."""
     t0 = time.perf_counter()
-    read_manifest(storage, step_dir(step), step)
-    return storage.size(f"{step_dir(step)}/{MANIFEST_NAME}"), time.perf_counter() - t0
+    root = read_manifest(storage, step_dir(step), step, fragments=False)
+    copies = root.copies("model")
+    name = f"rank{rank}" if f"rank{rank}" in copies else None
+    needed = root.fragments_of("model", name) if name is not None else []
+    fragments.complete(storage, step_dir(step), root, needed)
+    return (storage.size(f"{step_dir(step)}/{MANIFEST_NAME}") + sum(root.fragments[n].size for n in needed),
+            time.perf_counter() - t0)
 
 
 def objects_per_checkpoint(storage: LocalStorage, step: int, manifest: Manifest) -> int:
     """Objects a committed checkpoint consists of (data files are stubbed: counted from the
-    manifest), plus the manifest itself and any fragment in the folder."""
-    fragments = [n for n in storage.list_dir(step_dir(step)) if n.startswith("fragment")]
-    return len(manifest.files) + 1 + len(fragments)
+    manifest): data files, fragments and the root."""
+    return len(manifest.files) + len(manifest.fragments) + 1
 
 
 # -- one save of one row -------------------------------------------------------------------------
@@ -322,6 +321,7 @@ def run_row(master: Any, root: str, world: int, tensors: int, pattern_name: str,
     w = build_world(world, tensors, pattern, step, seq)
     build_s = time.perf_counter() - t0
     storage = LocalStorage(root)
+    os.makedirs(os.path.join(root, step_dir(step)), exist_ok=True)   # data writes are stubbed
     options = CheckpointOptions.from_keywords({}, keep_last=2, keep_best=1, best_metric="loss",
                                               greater_is_better=False)
     committer = Committer(storage, options, 0, w.topos[0].num_nodes > 1, lambda: {step})
@@ -334,7 +334,7 @@ def run_row(master: Any, root: str, world: int, tensors: int, pattern_name: str,
             links["ranks"].post(seq, f"job/{r}", w.jobs[r].descriptor(r))
         for r in ranks:
             links["ranks"].post(seq, f"vh/{r}", announce(w.jobs[r], w.topos[r], links["ranks"]))
-        writer = _Writer(w.topos[ranks[0]], links["node_writers"])
+        writer = _Writer(w.topos[ranks[0]], links["node_writers"], storage)
         report = writer.write(w.jobs[ranks[0]])
         if report.failed:
             raise RuntimeError(f"node {node} failed: {report.causes}")
@@ -360,8 +360,8 @@ def run_row(master: Any, root: str, world: int, tensors: int, pattern_name: str,
         wait_outcome(w.jobs[r], w.topos[r], links["workers"])
         retire(w.jobs[r], w.topos[r], links["workers"])
     per_worker = (tallies["workers"].total() - before) / max(1, len(sampled))
-    manifest = read_manifest(storage, step_dir(step), step)
-    load_bytes, load_s = loading_rank_reads(storage, step, world - 1)
+    manifest = read_manifest(storage, step_dir(step), step, fragments=False)
+    load_bytes, load_s = loading_rank_reads(storage, step, world - 1, w.topos[-1])
     per_role = {role: t.total() for role, t in tallies.items() if role != "workers"}
     per_role["workers"] = round(per_worker * (world - 1))
     return {
@@ -511,7 +511,7 @@ def listing_requests(storage: Any) -> None:
     listed = getattr(commit, "committed_in", committed_steps)
     listed(storage)                                   # latest_step()
     for step in listed(storage):                      # list_checkpoints()
-        info_of(storage, read(storage, step_dir(step), step), step_dir(step))
+        info_of(storage, read(storage, step_dir(step), step, fragments=False), step_dir(step))
 
 
 def s3_save(master: Any, storage: Any, world: int, tensors: int, seq: int) -> None:
@@ -530,7 +530,7 @@ def s3_save(master: Any, storage: Any, world: int, tensors: int, seq: int) -> No
             link.post(seq, f"job/{r}", w.jobs[r].descriptor(r))
         for r in ranks:
             link.post(seq, f"vh/{r}", announce(w.jobs[r], w.topos[r], link))
-        report = _Writer(w.topos[ranks[0]], link, storage).write(w.jobs[ranks[0]])
+        report = _Writer(w.topos[ranks[0]], link, storage, real_objects=True).write(w.jobs[ranks[0]])
         if node == 0:
             own = report
         else:

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from support.dist import launch, run
+from support.fragments import merged_doc
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(900)]
 
 
 def manifest(root: Path, step: int) -> dict:
-    return json.loads((root / f"step-{step:010d}" / "manifest.json").read_text())
+    return merged_doc(root / f"step-{step:010d}")     # 2 nodes: the root and its fragments
 
 
 @pytest.fixture(scope="module")

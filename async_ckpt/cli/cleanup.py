@@ -55,7 +55,7 @@ def plan(storage: Storage) -> tuple[list[dict[str, Any]], list[Lease]]:
                             "why": "uncommitted step folder (no manifest)"})
             continue
         try:
-            manifest = read_manifest(storage, folder, step)
+            manifest = read_manifest(storage, folder, step, fragments=False)
         except (CorruptCheckpointError, FileNotFoundError) as exc:
             actions.append({"kind": "skip", "path": folder, "step": step,
                             "why": f"committed but its manifest is unreadable, left alone: {exc}"})

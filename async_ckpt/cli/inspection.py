@@ -95,7 +95,10 @@ def describe(storage: Any, step: int, component: str | None) -> dict[str, Any]:
             "timings": m.timings, "metrics": {**metrics_file.decode(m.metrics), **late},
             "late_metrics": sorted(late), "retention": m.retention or None,
             "nbytes": m.nbytes, "stored_nbytes": m.stored_nbytes,
-            "files": {n: {"size": f.size, "hash": f.hash} for n, f in m.files.items()},
+            "files": {n: {"size": f.size, "hash": f.hash, **({"node": f.node} if f.node is not None else {})}
+                      for n, f in m.files.items()},
+            "fragments": {n: {"size": r.size, "hash": r.hash, "node": r.node, "ranks": list(r.ranks)}
+                          for n, r in sorted(m.fragments.items())},
             "components": comps}
 
 
@@ -111,7 +114,8 @@ def _text(doc: dict[str, Any], values: bool) -> None:
         f"{k}={fmt_number(v)}{' (late)' if k in doc['late_metrics'] else ''}"
         for k, v in sorted(doc["metrics"].items())) or "-"))
     click.echo(f"  size        {human_bytes(doc['nbytes'])} logical, {human_bytes(doc['stored_nbytes'])} "
-               f"stored in {len(doc['files'])} file(s)")
+               f"stored in {len(doc['files'])} file(s)"
+               + (f"; manifest in {len(doc['fragments'])} per-node fragment(s)" if doc["fragments"] else ""))
     for key, comp in doc["components"].items():
         click.echo(f"\ncomponent {key}: {comp['sharing_pattern']}, validation {comp['validation_level']}, "
                    f"{'required' if comp['required'] else 'optional'}"

@@ -26,7 +26,8 @@ from ..types import SharingPattern
 
 FORMAT_VERSION = 1                 # what a checkpoint without format 2 features is written as
 SHARDED_VERSION = 2                # the first version with SHARDED components (format/sharded.py)
-SUPPORTED_VERSIONS = (1, 2)
+FRAGMENT_VERSION = 3               # the first version with per-node fragments (format/fragments.py)
+SUPPORTED_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 HASH_KEY = "manifest_hash"         # the seal: xxh3-128 of the manifest without it (seal.py)
 # Readers read at most this much of a manifest and writers refuse to write more: ~1.3 M tensor
@@ -35,6 +36,9 @@ MAX_BYTES = 256 << 20
 _INT64_MAX = (1 << 63) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+FRAGMENT_RE = re.compile(r"^fragment-n[0-9]{5}-[0-9a-f]{8}\.json$")
+# Patterns whose copies a multi-node save puts in its nodes' fragments (the rest stay in the root)
+IN_FRAGMENTS = (SharingPattern.PER_RANK.value, SharingPattern.PER_NODE.value)
 _PATTERNS = tuple(p.value for p in SharingPattern)
 
 
@@ -74,6 +78,21 @@ class ComponentEntry:
 class FileEntry:
     size: int
     hash: str
+    node: int | None = None     # format_version 3: the node whose writer wrote it
+
+
+@dataclass(frozen=True)
+class FragmentRef:
+    """format_version 3: one node's manifest fragment as the root lists it (format/fragments.py):
+    its bytes' size and xxh3-128, the node and ranks that wrote it, the copies it holds
+    (component -> copy -> PER_GROUP-style members, empty for PER_RANK/PER_NODE) and the chunked
+    components it holds chunks of."""
+    size: int
+    hash: str
+    node: int
+    ranks: tuple[int, ...]
+    copies: dict[str, dict[str, tuple[int, ...]]]
+    chunks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,13 +109,32 @@ class Manifest:
     versions: dict
     format_version: int = 0          # 0: the lowest version that can hold this manifest
     retention: dict = field(default_factory=dict)   # the writer's policy (keep_last, ...), for tools
+    fragments: dict[str, FragmentRef] = field(default_factory=dict)   # format_version 3
+    merged: frozenset[str] = frozenset()   # the fragments whose records are in `components`
 
     def version(self) -> int:
         """The format_version this manifest is written as: the lowest that holds everything in
         it, so that older releases still read checkpoints that use no newer feature."""
         if self.format_version:
             return self.format_version
+        if self.fragments:
+            return FRAGMENT_VERSION
         return SHARDED_VERSION if any(c.sharded for c in self.components.values()) else FORMAT_VERSION
+
+    def copies(self, key: str) -> dict[str, tuple[int, ...]]:
+        """Every stored copy of a component (name -> members), whether its records are in the
+        root or in a fragment not read yet."""
+        entry = self.components[key]
+        found = {name: tuple(e.members) for name, e in entry.shards.items()}
+        for ref in self.fragments.values():
+            found.update(ref.copies.get(key, {}))
+        return found
+
+    def fragments_of(self, key: str, copy: str | None = None) -> list[str]:
+        """The fragments holding records of component `key` (of its copy `copy` only, if given)."""
+        return sorted(name for name, ref in self.fragments.items()
+                      if (copy in ref.copies.get(key, {}) if copy is not None
+                          else key in ref.copies or key in ref.chunks))
 
     def to_json(self) -> bytes:
         doc = {
@@ -104,7 +142,10 @@ class Manifest:
             "hash_algorithm": HASH_ALGO, "versions": self.versions, "topology": self.topology,
             "metrics": self.metrics, "nbytes": self.nbytes, "stored_nbytes": self.stored_nbytes,
             "timings": self.timings, **({"retention": self.retention} if self.retention else {}),
-            "files": {n: {"size": f.size, "hash": f.hash} for n, f in sorted(self.files.items())},
+            "files": {n: {"size": f.size, "hash": f.hash, **({"node": f.node} if f.node is not None else {})}
+                      for n, f in sorted(self.files.items())},
+            **({"fragments": {n: ref_json(r) for n, r in sorted(self.fragments.items())}}
+               if self.fragments else {}),
             "components": {k: {
                 "sharing_pattern": c.sharing_pattern, "required": c.required,
                 "validation_level": c.validation_level, "metadata": c.metadata,
@@ -120,6 +161,12 @@ class Manifest:
                                   f"more than the {MAX_BYTES} a reader accepts; save fewer, larger "
                                   "tensors (e.g. flatten parameter groups) or split the state")
         return sealed
+
+
+def ref_json(ref: FragmentRef) -> dict:
+    return {"size": ref.size, "hash": ref.hash, "node": ref.node, "ranks": list(ref.ranks),
+            "copies": {k: {c: list(m) for c, m in sorted(v.items())} for k, v in sorted(ref.copies.items())},
+            **({"chunks": list(ref.chunks)} if ref.chunks else {})}
 
 
 def record_json(t: TensorEntry) -> dict:
@@ -240,10 +287,13 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
                              f"({SUPPORTED_VERSIONS}); upgrade async_ckpt")
         files = {}
         for name, f in _get(doc, "files", dict, "manifest").items():
-            if not _NAME_RE.match(name) or name in (".", ".."):
+            if not _NAME_RE.match(name) or name in (".", "..") or FRAGMENT_RE.match(name):
                 raise ValueError(f"data file name {name!r} is not a plain name inside the folder")
+            node = f.get("node") if isinstance(f, dict) else None
             files[name] = FileEntry(_int(f.get("size") if isinstance(f, dict) else None,
-                                         f"files.{name}.size"), _get(f, "hash", str, f"files.{name}"))
+                                         f"files.{name}.size"), _get(f, "hash", str, f"files.{name}"),
+                                    None if node is None else _int(node, f"files.{name}.node"))
+        refs = _refs(doc, version)
         components = {}
         for key, c in _get(doc, "components", dict, "manifest").items():
             shards = {}
@@ -272,14 +322,17 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
                 if shards or "sharded" not in c or version < SHARDED_VERSION:
                     raise ValueError(f"components.{key} is {pattern} in chunks: it needs a "
                                      "'sharded' entry, no copies, and format_version 2")
+                # format_version 3: chunks listed in fragments complete the tiling (fragments.py)
                 entry = sharded.parse(c["sharded"], f"components.{key}.sharded",
-                                      lambda doc, what: _tensor(doc, files, what))
+                                      lambda doc, what: _tensor(doc, files, what),
+                                      tiled=not any(key in r.chunks for r in refs.values()))
             elif "sharded" in c:
                 raise ValueError(f"components.{key} is {pattern}, which has no 'sharded' entry")
             components[key] = ComponentEntry(
                 pattern, bool(c.get("required", True)),
                 str(c.get("validation_level", "none")), meta if isinstance(meta, dict) else None,
                 shards, entry)
+        _check_refs(refs, components)
         step = _int(doc.get("step"), "step")
         if expected_step is not None and step != expected_step:
             raise ValueError(f"it records step {step} but sits in the folder of step {expected_step}")
@@ -289,8 +342,70 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
             components=components, nbytes=_int(doc.get("nbytes"), "nbytes"),
             stored_nbytes=_int(doc.get("stored_nbytes"), "stored_nbytes"),
             timings=_dict(doc, "timings"), versions=_dict(doc, "versions"),
-            format_version=version, retention=_dict(doc, "retention"))
+            format_version=version, retention=_dict(doc, "retention"), fragments=refs)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"malformed manifest {where}: {exc}") from None
     except (ValueError, TypeError, AttributeError, KeyError, RecursionError, OverflowError) as exc:
         raise CorruptCheckpointError(f"malformed manifest {where}: {exc}") from None
+
+
+def _ints(v: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list):
+        raise ValueError(f"{what} must be a list of integers")
+    return tuple(_int(x, what) for x in v)
+
+
+def _refs(doc: dict, version: int) -> dict[str, FragmentRef]:
+    """format_version 3: the root's list of fragments (format/fragments.py)."""
+    if "fragments" not in doc:
+        return {}
+    if version < FRAGMENT_VERSION:
+        raise ValueError(f"format_version {version} has no fragments")
+    refs = {}
+    for name, r in _get(doc, "fragments", dict, "manifest").items():
+        what = f"fragments.{name}"
+        if not FRAGMENT_RE.match(name):
+            raise ValueError(f"fragment name {name!r} is not fragment-n<node>-<8 hex digits>.json")
+        if not _HASH_RE.match(_get(r, "hash", str, what)):
+            raise ValueError(f"{what} has a malformed hash")
+        copies = {}
+        for key, named in _get(r, "copies", dict, what).items():
+            if not isinstance(named, dict):
+                raise ValueError(f"{what}.copies.{key} must map copy names to members")
+            copies[key] = {str(c): _ints(m, f"{what}.copies.{key}.{c}") for c, m in named.items()}
+        chunks = r.get("chunks", [])
+        if not isinstance(chunks, list) or not all(isinstance(k, str) for k in chunks):
+            raise ValueError(f"{what}.chunks must be a list of component keys")
+        node = _int(r.get("node"), f"{what}.node")
+        if name != f"fragment-n{node:05d}-{name[-13:-5]}.json":
+            raise ValueError(f"{what} is named for another node than its node {node}")
+        refs[name] = FragmentRef(_int(r.get("size"), f"{what}.size"), r["hash"], node,
+                                 _ints(_get(r, "ranks", list, what), f"{what}.ranks"), copies,
+                                 tuple(chunks))
+    return refs
+
+
+def _check_refs(refs: dict[str, FragmentRef], components: dict[str, ComponentEntry]) -> None:
+    """Each copy a fragment holds belongs to a component stored in fragments and is held by no
+    other fragment (nor by the root); chunks only of chunked components; one fragment per node."""
+    held: dict[tuple[str, str], str] = {}
+    nodes: dict[int, str] = {}
+    for name, ref in sorted(refs.items()):
+        if ref.node in nodes:
+            raise ValueError(f"fragments {nodes[ref.node]} and {name} both claim node {ref.node}")
+        nodes[ref.node] = name
+        for key, named in ref.copies.items():
+            entry = components.get(key)
+            if entry is None or entry.sharing_pattern not in IN_FRAGMENTS or entry.sharded is not None:
+                raise ValueError(f"fragments.{name} holds copies of {key!r}, which is not a "
+                                 "PER_RANK or PER_NODE component of this checkpoint")
+            for copy in named:
+                where = held.get((key, copy)) or (copy in entry.shards and "the root") or None
+                if where:
+                    raise ValueError(f"copy {copy!r} of component {key!r} is listed by both "
+                                     f"{where} and {name}")
+                held[(key, copy)] = name
+        for key in ref.chunks:
+            if key not in components or components[key].sharded is None:
+                raise ValueError(f"fragments.{name} holds chunks of {key!r}, which is not a "
+                                 "component stored in chunks")

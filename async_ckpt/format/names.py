@@ -6,6 +6,7 @@ import re
 
 from ..errors import CorruptCheckpointError, translate_storage_error
 from ..storage import Storage, StorageError
+from .fragments import complete
 from .manifest import MANIFEST_NAME, MAX_BYTES, Manifest, parse_manifest
 
 STEP_DIGITS = 10
@@ -43,10 +44,13 @@ def committed_steps(storage: Storage, folders: dict[int, str] | None = None) -> 
                   if storage.exists(f"{name}/{MANIFEST_NAME}"))
 
 
-def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Manifest:
+def read_manifest(storage: Storage, folder: str, step: int | None = None, fragments: bool = True
+                  ) -> Manifest:
     """The validated manifest of `folder`: FileNotFoundError if there is none (not committed),
     CorruptCheckpointError if it cannot be read or trusted (not a regular file inside the root,
-    larger than manifest.MAX_BYTES, damaged, malformed)."""
+    larger than manifest.MAX_BYTES, damaged, malformed). `fragments`: with every fragment of a
+    format_version 3 checkpoint merged in (tools); False: the root only (listing, retention, and
+    the loader, which merges only the fragments it needs: `fragments.complete`)."""
     path = f"{folder}/{MANIFEST_NAME}"
     try:
         raw = storage.read_limited(path, MAX_BYTES)
@@ -56,4 +60,5 @@ def read_manifest(storage: Storage, folder: str, step: int | None = None) -> Man
         raise translate_storage_error(exc) from exc
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read {storage.child_url(path)}: {exc}") from exc
-    return parse_manifest(raw, storage.child_url(path), step)
+    manifest = parse_manifest(raw, storage.child_url(path), step)
+    return complete(storage, folder, manifest) if fragments and manifest.fragments else manifest

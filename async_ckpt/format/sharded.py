@@ -62,8 +62,7 @@ def to_json(entry: ShardedEntry, record_json: Callable[[Any], dict]) -> dict:
     return {"owners": list(entry.owners), "tree": entry.tree, "tensors": [
         {"path": list(t.path), "dtype": t.dtype, "shape": list(t.shape),
          **({"layout": t.layout} if t.layout else {}),
-         "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes), **record_json(c.record)}
-                    for c in t.chunks]} for t in entry.tensors]}
+         "chunks": [chunk_json(c, record_json) for c in t.chunks]} for t in entry.tensors]}
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -77,8 +76,34 @@ def _ints(v: Any, what: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def parse(doc: Any, what: str, parse_record: Callable[[Any, str], Any]) -> ShardedEntry:
-    """Validate one SHARDED component's entry; ValueError naming the first problem."""
+def parse_chunk(c: Any, cw: str, dtype: str, shape: tuple[int, ...],
+                parse_record: Callable[[Any, str], Any]) -> Chunk:
+    """One chunk object of a tensor of `dtype` and global `shape`: its box lies inside the shape
+    and its record holds exactly that box."""
+    if not isinstance(c, dict):
+        raise ValueError(f"{cw} must be an object")
+    offsets, sizes = _ints(c.get("offsets"), f"{cw}.offsets"), _ints(c.get("sizes"), f"{cw}.sizes")
+    record = parse_record(c, cw)
+    if len(offsets) != len(shape) or len(sizes) != len(shape):
+        raise ValueError(f"{cw}: offsets/sizes do not have the {len(shape)} dimensions of the tensor")
+    if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
+        raise ValueError(f"{cw}: box {list(offsets)}+{list(sizes)} lies outside the global "
+                         f"shape {list(shape)}")
+    if record.dtype != dtype or tuple(record.shape) != sizes:
+        raise ValueError(f"{cw}: record is {record.dtype}{list(record.shape)}, the chunk "
+                         f"says {dtype}{list(sizes)}")
+    return Chunk(offsets, sizes, record)
+
+
+def chunk_json(c: Chunk, record_json: Callable[[Any], dict]) -> dict:
+    return {"offsets": list(c.offsets), "sizes": list(c.sizes), **record_json(c.record)}
+
+
+def parse(doc: Any, what: str, parse_record: Callable[[Any, str], Any], tiled: bool = True
+          ) -> ShardedEntry:
+    """Validate one SHARDED component's entry; ValueError naming the first problem. `tiled`
+    False: the chunks are completed from fragments (format_version 3), which checks the tiling
+    once they are all in (format/fragments.py)."""
     if not isinstance(doc, dict) or "tree" not in doc or not isinstance(doc.get("tensors"), list):
         raise ValueError(f"{what} needs a tree and a list of tensors")
     owners = _ints(doc.get("owners", []), f"{what}.owners")
@@ -95,24 +120,10 @@ def parse(doc: Any, what: str, parse_record: Callable[[Any, str], Any]) -> Shard
         dtype_from_name(t.get("dtype"), where)
         shape = _ints(t.get("shape"), f"{where}.shape")
         layout = t.get("layout")
-        chunks = []
-        for j, c in enumerate(t["chunks"]):
-            cw = f"{where}.chunks[{j}]"
-            if not isinstance(c, dict):
-                raise ValueError(f"{cw} must be an object")
-            offsets, sizes = _ints(c.get("offsets"), f"{cw}.offsets"), _ints(c.get("sizes"), f"{cw}.sizes")
-            record = parse_record(c, cw)
-            if len(offsets) != len(shape) or len(sizes) != len(shape):
-                raise ValueError(f"{cw}: offsets/sizes do not have the {len(shape)} dimensions of "
-                                 f"the tensor")
-            if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
-                raise ValueError(f"{cw}: box {list(offsets)}+{list(sizes)} lies outside the global "
-                                 f"shape {list(shape)}")
-            if record.dtype != dtype or tuple(record.shape) != sizes:
-                raise ValueError(f"{cw}: record is {record.dtype}{list(record.shape)}, the chunk "
-                                 f"says {dtype}{list(sizes)}")
-            chunks.append(Chunk(offsets, sizes, record))
-        check_tiling(shape, [(c.offsets, c.sizes) for c in chunks], where)
+        chunks = [parse_chunk(c, f"{where}.chunks[{j}]", dtype, shape, parse_record)
+                  for j, c in enumerate(t["chunks"])]
+        if tiled:
+            check_tiling(shape, [(c.offsets, c.sizes) for c in chunks], where)
         tensors.append(GlobalTensor(path, dtype, shape, tuple(chunks),
                                     layout if isinstance(layout, dict) else None))
     _check_refs(doc["tree"], len(tensors), what)

@@ -14,7 +14,7 @@ from ..dist.link import StoreLink
 from ..dist.messages import LoadStep, LoadVerdict
 from ..dist.topology import Topology
 from ..errors import ERROR_CLASSES, CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ..format import metrics_file
+from ..format import fragments, metrics_file
 from ..format.manifest import ComponentEntry, Manifest
 from ..format.names import committed_steps, read_manifest, step_dir
 from ..options import CheckpointOptions
@@ -45,7 +45,8 @@ def list_infos(storage, rank: int) -> list[CheckpointInfo]:
     infos = []
     for step in committed_steps(storage):
         try:
-            infos.append(info_of(storage, read_manifest(storage, step_dir(step), step), step_dir(step)))
+            folder = step_dir(step)
+            infos.append(info_of(storage, read_manifest(storage, folder, step, fragments=False), folder))
         except (CorruptCheckpointError, FileNotFoundError) as exc:
             log.warning("[rank %d] skipping step %d: %s", rank, step, exc)
     return infos
@@ -70,6 +71,7 @@ class Loader:
         self.components = components
         self._seq = 0
         self._by_key: dict[str, ComponentEntry] = {}
+        self._folder = ""
 
     def load(self, step: int | None, strict: bool) -> CheckpointInfo | None:
         """Restore `step` (None: the newest committed one; None returned when there is none)."""
@@ -134,9 +136,12 @@ class Loader:
                        f"anything: " + "; ".join(f"rank {r}: {v.error_type}: {v.message}"
                                                  for r, v in failed.items()))
 
-    def _plan_reads(self, manifest: Manifest, step: int, where: str, strict: bool
+    def _plan_reads(self, held: list[Manifest], step: int, where: str, strict: bool
                     ) -> list[tuple[StateComponent, str]]:
+        """Which copy of each registered component this rank reads. `held[0]`: the manifest (a
+        format_version 3 root gets the fragments merged in that a by-key load needs)."""
         topo, plan = self.topo, []
+        manifest = held[0]
         for c in self.components():
             entry = manifest.components.get(c.key)
             if entry is None:
@@ -147,9 +152,13 @@ class Loader:
                 continue
             pattern = SharingPattern(entry.sharing_pattern)
             members = group_members(c, pattern, topo) if c.process_group else None
-            copies = {name: tuple(e.members) for name, e in entry.shards.items()}
+            copies = manifest.copies(c.key)
             shard, problem = choose_copy(pattern, copies, manifest.topology, topo, members,
                                          group_label(c, pattern))
+            if problem and pattern is SharingPattern.PER_RANK and manifest.fragments_of(c.key):
+                # a by-key load needs every copy's skeleton: all of the component's fragments
+                held[0] = manifest = self._complete(manifest, manifest.fragments_of(c.key))
+                entry = manifest.components[c.key]
             if problem and pattern is SharingPattern.PER_RANK and (merged := by_key(entry, where)):
                 # the copies' keys are disjoint (pipeline stages): load each live key from the
                 # rank that saved it, at any pipeline degree
@@ -173,7 +182,7 @@ class Loader:
                                                  "has no chunk records")
                 plan.append((c, shard))
                 continue
-            if shard not in entry.shards:
+            if shard not in copies:
                 # Whatever `strict` says: skipping it would leave this rank's state as it was
                 # while its peers restore theirs (ranks 2-3 of a 4-rank load of a 2-rank save).
                 what = f"component {c.key!r} has no copy {shard!r} for rank {topo.rank} in {where}"
@@ -188,6 +197,11 @@ class Loader:
                 log.warning("[rank %d step %d] loading component %r although %s", topo.rank, step, c.key, problem)
             plan.append((c, shard))
         return plan
+
+    def _complete(self, manifest: Manifest, names: list[str]) -> Manifest:
+        if not names:
+            return manifest
+        return fragments.complete(self.storage, self._folder, manifest, names)
 
     def _load(self, step: int, strict: bool, session: ReadSession) -> CheckpointInfo:
         try:
@@ -218,11 +232,18 @@ class Loader:
         storage, topo, options = self.storage, self.topo, self.options
         folder = step_dir(step)
         try:
-            manifest = read_manifest(storage, folder, step)
+            manifest = read_manifest(storage, folder, step, fragments=False)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no committed checkpoint for step {step} at {storage.url}; "
                                           f"committed steps: {committed_steps(storage)[-5:]}") from None
-        plan = self._plan_reads(manifest, step, storage.child_url(folder), strict)
+        self._folder = folder
+        held = [manifest]
+        plan = self._plan_reads(held, step, storage.child_url(folder), strict)
+        # format_version 3: only the fragments holding this rank's copies (every fragment holding
+        # chunks of a component it reshards), each checked against the root before it is used
+        needed = {name for c, shard in plan for name in held[0].fragments_of(
+            c.key, None if shard == BY_KEY or held[0].components[c.key].sharded is not None else shard)}
+        manifest = self._complete(held[0], sorted(needed))
         # GLOBAL/REPLICATED copies are the same for every rank of a node: read them once per node.
         shared = [(c.key, shard) for c, shard in plan if shard in NODE_SHARED]
         try:

@@ -31,9 +31,9 @@ SCRATCH_GRACE_S = 60.0   # a scratch object older than this is no live write's (
 
 def unlisted(manifest: Manifest, names: list[str]) -> list[str]:
     """The names in a committed step's folder that are garbage: neither its manifest, a data file
-    it lists, nor a late-metrics file (leftovers of a killed earlier attempt at the step, temp
+    or fragment it lists, nor a late-metrics file (leftovers of a killed earlier attempt at the step, temp
     files of a killed commit). What `after_commit` removes, and what `async-ckpt gc` removes."""
-    listed = set(manifest.files) | {MANIFEST_NAME}
+    listed = set(manifest.files) | set(manifest.fragments) | {MANIFEST_NAME}
     return [n for n in names if n not in listed and not n.startswith(metrics_file.PREFIX)]
 
 
@@ -177,7 +177,7 @@ class Committer:
     def metrics_of(self, step: int) -> dict[str, float]:
         if step not in self._metrics:
             folder = step_dir(step)
-            manifest = read_manifest(self.storage, folder, step)
+            manifest = read_manifest(self.storage, folder, step, fragments=False)
             self._metrics[step] = {**metrics_file.decode(manifest.metrics),
                                    **metrics_file.read_late(self.storage, folder)}
         return self._metrics[step]

@@ -10,7 +10,8 @@ Call sequence (who calls what):
    posted (``job/<rank>``) (node 0 first lets the coordinator clear a single node's leftovers of
    the step: `Coordinator.before_write`) -> map their shared-memory buffers -> if any rank already failed, stop
    -> stream each rank's records into its own data file, all of them concurrently, hashing in the
-   same pass -> make the folder durable -> set ``job.written`` -> hand the `NodeReport` to the
+   same pass -> make the folder durable -> (several nodes) write the node's manifest fragment
+   (`save.fragment`) -> set ``job.written`` -> hand the `NodeReport` to the
    coordinator (node 0: `Coordinator.run` on this same thread) or post it as ``node/<n>``;
 3. training thread: ``stop()`` drains the queue, then ends the thread.
 
@@ -40,6 +41,7 @@ from ..format.codec import byte_view, codec_for
 from ..format.names import step_dir
 from ..format.tree import dtype_from_name
 from ..storage import Storage
+from . import fragment
 from .coordinator import Coordinator
 from .datafile import DataFileStreamer, FileResult
 from .job import SaveJob
@@ -130,10 +132,18 @@ class NodeWriter:
                     outcomes = [f.result() for f in futures]    # the pool waits for every writer
             if any(name is not None for name, _ in outcomes):
                 self.storage.sync_dir(folder)
-            return NodeReport(topo.node, topo.rank, files=tuple(
-                WrittenFile(name, result.size, result.hash) for name, result in outcomes
-                if name is not None and result is not None),
-                shards=_written_shards(descs, outcomes), write_s=time.perf_counter() - t0)
+            files = tuple(WrittenFile(name, result.size, result.hash) for name, result in outcomes
+                          if name is not None and result is not None)
+            shards = _written_shards(descs, outcomes)
+            if topo.num_nodes == 1:
+                return NodeReport(topo.node, topo.rank, files=files, shards=shards,
+                                  write_s=time.perf_counter() - t0)
+            # several nodes: this node's records go into its own manifest fragment
+            parts = fragment.split(shards)
+            info = fragment.write(self.storage, folder, job.step, topo.node, tuple(topo.node_ranks()),
+                                  parts)
+            return NodeReport(topo.node, topo.rank, files=files, shards=parts.root,
+                              write_s=time.perf_counter() - t0, fragment=info, chunked=parts.parts)
         except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which fails the save
             log.error("[rank %d step %d] node %d failed to write: %r", topo.rank, job.step, topo.node, exc)
             job.local_errors.setdefault(topo.rank, exc)
