@@ -34,13 +34,13 @@ from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpoint
                      storage_errors_translated)
 from .format import metrics_file
 from .format.codec import Compressor
-from .format.names import manifest_path, read_manifest, step_dir
+from .format.names import committed_steps, manifest_path, read_manifest, step_dir
 from .format.tree import flatten
 from .handle import SaveHandle, Settlement
 from .load.guard import checkpoint_errors_only
 from .load.restore import Loader, info_of
 from .options import CheckpointOptions, check_step
-from .save.commit import Committer, committed_in
+from .save.commit import Committer
 from .save.coordinator import Coordinator
 from .save.chunking import chunk_layout, needs_split, split_replicated
 from .save.datafile import DataFileStreamer
@@ -446,7 +446,7 @@ class AsyncCheckpointer:
     @checkpoint_errors_only
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
-        steps = committed_in(self.storage)
+        steps = committed_steps(self.storage)
         return steps[-1] if steps else None
 
     @storage_errors_translated
@@ -454,7 +454,7 @@ class AsyncCheckpointer:
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first (unreadable manifests are logged and skipped)."""
         infos = []
-        for step in committed_in(self.storage):
+        for step in committed_steps(self.storage):
             try:
                 infos.append(info_of(self.storage, read_manifest(self.storage, step_dir(step), step, fragments=False),
                                      step_dir(step)))

@@ -508,7 +508,7 @@ def listing_requests(storage: Any) -> None:
     from async_ckpt.format.names import committed_steps, read_manifest as read
     from async_ckpt.load.restore import info_of
     from async_ckpt.save import commit
-    listed = getattr(commit, "committed_in", committed_steps)
+    listed = getattr(commit, "committed_in", committed_steps)   # older trees: committed_in there
     listed(storage)                                   # latest_step()
     for step in listed(storage):                      # list_checkpoints()
         info_of(storage, read(storage, step_dir(step), step, fragments=False), step_dir(step))

@@ -15,9 +15,8 @@ and the list once, instead of one key per rank. A waiting rank therefore makes a
 per second (plus its heartbeat's two), whatever the world size.
 
 Client connections are created once per process and Store, shared by every link on that Store
-(`_Clients`): creating a TCPStore client sometimes stalls for 5 s in its connect (measured with
-torch 2.13 on loopback: about one connect in 25, sequential or not, libuv or not, whatever the
-store's timeout; the TCP connect itself is instant, the stall is inside the client's
+(`dist.waits`, which also runs the blocking waits): creating a TCPStore client sometimes stalls
+for 5 s in its connect (torch 2.13 on loopback: about one connect in 25, inside the client's
 connect-and-validate), so connections are made ahead of the first save, in the background, and
 reused by every later checkpointer of the process, never one per thread and save.
 
@@ -36,15 +35,13 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import CheckpointError
 from .messages import Outcome, RankError, decode, encode
+from .waits import StoreLost, Waits, _clients_of, _is_timeout
+
+__all__ = ["LinkTimeout", "RemoteFailure", "StoreLink", "StoreLost", "Waits", "causes_of", "namespace"]
 
 log = logging.getLogger("async_ckpt")
 M = TypeVar("M")
 T = TypeVar("T")
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    """A Store call that waited too long (the Store itself is fine)."""
-    return "timeout" in type(exc).__name__.lower() or "timeout" in str(exc).lower()
 
 
 class LinkTimeout(CheckpointError):
@@ -53,11 +50,6 @@ class LinkTimeout(CheckpointError):
     def __init__(self, message: str, missing: list):
         super().__init__(message)
         self.missing = missing
-
-
-class StoreLost(CheckpointError):
-    """The torch.distributed Store stopped answering (its host process died, or the network to it
-    did): no save can be coordinated any more. The message names the host."""
 
 
 def store_host() -> str:
@@ -101,104 +93,6 @@ def namespace(root_url: str) -> str:
 
 GET_BATCH = 16             # keys per multi_get
 WAIT_HORIZON_S = 300.0    # a background Store wait is re-armed after this (c10d logs a warning then)
-
-
-class _Clients:
-    """This process's connections to one Store, shared by every link on it: one for short
-    requests (a TCPStore client sends one request at a time under its own lock, so threads share
-    it) and idle ones for blocking waits (a waiting connection serves nobody else)."""
-
-    def __init__(self, base: Any):
-        self.base = base
-        self.shared: Any = None
-        self.idle: list[Any] = []
-        self.lock = threading.Lock()
-        self.connect_lock = threading.Lock()
-
-
-_clients: dict[int, _Clients] = {}
-_clients_lock = threading.Lock()
-
-
-def _clients_of(base: Any) -> _Clients:
-    with _clients_lock:
-        entry = _clients.get(id(base))
-        if entry is None or entry.base is not base:
-            entry = _clients[id(base)] = _Clients(base)
-        return entry
-
-
-class Waits:
-    """Background blocking waits, each for every key of one group, on connections of their own.
-    `wait(t)` returns True once one group is complete (`which` says which), False after `t`
-    seconds; `observe(event)` sets `event` then too. A thread whose group never completes
-    re-arms every horizon until `abandon()`."""
-
-    def __init__(self, link: "StoreLink", groups: list[list[str]], horizon_s: float):
-        self._link, self._done, self._stop = link, threading.Event(), threading.Event()
-        self._lock = threading.Lock()
-        self._observers: list[threading.Event] = []
-        self.which: int | None = None
-        self.error: BaseException | None = None
-        for index, keys in enumerate(groups):
-            threading.Thread(target=self._run, args=(index, keys, horizon_s),
-                             name="ckpt-store-wait", daemon=True).start()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def observe(self, event: threading.Event) -> None:
-        with self._lock:
-            if self._done.is_set():
-                event.set()
-            else:
-                self._observers.append(event)
-
-    def _run(self, index: int, keys: list[str], horizon_s: float) -> None:
-        link = self._link
-        try:
-            client = link._waiter()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            self._finish(None, exc)
-            return
-        healthy = True
-        try:
-            while not self._stop.is_set():
-                try:
-                    client.wait(keys, datetime.timedelta(seconds=max(0.01, horizon_s)))
-                    self._finish(index, None)
-                    return
-                except Exception as exc:  # noqa: BLE001 - timeouts re-arm; anything else is the Store
-                    if not _is_timeout(exc):
-                        healthy = False
-                        link.lose(f"lost the torch.distributed Store ({link.host}): {exc}; its host "
-                                  "process has probably died")
-                        self._finish(None, StoreLost(link.lost or str(exc)))
-                        return
-        finally:
-            if healthy:
-                link._release_waiter(client)
-
-    def _finish(self, index: int | None, error: BaseException | None) -> None:
-        with self._lock:
-            if self._done.is_set():
-                return
-            self.which, self.error = index, error
-            self._done.set()
-            observers, self._observers = self._observers, []
-        for event in observers:
-            event.set()
-
-    def wait(self, timeout: float) -> bool:
-        if not self._done.wait(max(0.0, timeout)):
-            return False
-        if self.error is not None:
-            raise self.error
-        return True
-
-    def abandon(self) -> None:
-        self._stop.set()
 
 
 class StoreLink:

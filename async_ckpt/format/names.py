@@ -36,10 +36,22 @@ def step_dirs(storage: Storage) -> dict[int, str]:
     return found
 
 
-def committed_steps(storage: Storage, folders: dict[int, str] | None = None) -> list[int]:
+def committed_steps(storage: Storage, folders: dict[int, str] | None = None, one_pass: bool = True
+                    ) -> list[int]:
     """Ascending steps whose manifest exists: the only checkpoints that count. `folders`: the
-    result of step_dirs() when the caller has listed already."""
+    result of step_dirs() when the caller has listed already.
+
+    `one_pass`: where the backend can list every step folder's manifest in one pass (its
+    optional `find_named`: local folders one scan, S3 one listing of the root's keys, 1,000 a
+    page, fsspec one `find`), that instead of one request per step folder, falling back to
+    those when the listing would take more requests; the same steps either way."""
     folders = step_dirs(storage) if folders is None else folders
+    find = getattr(storage, "find_named", None) if one_pass else None
+    if find is not None and len(folders) > 1:
+        names = find(MANIFEST_NAME, len(folders) - 1)
+        if names is not None:
+            holding = set(names)
+            return sorted(s for s, name in folders.items() if name in holding)
     return sorted(s for s, name in folders.items()
                   if storage.exists(f"{name}/{MANIFEST_NAME}"))
 

@@ -37,22 +37,6 @@ def unlisted(manifest: Manifest, names: list[str]) -> list[str]:
     return [n for n in names if n not in listed and not n.startswith(metrics_file.PREFIX)]
 
 
-def committed_in(storage: Storage, folders: dict[int, str] | None = None) -> list[int]:
-    """Ascending committed steps, exactly as `format.names.committed_steps` finds them, but in one
-    listing where the backend can list every step folder's manifest in one pass (its optional
-    `find_named`: S3 lists the root's keys, 1,000 a page) instead of one request per step
-    folder; falls back to that when the listing would take more requests. `folders`: the result
-    of step_dirs() when the caller has listed already."""
-    folders = step_dirs(storage) if folders is None else folders
-    find = getattr(storage, "find_named", None)
-    if find is not None and len(folders) > 1:
-        names = find(MANIFEST_NAME, len(folders) - 1)
-        if names is not None:
-            holding = set(names)
-            return sorted(s for s, name in folders.items() if name in holding)
-    return committed_steps(storage, folders)
-
-
 class CommitRaceLost(CheckpointError):
     """The manifest of the step appeared before ours: another writer committed it meanwhile."""
 
@@ -98,7 +82,7 @@ class Committer:
         # does not download the manifest it just wrote; late metrics update this cache.
         self._metrics[step] = metrics_file.decode(manifest.metrics)
         folders = step_dirs(self.storage)
-        committed = committed_in(self.storage, folders)
+        committed = committed_steps(self.storage, folders)
         pending = self.pending_steps()
         for other, name in folders.items():
             if other in committed or other in pending or other == step:
@@ -146,7 +130,7 @@ class Committer:
         if opts.keep_last is None:
             return
         if committed is None:
-            committed = committed_in(self.storage)
+            committed = committed_steps(self.storage)
         metrics = {s: self.metrics_of(s) for s in committed} if opts.keep_best else {}
         if opts.keep_best and opts.best_metric:
             self._warn_metricless(committed, metrics, opts.best_metric)

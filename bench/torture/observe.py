@@ -61,7 +61,8 @@ class Snapshot:
                 if not names and folder in self.dirs:
                     items[("empty folder", folder)] = None
                 continue
-            listed = set(self.manifests.get(step, {}).get("files", {})) | {MANIFEST}
+            doc = self.manifests.get(step, {})
+            listed = set(doc.get("files", {})) | set(doc.get("fragments", {})) | {MANIFEST}
             for name in names:
                 if name.startswith(SCRATCH_PREFIXES):
                     items[("scratch", f"{folder}/{name}")] = scratch_time(name)
