@@ -1,7 +1,10 @@
-"""The `async-ckpt` command line on the loopback S3 servers (SeaweedFS and moto), driven as a
-subprocess: every command on healthy and damaged checkpoints, options and credentials from
---storage-option or the environment, an empty prefix, a missing bucket and wrong credentials,
-and gc of dangling multipart uploads."""
+"""The `async-ckpt` command line on the loopback S3 servers (SeaweedFS and moto): every command
+on healthy and damaged checkpoints, options and credentials from --storage-option or the
+environment, an empty prefix, a missing bucket and wrong credentials, and gc of dangling
+multipart uploads. Commands run in process (`support.cli.run_cli`; the S3 backend makes a new
+client per command, outside fsspec's instance cache) except one end-to-end run per test
+(`spawn_cli`): ls with --storage-option on each server, ls with credentials from a fresh
+process's environment, gc of the uploads."""
 from __future__ import annotations
 
 import json
@@ -11,7 +14,7 @@ import time
 from safetensors.torch import load_file
 
 from async_ckpt.storage import open_storage
-from support.cli import as_json, fails, model, ok, run_cli, same_tensors, save_steps
+from support.cli import as_json, fails, model, ok, run_cli, same_tensors, save_steps, spawn_cli, end_to_end
 from support.s3 import Remote
 
 
@@ -25,7 +28,7 @@ def test_every_command_on_s3(any_s3, tmp_path):
     remote = Remote(any_s3)
     save_steps(remote.url, steps=(100, 200, 300), storage_options=remote.options(), keep_last=2)
     opts = s3_args(any_s3)
-    doc = as_json(run_cli("ls", remote.url, "--json", *opts))
+    doc = as_json(end_to_end("ls", remote.url, "--json", *opts))
     assert [c["step"] for c in doc["checkpoints"]] == [200, 300] and doc["writers"] == []
     assert doc["checkpoints"][1]["kept_because"] == ["latest", "last-2"]
     info = as_json(run_cli("inspect", remote.url, "--step", "200", "--json", *opts))
@@ -56,7 +59,7 @@ def test_credentials_from_the_environment_empty_prefix_and_import(seaweedfs, tmp
     env = {"AWS_ENDPOINT_URL": seaweedfs.endpoint, "AWS_ACCESS_KEY_ID": seaweedfs.key,
            "AWS_SECRET_ACCESS_KEY": seaweedfs.secret, "AWS_DEFAULT_REGION": "us-east-1"}
     empty = Remote(seaweedfs)
-    assert "no committed checkpoints" in ok(run_cli("ls", empty.url, env=env))
+    assert "no committed checkpoints" in ok(end_to_end("ls", empty.url, env=env))   # a fresh environment
     fails(run_cli("verify", empty.url, env=env), 1, "no committed checkpoint")
     from safetensors.torch import save_file
     src = tmp_path / "w.safetensors"
@@ -102,7 +105,7 @@ def test_gc_on_s3_aborts_dangling_uploads(seaweedfs):
     assert len(remote.uploads()) == 2, "--dry-run changed something"
     lease["heartbeat"] = time.time() - 3600                          # that writer died an hour ago
     remote.put(".writer-lease-00aa.json", json.dumps(lease).encode())
-    out = ok(run_cli("gc", remote.url, *opts))
+    out = ok(spawn_cli("gc", remote.url, *opts))                      # end to end
     assert "removed 5 item(s)" in out and "stale writer lease" in out
     assert remote.uploads() == [], "gc left a dangling multipart upload"
     assert sorted(remote.keys()) == committed
