@@ -2,9 +2,10 @@
 on healthy and damaged checkpoints, options and credentials from --storage-option or the
 environment, an empty prefix, a missing bucket and wrong credentials, and gc of dangling
 multipart uploads. Commands run in process (`support.cli.run_cli`; the S3 backend makes a new
-client per command, outside fsspec's instance cache) except one end-to-end run per test
-(`spawn_cli`): ls with --storage-option on each server, ls with credentials from a fresh
-process's environment, gc of the uploads."""
+client per command, outside fsspec's instance cache), but for ls with credentials from a fresh
+process's environment (`end_to_end`: `python -m async_ckpt`, and the same output in process).
+Every command runs end to end as a subprocess on local disk (test_cli.py, test_cli_gc.py): a
+subprocess that imports the S3 client costs seconds more than one in process."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import time
 from safetensors.torch import load_file
 
 from async_ckpt.storage import open_storage
-from support.cli import as_json, fails, model, ok, run_cli, same_tensors, save_steps, spawn_cli, end_to_end
+from support.cli import as_json, end_to_end, fails, model, ok, run_cli, same_tensors, save_steps
 from support.s3 import Remote
 
 
@@ -28,7 +29,7 @@ def test_every_command_on_s3(any_s3, tmp_path):
     remote = Remote(any_s3)
     save_steps(remote.url, steps=(100, 200, 300), storage_options=remote.options(), keep_last=2)
     opts = s3_args(any_s3)
-    doc = as_json(end_to_end("ls", remote.url, "--json", *opts))
+    doc = as_json(run_cli("ls", remote.url, "--json", *opts))
     assert [c["step"] for c in doc["checkpoints"]] == [200, 300] and doc["writers"] == []
     assert doc["checkpoints"][1]["kept_because"] == ["latest", "last-2"]
     info = as_json(run_cli("inspect", remote.url, "--step", "200", "--json", *opts))
@@ -105,7 +106,7 @@ def test_gc_on_s3_aborts_dangling_uploads(seaweedfs):
     assert len(remote.uploads()) == 2, "--dry-run changed something"
     lease["heartbeat"] = time.time() - 3600                          # that writer died an hour ago
     remote.put(".writer-lease-00aa.json", json.dumps(lease).encode())
-    out = ok(spawn_cli("gc", remote.url, *opts))                      # end to end
+    out = ok(run_cli("gc", remote.url, *opts))
     assert "removed 5 item(s)" in out and "stale writer lease" in out
     assert remote.uploads() == [], "gc left a dangling multipart upload"
     assert sorted(remote.keys()) == committed
