@@ -8,7 +8,7 @@ CliRunner) except where the process is the property (`spawn_cli`, `python -m asy
 installed script's --help, exit statuses 1, 2 and 3 as the parent sees them, the progress bar on
 a terminal and not in a pipe, and one end-to-end run of each command (ls, inspect, verify, diff,
 export, import; gc in test_cli_gc.py). `end_to_end` runs a command both ways and requires the
-same status, stdout and stderr from each."""
+same status, stdout and own stderr lines (`async-ckpt: ...`) from each."""
 from __future__ import annotations
 
 import json
