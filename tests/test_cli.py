@@ -1,7 +1,14 @@
-"""The `async-ckpt` command line on local disk, driven as a subprocess: every command on healthy
-checkpoints, on damaged ones, on an empty root and on a wrong URL; export round trips; import
-from DCP, safetensors and torch.save. gc and the writer lease are in test_cli_gc.py, S3 and
-several ranks in test_cli_s3.py and test_cli_dist.py."""
+"""The `async-ckpt` command line on local disk: every command on healthy checkpoints, on damaged
+ones, on an empty root and on a wrong URL; export round trips; import from DCP, safetensors and
+torch.save. gc and the writer lease are in test_cli_gc.py, S3 and several ranks in
+test_cli_s3.py and test_cli_dist.py.
+
+Commands run in process (`support.cli.run_cli`, the console script's entry under Click's
+CliRunner) except where the process is the property (`spawn_cli`, `python -m async_ckpt`): the
+installed script's --help, exit statuses 1, 2 and 3 as the parent sees them, the progress bar on
+a terminal and not in a pipe, and one end-to-end run of each command (ls, inspect, verify, diff,
+export, import; gc in test_cli_gc.py). `end_to_end` runs a command both ways and requires the
+same status, stdout and own stderr lines (`async-ckpt: ...`) from each."""
 from __future__ import annotations
 
 import json
@@ -17,7 +24,8 @@ import pytest
 import torch
 
 import async_ckpt as ac
-from support.cli import G, as_json, extra, fails, model, ok, run_cli, same_tensors, save_steps
+from support.cli import (G, as_json, end_to_end, extra, fails, model, ok, run_cli, same_tensors, save_steps,
+                         spawn_cli)
 from support.paths import child_env
 from support.stateful import Holder
 from support.corruption import resealed
@@ -63,7 +71,7 @@ def test_every_command_has_help_with_an_example():
 
 
 def test_usage_errors_are_one_line_with_status_2(root):
-    fails(run_cli("ls"), 2, "Missing argument")
+    fails(end_to_end("ls"), 2, "Missing argument")      # the status a shell sees
     fails(run_cli("ls", root, "--bogus"), 2, "--bogus")
     fails(run_cli("verify", root, "--step", "200", "--all"), 2, "--all")
     fails(run_cli("inspect", root, "--step", "-1"), 2, "--step")
@@ -71,7 +79,7 @@ def test_usage_errors_are_one_line_with_status_2(root):
 
 # -- ls ----------------------------------------------------------------------------------------------
 def test_ls_lists_committed_steps_with_retention_reasons(root):
-    out = ok(run_cli("ls", root))
+    out = ok(end_to_end("ls", root))
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["STEP", "CREATED"]
     rows = {int(ln.split()[0]): ln for ln in lines[1:4]}
@@ -111,7 +119,7 @@ def test_inspect_text_and_json(root):
     assert "component model: global, validation none, required" in out
     assert "0.weight" in out and "bfloat16" in out and "rank 0 node 0" in out
     assert "lr = 0.05" in out and "name = 'run'" in out
-    doc = as_json(run_cli("inspect", root, "--json", "--component", "extra"))
+    doc = as_json(end_to_end("inspect", root, "--json", "--component", "extra"))
     assert doc["step"] == 400 and list(doc["components"]) == ["extra"]
     cp = doc["components"]["extra"]["copies"]["global"]
     by_path = {t["path"]: t for t in cp["tensors"]}
@@ -141,7 +149,7 @@ def test_verify_names_every_damaged_file(root):
         f.write(bytes([byte[0] ^ 0x10]))
     with open(cut, "r+b") as f:
         f.truncate(os.path.getsize(cut) - 1)
-    proc = run_cli("verify", root, "--all")
+    proc = spawn_cli("verify", root, "--all")           # verify end to end; status 1 as a shell sees it
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "step 200: intact" in proc.stdout
     assert f"hash mismatch in {flipped}" in proc.stdout and "component 'model'" in proc.stdout
@@ -216,7 +224,7 @@ def test_verify_file_across_windows(root, monkeypatch, mapped):
 
 
 def test_progress_bar_only_on_a_terminal(root):
-    proc = run_cli("verify", root, "--all")
+    proc = spawn_cli("verify", root, "--all")           # a pipe, in a real process
     assert "verifying" not in proc.stderr and "\x1b[" not in proc.stdout + proc.stderr
     master, slave = pty.openpty()
     env = child_env(COLUMNS="100")
@@ -252,7 +260,7 @@ def test_diff_reports_changed_tensors_and_values(root):
     assert {v["name"].split(" ", 1)[1] for v in doc["values"]} == {"step", "lr"}
     same = as_json(run_cli("diff", root, "300", "300", "--json"))
     assert same["changed"] == 0 and all(t["by"] == "hash" for t in same["tensors"])
-    assert run_cli("diff", root, "200", "300", "--exit-code").returncode == 1
+    assert end_to_end("diff", root, "200", "300", "--exit-code").returncode == 1   # as a shell sees it
     assert run_cli("diff", root, "300", "300", "--exit-code").returncode == 0
 
 
@@ -274,7 +282,7 @@ def test_export_safetensors_round_trip(root, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
     out = tmp_path / "model.safetensors"
-    ok(run_cli("export", root, "--step", "300", "--component", "model", "--to", out))
+    ok(spawn_cli("export", root, "--step", "300", "--component", "model", "--to", out))   # end to end
     same_tensors(load_file(out), dict(model(300).state_dict()))
     both = tmp_path / "all.safetensors"
     ok(run_cli("export", root, "--to", both))
@@ -338,7 +346,7 @@ def test_import_dcp_checkpoint_loads_bit_exactly(tmp_path):
     with pytest.warns(UserWarning):     # dcp.save without a process group says it runs alone
         dcp.save({"model": net.state_dict(), "optim": opt.state_dict(), "meta": values}, checkpoint_id=src)
     root = tmp_path / "imported"
-    out = ok(run_cli("import", src, root, "--step", "1000", "--metric", "loss=0.5"))
+    out = ok(spawn_cli("import", src, root, "--step", "1000", "--metric", "loss=0.5"))   # end to end
     assert "DCP checkpoint" in out and "model, optim, meta" in out
     net2 = model(99)
     opt2 = torch.optim.AdamW(net2.parameters(), lr=0.5)
@@ -417,6 +425,6 @@ def test_empty_root(tmp_path):
 def test_wrong_roots(tmp_path):
     fails(run_cli("ls", tmp_path / "missing"), 1, "does not exist")
     (tmp_path / "file").write_text("x")
-    fails(run_cli("verify", tmp_path / "file"), 3, "file")
+    fails(end_to_end("verify", tmp_path / "file"), 3, "file")     # status 3 as a shell sees it
     fails(run_cli("ls", "nosuchscheme://bucket/x"), 3, "nosuchscheme")
     fails(run_cli("import", tmp_path / "nothing", tmp_path / "dst", "--step", "1"), 1, "does not exist")

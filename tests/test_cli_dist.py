@@ -1,8 +1,10 @@
 """The `async-ckpt` command line on a checkpoint saved by 4 ranks on 2 simulated nodes (two
-torchrun launchers, tests/helpers/dist_worker.py's `save` scenario, launched once): inspect says
-which rank and node wrote each tensor, verify checks every node's files, and export writes a
-PER_RANK component per copy and a REPLICATED one (each tensor written by one of the 4 ranks)
-whole. Sharded (DTensor) tensors, assembled from chunks, come with the sharded-state work."""
+torchrun launchers, tests/helpers/dist_worker.py's `save` scenario, launched once per session:
+support.dist's `dist_saved`): inspect says which rank and node wrote each tensor, verify checks
+every node's files, and export writes a PER_RANK component per copy and a REPLICATED one (each
+tensor written by one of the 4 ranks) whole. Sharded (DTensor) tensors, assembled from chunks,
+come with the sharded-state work. Commands run in process (`support.cli.run_cli`) except one
+end to end (`end_to_end`)."""
 from __future__ import annotations
 
 import json
@@ -14,22 +16,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import async_ckpt as ac
-from support.cli import as_json, fails, ok, run_cli, same_tensors
-from support.dist import run
+from support.cli import as_json, end_to_end, fails, ok, run_cli, same_tensors
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("cli-dist")
-    root = base / "ckpt"
-    run("save", root, base / "out")
-    return root
+def saved(dist_saved) -> Path:
+    """support.dist's session fixture, shared with test_distributed.py (which only reads it too)."""
+    return dist_saved[0]
 
 
 def test_inspect_names_the_rank_and_node_of_every_tensor(saved):
-    doc = as_json(run_cli("inspect", saved, "--json"))
+    doc = as_json(end_to_end("inspect", saved, "--json"))
     assert doc["step"] == 2 and doc["topology"] == {"world_size": 4, "local_world_size": 2, "num_nodes": 2}
     comps = doc["components"]
     assert sorted(comps["per_rank"]["copies"]) == ["rank0", "rank1", "rank2", "rank3"]

@@ -1,5 +1,7 @@
-"""`async-ckpt gc` and the writer lease on local disk, driven as a subprocess: what gc removes
-and what it never touches, and how it tells a live writer from a dead one."""
+"""`async-ckpt gc` and the writer lease on local disk: what gc removes and what it never
+touches, and how it tells a live writer (another process) from a dead one. Commands run in
+process (`support.cli.run_cli`) except gc end to end and its status 4 as a shell sees it
+(`spawn_cli`, `python -m async_ckpt`)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +17,7 @@ import torch
 
 import async_ckpt as ac
 from async_ckpt.save import lease as lease_mod
-from support.cli import G, as_json, fails, model, ok, run_cli, save_steps
+from support.cli import G, as_json, fails, model, ok, run_cli, save_steps, spawn_cli
 from support.paths import child_env
 from support.stateful import Holder
 
@@ -52,7 +54,7 @@ def test_gc_removes_leftovers_and_never_a_committed_checkpoint(root):
     assert paths == [".write-probe-0123", ".writer-lease-dead.json", "step-0000000300/.tmp-abc-manifest.json",
                      "step-0000000300/data-n00000-r00000-old.bin", "step-0000000500"]
     assert (root / "step-0000000500").exists(), "--dry-run removed something"
-    out = ok(run_cli("gc", root))
+    out = ok(spawn_cli("gc", root))                     # gc end to end
     assert "removed 5 item(s)" in out
     assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-0000000200", "step-0000000300",
                                                       "step-0000000400"]
@@ -85,7 +87,7 @@ def test_gc_refuses_while_a_writer_is_active(root, tmp_path):
         (lease,) = root.glob(".writer-lease-*.json")
         assert json.loads(lease.read_text())["pid"] == writer.pid
         (root / "step-0000000500").mkdir()      # after its commit, whose sweep would remove it
-        fails(run_cli("gc", root), 4, "a writer is active", f"pid {writer.pid}", "--force")
+        fails(spawn_cli("gc", root), 4, "a writer is active", f"pid {writer.pid}", "--force")   # as a shell sees it
         assert (root / "step-0000000500").exists()
         assert "step-0000000500" in ok(run_cli("gc", root, "--dry-run"))
         assert "WRITER active" in ok(run_cli("ls", root))

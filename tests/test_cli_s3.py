@@ -1,7 +1,11 @@
-"""The `async-ckpt` command line on the loopback S3 servers (SeaweedFS and moto), driven as a
-subprocess: every command on healthy and damaged checkpoints, options and credentials from
---storage-option or the environment, an empty prefix, a missing bucket and wrong credentials,
-and gc of dangling multipart uploads."""
+"""The `async-ckpt` command line on the loopback S3 servers (SeaweedFS and moto): every command
+on healthy and damaged checkpoints, options and credentials from --storage-option or the
+environment, an empty prefix, a missing bucket and wrong credentials, and gc of dangling
+multipart uploads. Commands run in process (`support.cli.run_cli`; the S3 backend makes a new
+client per command, outside fsspec's instance cache), but for ls with credentials from a fresh
+process's environment (`end_to_end`: `python -m async_ckpt`, and the same output in process).
+Every command runs end to end as a subprocess on local disk (test_cli.py, test_cli_gc.py): a
+subprocess that imports the S3 client costs seconds more than one in process."""
 from __future__ import annotations
 
 import json
@@ -11,7 +15,7 @@ import time
 from safetensors.torch import load_file
 
 from async_ckpt.storage import open_storage
-from support.cli import as_json, fails, model, ok, run_cli, same_tensors, save_steps
+from support.cli import as_json, end_to_end, fails, model, ok, run_cli, same_tensors, save_steps
 from support.s3 import Remote
 
 
@@ -56,7 +60,7 @@ def test_credentials_from_the_environment_empty_prefix_and_import(seaweedfs, tmp
     env = {"AWS_ENDPOINT_URL": seaweedfs.endpoint, "AWS_ACCESS_KEY_ID": seaweedfs.key,
            "AWS_SECRET_ACCESS_KEY": seaweedfs.secret, "AWS_DEFAULT_REGION": "us-east-1"}
     empty = Remote(seaweedfs)
-    assert "no committed checkpoints" in ok(run_cli("ls", empty.url, env=env))
+    assert "no committed checkpoints" in ok(end_to_end("ls", empty.url, env=env))   # a fresh environment
     fails(run_cli("verify", empty.url, env=env), 1, "no committed checkpoint")
     from safetensors.torch import save_file
     src = tmp_path / "w.safetensors"

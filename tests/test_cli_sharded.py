@@ -1,9 +1,10 @@
 """The command line on SHARDED components (format_version 2): inspect lists each global tensor
 with its chunks, export assembles chunks to global tensors (safetensors, .pt, Hugging Face
 folder), verify checks every chunk record, diff compares global tensors however they are chunked,
-ls is unaffected. Each test runs the console entry (`python -m async_ckpt`) as a subprocess on a
-copy of the checked-in fixture tests/fixtures/sharded_v2/ (2 ranks' DTensor chunks; step 1 raw,
-step 2 zstd).
+ls is unaffected. Each test runs the command line on a copy of the checked-in fixture
+tests/fixtures/sharded_v2/ (2 ranks' DTensor chunks; step 1 raw, step 2 zstd): in process
+(`support.cli.run_cli`, the console script's entry), and one command also as a subprocess
+(`end_to_end`: `python -m async_ckpt`, with the same output in process).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from support import sharded_state
-from support.cli import as_json, fails, ok, run_cli, same_tensors
+from support.cli import as_json, end_to_end, fails, ok, run_cli, same_tensors
 from support.corruption import Saved, flip_bit
 from support.sharded_edits import chunk, rewrite_chunk, split
 
@@ -39,7 +40,7 @@ def global_tensors(prefix: bool = True) -> dict[str, torch.Tensor]:
 
 
 def test_inspect_lists_global_tensors_and_their_chunks(saved):
-    doc = as_json(run_cli("inspect", saved.root, "--step", 1, "--json"))
+    doc = as_json(end_to_end("inspect", saved.root, "--step", 1, "--json"))
     assert doc["format_version"] == 2
     comp = doc["components"]["model"]
     assert comp["sharing_pattern"] == "sharded" and list(comp["copies"]) == ["sharded"]

@@ -2,15 +2,19 @@
 
 Every run is two torchrun launchers (``--nnodes=2 --node-rank=0|1``, 2 ranks each) on this
 machine: 4 ranks, 2 nodes. The ranks run tests/helpers/dist_worker.py and report what they saw.
+A launch costs every rank a torch import and a rendezvous, so the scenarios that end with every
+rank alive share launches (`runs`: one launch of 2 ranks, one of 4, each running its scenarios
+one after the other); those that kill a process have their own.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from support.dist import launch, run
+from support.dist import launch, run_plan
 from support.fragments import merged_doc
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(900)]
@@ -21,11 +25,47 @@ def manifest(root: Path, step: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """Steps 1 and 2 saved by 4 ranks on 2 nodes with every sharing pattern."""
-    base = tmp_path_factory.mktemp("dist")
-    root = base / "ckpt"
-    return root, base, run("save", root, base / "out-save")
+def saved(dist_saved):
+    """Steps 1 and 2 saved by 4 ranks on 2 nodes with every sharing pattern (support.dist's
+    session fixture, shared with test_cli_dist.py): root, its folder, each rank's results."""
+    root, results = dist_saved
+    return root, root.parent, results
+
+
+SLOW_TIMEOUT = 3.0
+SLOW_DELAY = 2 * SLOW_TIMEOUT + 8
+
+
+@dataclass(frozen=True)
+class Runs:
+    """The shared launches' results: `runs[label]` is that scenario's results by rank, and
+    `base / label` its checkpoint root (but load's and resize's: `saved`'s; grow's: base/grow)."""
+    base: Path
+    results: dict[str, dict[int, dict]]
+
+    def __getitem__(self, label: str) -> dict[int, dict]:
+        return self.results[label]
+
+
+@pytest.fixture(scope="module")
+def runs(saved, tmp_path_factory) -> Runs:
+    """Two launches after `saved`: 2 ranks (one node) load the 4-rank checkpoint and save a
+    2-rank one; then a fresh 4-rank launch loads both and runs the save/delete/validation
+    scenarios, each in its own root."""
+    root = saved[0]
+    base = tmp_path_factory.mktemp("dist-runs")
+    grown = base / "grow"
+    two = run_plan([("resize", "resize", root, ()), ("grow_save", "grow", grown, ("save",))],
+                   base / "out-2", nnodes=1, nproc=2)
+    four = run_plan([("load", "load", root, ()),
+                     ("grow", "grow", grown, ("load",)),
+                     ("replicas", "replicas", base / "replicas", ()),
+                     ("group_replicas", "group_replicas", base / "group_replicas", ()),
+                     ("delete", "delete", base / "delete", ()),
+                     ("load_verdict", "load_verdict", base / "load_verdict", ()),
+                     ("slow", "slow", base / "slow", (str(SLOW_TIMEOUT), str(SLOW_DELAY))),
+                     ("misuse", "misuse", base / "misuse", ())], base / "out-4")
+    return Runs(base, {**two, **four})
 
 
 def test_every_rank_commits_the_same_checkpoints(saved):
@@ -81,9 +121,9 @@ def test_dynamic_pattern_is_resolved_at_each_save(saved):
     assert manifest(root, 2)["components"]["dynamic"]["sharing_pattern"] == "per_rank"
 
 
-def test_fresh_launch_reloads_each_ranks_share(saved):
-    root, base, before = saved
-    after = run("load", root, base / "out-load")
+def test_fresh_launch_reloads_each_ranks_share(saved, runs):
+    root, _, before = saved
+    after = runs["load"]
     for rank, res in after.items():
         node, local = rank // 2, rank % 2
         group_min = rank % 2
@@ -115,9 +155,10 @@ def test_fresh_launch_reloads_each_ranks_share(saved):
         assert not touched(1, record) and not touched(3, record), record
 
 
-def test_other_world_size_loads_shared_state_and_refuses_per_rank(saved):
-    root, base, before = saved
-    results = run("resize", root, base / "out-resize", nnodes=1, nproc=2)
+def test_other_world_size_loads_shared_state_and_refuses_per_rank(saved, runs):
+    before = saved[2]
+    results = runs["resize"]
+    assert sorted(results) == [0, 1]
     for rank, res in results.items():
         assert res["step"] == 2
         assert res["model"] == before[0]["model"]
@@ -126,8 +167,8 @@ def test_other_world_size_loads_shared_state_and_refuses_per_rank(saved):
         assert res["lenient_step"] == 2
 
 
-def test_replica_mismatch_fails_every_rank_and_commits_nothing(tmp_path):
-    results = run("replicas", tmp_path / "ckpt", tmp_path / "out")
+def test_replica_mismatch_fails_every_rank_and_commits_nothing(runs):
+    results = runs["replicas"]
     for rank, res in results.items():
         for level in ("tensor", "quick", "full"):
             bad = res[f"{level}_bad"]
@@ -152,8 +193,10 @@ def test_replica_mismatch_fails_every_rank_and_commits_nothing(tmp_path):
             assert "2" in raised["causes"] and "exploded on purpose" in raised["causes"]["2"]
         assert not res["after_raise"]["failed"]
         assert res["tensor_steps"] == [11, 13] and res["quick_steps"] == [11] and res["full_steps"] == [11]
+    root = runs.base / "replicas"
     for level in ("tensor", "quick", "full"):
-        assert not (tmp_path / "ckpt" / level / "step-0000000010" / "manifest.json").exists()
+        assert (root / level / "step-0000000011" / "manifest.json").exists()
+        assert not (root / level / "step-0000000010" / "manifest.json").exists()
 
 
 @pytest.mark.crash
@@ -175,26 +218,26 @@ def test_rank_killed_mid_save_fails_survivors_within_deadline(tmp_path, victim):
     assert not (tmp_path / "ckpt" / "step-0000000002" / "manifest.json").exists()
 
 
-def test_a_slow_but_alive_node_writer_is_waited_for(tmp_path):
-    """Deadlines bound hand-overs; a write may take as long as it needs while its process lives."""
-    timeout, delay = 3.0, 2 * 3.0 + 8
-    results = run("slow", tmp_path / "ckpt", tmp_path / "out", args=(str(timeout), str(delay)))
+def test_a_slow_but_alive_node_writer_is_waited_for(runs):
+    """Deadlines bound hand-overs; a write may take as long as it needs while its process lives
+    (timeout_s SLOW_TIMEOUT, node 1's writer busy for SLOW_DELAY)."""
+    results = runs["slow"]
     for rank, res in results.items():
         assert not res["failed"], res
-        assert res["seconds"] > delay and res["steps"] == [1]
+        assert res["seconds"] > SLOW_DELAY and res["steps"] == [1]
 
 
-def test_every_rank_may_delete_a_step_and_returns_once_it_is_gone(tmp_path):
+def test_every_rank_may_delete_a_step_and_returns_once_it_is_gone(runs):
     """delete() has no collective: rank 0 acts, the others wait for it through the Store."""
-    results = run("delete", tmp_path / "ckpt", tmp_path / "out")
+    results = runs["delete"]
     assert sorted(results) == [0, 1, 2, 3]
     for rank, res in results.items():
         assert res["gone"] and res["listed"] == [1, 3], (rank, res)
         assert res["after"] == [1, 2, 3], (rank, res)
 
 
-def test_per_group_copies_are_validated_within_their_group_and_replicas_by_default(tmp_path):
-    results = run("group_replicas", tmp_path / "ckpt", tmp_path / "out")
+def test_per_group_copies_are_validated_within_their_group_and_replicas_by_default(runs):
+    results = runs["group_replicas"]
     for rank, res in results.items():
         bad = res["group_bad"]
         assert bad["failed"] and bad["cause_type"] == "ReplicationError", (rank, bad)
@@ -208,10 +251,10 @@ def test_per_group_copies_are_validated_within_their_group_and_replicas_by_defau
         assert not res["optout"]["failed"], res["optout"]   # ValidationLevel.NONE opts out
 
 
-def test_a_rank_that_never_calls_save_is_named_within_seconds(tmp_path):
+def test_a_rank_that_never_calls_save_is_named_within_seconds(runs):
     """Rank 0 alone saves (or every rank but rank 0 does): the ranks waiting name the one that
     never called save() within 10 s, although timeout_s is the default 600 s."""
-    results = run("misuse", tmp_path / "ckpt", tmp_path / "out")
+    results = runs["misuse"]
     only0 = results[0]["rank0_only"]
     assert only0["failed"] and only0["type"] == "SaveFailedError", only0
     assert "has not called save(step 1); every rank must call save() for the same steps" in only0["message"]
@@ -244,8 +287,8 @@ def test_killing_the_store_host_fails_every_survivor_within_the_liveness_bound(t
         assert res["since_kill"] < min(timeout, 30) + 10, res
 
 
-def test_a_load_one_rank_refuses_fails_on_every_rank_before_any_restore(tmp_path):
-    results = run("load_verdict", tmp_path / "ckpt", tmp_path / "out")
+def test_a_load_one_rank_refuses_fails_on_every_rank_before_any_restore(runs):
+    results = runs["load_verdict"]
     for rank, res in results.items():
         assert res["raised"] == "InvalidArgumentError", (rank, res)
         assert res["untouched"], f"rank {rank} restored its model although the load failed"
@@ -255,11 +298,11 @@ def test_a_load_one_rank_refuses_fails_on_every_rank_before_any_restore(tmp_path
             assert "failed on rank(s) [1], so no rank restores anything" in res["message"], res
 
 
-def test_a_required_component_with_no_copy_fails_every_rank_whatever_strict_says(tmp_path):
+def test_a_required_component_with_no_copy_fails_every_rank_whatever_strict_says(runs):
     """A 2-rank checkpoint loaded by 4 ranks with strict=False: ranks 2-3 have no copy of the
     required PER_RANK component; before, they silently kept their initial state."""
-    run("grow", tmp_path / "ckpt", tmp_path / "out-save", nnodes=1, nproc=2, args=("save",))
-    results = run("grow", tmp_path / "ckpt", tmp_path / "out-load", args=("load",))
+    assert sorted(runs["grow_save"]) == [0, 1] and all(r["saved"] for r in runs["grow_save"].values())
+    results = runs["grow"]
     for rank, res in results.items():
         assert res["raised"] == "CheckpointNotFoundError", (rank, res)
         if rank >= 2:

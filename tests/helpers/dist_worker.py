@@ -430,11 +430,30 @@ def scenario_delete(rank, world, local_world, node, groups):
         write({"gone": gone, "listed": listed, "after": [i.step for i in ckpt.list_checkpoints()]}, rank)
 
 
+SCENARIOS = {"save": scenario_save, "load": scenario_load, "resize": scenario_resize,
+             "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow,
+             "delete": scenario_delete, "group_replicas": scenario_group_replicas,
+             "misuse": scenario_misuse, "agent_kill": scenario_agent_kill,
+             "load_verdict": scenario_load_verdict, "grow": scenario_grow}
+
+
+def run_plan(ctx, plan_path: str) -> None:
+    """Scenario ``plan`` (support/dist.py's `run_plan`): several scenarios in one launch, one after
+    the other, each as its own launch would run it (its root, its args) but writing its results
+    as ``<out>/<label>-r<rank>.json``. A barrier separates them, so no rank starts the next
+    scenario while another still runs the previous one. Only scenarios that leave every rank
+    alive and its process group healthy belong in a plan (not kill, not agent_kill)."""
+    global SCENARIO, ROOT, ARGS
+    for step in json.loads(Path(plan_path).read_text()):
+        SCENARIO, ROOT, ARGS = step["label"], step["root"], step["args"]
+        SCENARIOS[step["scenario"]](*ctx)
+        dist.barrier()
+
+
 if __name__ == "__main__":
     ctx = setup()
-    {"save": scenario_save, "load": scenario_load, "resize": scenario_resize,
-     "replicas": scenario_replicas, "kill": scenario_kill, "slow": scenario_slow,
-     "delete": scenario_delete, "group_replicas": scenario_group_replicas,
-     "misuse": scenario_misuse, "agent_kill": scenario_agent_kill,
-     "load_verdict": scenario_load_verdict, "grow": scenario_grow}[SCENARIO](*ctx)
+    if SCENARIO == "plan":
+        run_plan(ctx, ARGS[0])
+    else:
+        SCENARIOS[SCENARIO](*ctx)
     dist.destroy_process_group()

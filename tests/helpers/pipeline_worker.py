@@ -1,6 +1,7 @@
 """One rank of a DP x PP run (torch.distributed.pipelining), launched by tests/test_pipeline_groups.py.
 
     pipeline_worker.py SCENARIO ROOT OUT MODE PP DP [PATTERN]
+    pipeline_worker.py plan OUT OUT PLAN.json      (several runs in one launch: support.dist.run_plan)
 
 A ("pp", "dp") mesh; each pipeline stage is a slice of one Sequential model (original parameter
 names kept), trained with ScheduleGPipe over the pp group, its gradients averaged over the dp
@@ -12,7 +13,9 @@ group, so copies are named by pipeline coordinate; ``sharded``: both are SHARDED
 ac.ModelState/ac.OptimizerState (fully-qualified keys), replicated over ``mesh["dp"]``;
 ``perrank``: both PER_RANK through those helpers, plus a PER_RANK RNG with required=False.
 Every rank writes OUT/SCENARIO-r<rank>.json: its stage, a digest of its stage's model and
-optimizer state, and the loss of the step after loading (last stage).
+optimizer state, and the loss of the step after loading (last stage). A plan runs its steps
+({"label", "root", "args": [MODE, PP, DP, PATTERN]}, PP x DP the launch's world) one after the
+other in one process group, each on its own mesh, writing OUT/<label>-r<rank>.json.
 """
 from __future__ import annotations
 
@@ -47,12 +50,22 @@ def digest_of(state) -> str:
 
 
 def main() -> None:
+    dist.init_process_group("gloo")
+    if sys.argv[1] == "plan":
+        with open(sys.argv[4]) as f:
+            for step in json.load(f):
+                one_run(step["label"], step["root"], sys.argv[3], *step["args"])
+                dist.barrier()
+    else:
+        one_run(*sys.argv[1:8])
+    dist.destroy_process_group()
+
+
+def one_run(scenario: str, root: str, out: str, mode: str, pp_arg: str, dp_arg: str,
+            pattern: str = "group") -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-    scenario, root, out, mode, pp, dp = sys.argv[1:7]
-    pattern = sys.argv[7] if len(sys.argv) > 7 else "group"
-    pp, dp = int(pp), int(dp)
-    dist.init_process_group("gloo")
+    pp, dp = int(pp_arg), int(dp_arg)
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (pp, dp), mesh_dim_names=("pp", "dp"))
     stage_index = mesh.get_local_rank("pp")
@@ -120,7 +133,6 @@ def main() -> None:
     result["next_loss"] = train(3) if "error" not in result else None
     with open(os.path.join(out, f"{scenario}-r{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ processes, get the same path from `support.paths.child_env()`.
     semantics     the contract-semantics tests' gated and failing storage
     codec         the codec tests' dtypes, round trips and manifest edits
     crash_state   the ~256 MiB state the crash tests' saver writes and checks
-    dist          launching multi-node torchrun runs of helpers/dist_worker.py
+    dist          launching multi-node torchrun runs of helpers/dist_worker.py (one scenario,
+                  or a plan of several in one launch); the shared 4-rank checkpoint (fixture)
+    cli           the command-line tests' runners (in process, as a subprocess, both) and states
     resume        killed-and-resumed runs of helpers/resume_trainer.py
     fixture_state the state stored in the checked-in format fixtures (tests/fixtures/)
 """

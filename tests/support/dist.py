@@ -3,7 +3,11 @@
 `launch` starts one torchrun launcher per simulated node on this machine (``--nnodes=N
 --node-rank=i``, static rendezvous on a free loopback port), exactly as a two-node job would be
 started, each running tests/helpers/dist_worker.py with a scenario. Ranks write their
-observations as JSON under `out`; the tests assert on those.
+observations as JSON under `out`; the tests assert on those. `run_plan` runs several scenarios in
+one launch (a launch costs every rank a torch import and a rendezvous: seconds each on a small
+machine), for tests that check different properties of the same kind of run; the fixture
+`dist_saved` (a pytest plugin: tests/conftest.py) is the `save` scenario's checkpoint, launched
+once per session for test_distributed.py and test_cli_dist.py, which only read it.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from support.net import free_port
 from support.paths import HELPERS, child_env
@@ -98,3 +104,32 @@ def run(scenario: str, root: Path, out: Path, *, timeout: float = 240, **kwargs)
     world = kwargs.get("nnodes", 2) * kwargs.get("nproc", 2)
     assert sorted(results) == list(range(world)), f"missing rank results\n{started.log_text()}"
     return results
+
+
+def run_plan(steps: list[tuple[str, str, Path, tuple[str, ...]]], out: Path, *, timeout: float = 600,
+             **kwargs) -> dict[str, dict[int, dict]]:
+    """One launch running the scenarios `steps` one after the other, each a (label, scenario, root,
+    args) as `run(scenario, root, ..., args=args)` would run it (dist_worker.py's `run_plan`);
+    every launcher must succeed. Each label's results, by rank."""
+    out.mkdir(parents=True, exist_ok=True)
+    plan = out / "plan.json"
+    plan.write_text(json.dumps([{"label": label, "scenario": scenario, "root": str(root), "args": list(args)}
+                                for label, scenario, root, args in steps]))
+    started = launch("plan", out, out, args=(str(plan),), **kwargs)
+    codes = started.wait(timeout)
+    assert codes == [0] * len(codes), f"launchers exited with {codes}\n{started.log_text()}"
+    world = kwargs.get("nnodes", 2) * kwargs.get("nproc", 2)
+    found = {}
+    for label, *_ in steps:
+        found[label] = started.results(label)
+        assert sorted(found[label]) == list(range(world)), f"missing rank results of {label}\n{started.log_text()}"
+    return found
+
+
+@pytest.fixture(scope="session")
+def dist_saved(tmp_path_factory) -> tuple[Path, dict[int, dict]]:
+    """Steps 1 and 2 saved by 4 ranks on 2 nodes with every sharing pattern (dist_worker.py's
+    `save`): the root, and each rank's results. Its users only read it."""
+    base = tmp_path_factory.mktemp("dist-saved")
+    root = base / "ckpt"
+    return root, run("save", root, base / "out-save")
