@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from ..format import metrics_file
+from ..format.manifest import file_json
 from ..format.sharded import Chunk
 from ..format.names import step_dir
 from .common import check_step_option, choose_step, json_option, manifest_of, open_root, storage_option
@@ -95,7 +96,7 @@ def describe(storage: Any, step: int, component: str | None) -> dict[str, Any]:
             "timings": m.timings, "metrics": {**metrics_file.decode(m.metrics), **late},
             "late_metrics": sorted(late), "retention": m.retention or None,
             "nbytes": m.nbytes, "stored_nbytes": m.stored_nbytes,
-            "files": {n: {"size": f.size, "hash": f.hash} for n, f in m.files.items()},
+            "files": {n: file_json(f) for n, f in m.files.items()},
             "components": comps}
 
 

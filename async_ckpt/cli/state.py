@@ -30,18 +30,19 @@ from ..storage import Storage
 from .common import CliError
 
 BATCH_BYTES = 256 << 20     # tensors read per request batch (progress granularity, peak memory)
-_WRITER_RE = re.compile(r"^data-(?:n(\d+)-)?r(\d+)-")
+_WRITER_RE = re.compile(r"^data-(?:n(\d+)-)?(?:r(\d+)-)?")
 SHARDED_COPY = "sharded"       # the name of a SHARDED component's one copy
 
 
 def writer_of(file: str) -> tuple[int | None, int | None]:
     """(node, rank) that wrote a data file, from its name (``data-n<node>-r<rank>-...``; files of
-    earlier releases name only the rank)."""
+    earlier releases name only the rank; a node's one data object, ``data-n<node>-<rand>``, only
+    the node)."""
     match = _WRITER_RE.match(file)
     if not match:
         return None, None
     node, rank = match.groups()
-    return (int(node) if node is not None else None), int(rank)
+    return (int(node) if node is not None else None), (int(rank) if rank is not None else None)
 
 
 def dotted(path: tuple[Any, ...]) -> str:

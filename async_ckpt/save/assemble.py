@@ -51,7 +51,7 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
     chunked: dict[str, tuple[ShardDescriptor, dict[int, Any], list[tuple[WrittenTensor, int]]]] = {}
     for report in reports:
         for f in report.files:
-            files[f.name] = FileEntry(f.size, f.hash)
+            files[f.name] = FileEntry(f.size, f.hash, tuple(tuple(seg) for seg in f.segments))  # type: ignore[misc]
         for written in report.shards:
             meta = written.shard
             if meta.chunked or meta.pattern == SharingPattern.SHARDED.value:
@@ -100,6 +100,7 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
         step=step,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
         topology=topo.as_json(), metrics=encode(metrics), files=files, components=components,
-        nbytes=nbytes, stored_nbytes=sum(f.size for f in files.values()), timings=dict(timings),
-        versions=versions)
+        nbytes=nbytes, timings=dict(timings), versions=versions,
+        stored_nbytes=sum(sum(seg[1] for seg in f.segments) if f.segments else f.size  # not holes
+                          for f in files.values()))
     return Assembled(manifest, owners, trees)

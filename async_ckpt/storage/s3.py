@@ -1,14 +1,14 @@
 """S3 (and S3-compatible servers) through s3fs's aiobotocore client.
 
 Owns every request async_ckpt sends to S3. Each one goes through `retry.retry_async` (botocore's
-and s3fs's own retries are turned off) and failures are translated by `s3_errors`. Rules kept
-here, from DESIGN §4: nothing is ever renamed; data objects are multipart uploads that become
-visible only when complete (`s3_writer`, and `s3_segments` for a node's segmented object, which
-see only the `UploadTarget` that `_target` builds: a request function bound to the object, the loop runner, the key and the part settings);
-the manifest is one PUT with `If-None-Match: *`; a server that ignores that header is detected by
-`check_writable` and refused; `delete_dir` also aborts unfinished multipart uploads under the
-folder, which is how the uploads of a killed saver are cleaned up. Listing reports folders that
-hold only unfinished uploads for the same reason.
+and s3fs's own retries are turned off) and failures are translated by `s3_errors`. Rules kept here,
+from DESIGN §4: nothing is ever renamed; data objects are multipart uploads that become visible
+only when complete (`s3_writer`, and `s3_segments` for a node's segmented object, which see only
+the `UploadTarget` that `_target` builds: a request function bound to the object, the loop runner,
+the key and the part settings); the manifest is one PUT with `If-None-Match: *`; a server that
+ignores that header is detected by `check_writable` and refused; `delete_dir` also aborts
+unfinished multipart uploads under the folder, which is how the uploads of a killed saver are
+cleaned up. Listing reports folders that hold only unfinished uploads for the same reason.
 
 Extra `storage_options` read here (the rest go to `s3fs.S3FileSystem`): `retry_deadline_s`
 (60: total time one request may spend on retries), `part_size` (16 MiB), `upload_concurrency`

@@ -108,7 +108,7 @@ class LocalSegmentedWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return ObjectLayout(size, tuple(zip(self.bases, lengths)))
+        return ObjectLayout(size, tuple(zip(self.bases, lengths, strict=True)))
 
     def abort(self) -> None:
         fd, self._fd = self._fd, None
