@@ -3,8 +3,9 @@
 A node writer with more than one local rank writes one object, ``data-n<node>-<rand>.bin``, per
 save instead of one file per rank (O(nodes) objects per checkpoint). Call sequence, for one save:
 
-1. node writer thread: `write_node_object` lays the object out: one segment per local rank that
-   has records, in rank order, each given an upper bound of its stored bytes
+1. node writer thread: `write_node_object` lays the object out: one segment per local rank, in
+   local rank order (segment i: local rank i, so a reader knows which rank wrote a record; empty
+   for a rank without records), each given an upper bound of its stored bytes
    (`codec.stored_bound`: exact for raw records, zstd's compress bound per piece for compressed
    ones), and opens it with `Storage.open_segmented`;
 2. one thread per segment (``ckpt-node-seg``; or the node writer thread itself, segment after

@@ -175,12 +175,11 @@ class NodeWriter:
     def _write_node_object(self, folder: str, descs: list[JobDescriptor], buffers: dict[int, torch.Tensor]
                            ) -> tuple[tuple[WrittenFile, ...], list[tuple[str | None, FileResult | None]]]:
         """The node's ranks' records as the segments of one object (node_object.py)."""
-        ranks = [r for r in (self._records(d, buffers[d.rank]) for d in descs) if r.records]
-        if not ranks:
+        ranks = [self._records(d, buffers[d.rank]) for d in sorted(descs, key=lambda d: d.rank)]
+        if not any(r.records for r in ranks):
             return (), [(None, None)] * len(descs)
         written, results = write_node_object(self.storage, self.streamer, folder, self.topo.node, ranks)
-        return (written,), [(written.name, results[d.rank]) if d.rank in results else (None, None)
-                            for d in descs]
+        return (written,), [(written.name, results[d.rank]) for d in descs]
 
 
 def _written_shards(descs: list[JobDescriptor], outcomes: list[tuple[str | None, FileResult | None]]
