@@ -74,6 +74,27 @@ def test_segments_hold_each_ranks_records_at_their_offsets(kind, compressed, tmp
         assert written.segments[1][1] < 4 << 20
 
 
+def test_s3_segments_of_several_parts_pad_only_their_last_part(seaweedfs):
+    """5 MiB parts: segment 0 (12 MiB) sends 5 + 5 + 2 -> padded to 5; segment 1 (6 MiB + 100 B)
+    5 + 1 -> padded to 5; the last segment (3 MiB) is the object's last part, unpadded."""
+    storage = open_storage(seaweedfs.fresh_root(), {**seaweedfs.storage_options(), "part_size": 5 << 20})
+    payloads = [os.urandom(12 << 20), os.urandom((6 << 20) + 100), os.urandom(3 << 20)]
+    writer = storage.open_segmented("s/node.bin", [len(p) for p in payloads])
+    for i, data in enumerate(payloads):        # one after another is fine for a parallel writer too
+        seg = writer.segment(i)
+        seg.write(memoryview(data))
+        assert seg.close() == len(data)
+    layout = writer.commit()
+    mib = 1 << 20
+    assert layout.segments == ((0, 12 * mib), (15 * mib, 6 * mib + 100), (25 * mib, 3 * mib))
+    assert layout.size == 28 * mib == storage.size("s/node.bin")
+    whole = storage.read_bytes("s/node.bin")
+    for (offset, length), data in zip(layout.segments, payloads, strict=True):
+        assert whole[offset:offset + length] == data
+    assert whole[12 * mib:15 * mib] == bytes(3 * mib) and whole[21 * mib + 100:25 * mib] == bytes(4 * mib - 100)
+    assert storage.list_uploads("s") == []
+
+
 def test_a_failing_segment_aborts_the_object_and_raises_its_own_error(tmp_path):
     storage = open_storage(tmp_path / "root")
 

@@ -8,8 +8,8 @@ segment, the part size doubling every R // 10 parts so a segment's range reaches
 object's 10,000 parts do). Part sizes are rounded up to SEGMENT_ALIGN so segments start aligned.
 
 S3 requires every part but the object's last to be at least 5 MiB: a segment that is not the
-last closes with its final part zero-padded to ``max(5 MiB, its length rounded up to
-SEGMENT_ALIGN)``, so each of a node's ranks but the last may add up to 5 MiB of zeros per save.
+last closes with its final part zero-padded to at least 5 MiB and to a multiple of SEGMENT_ALIGN,
+so each of a node's ranks but the last may add up to 5 MiB of zeros per save.
 Part numbers may have gaps (S3 concatenates the parts it is given in number order), so segment i's
 offset is the sum of the bytes the segments before it sent, known at ``commit``
 (CompleteMultipartUpload: the object appears whole, or not at all). ``abort`` stops every
@@ -51,7 +51,10 @@ class _S3Segment:
 
     def close(self) -> int:
         last = self._index == len(self._owner.capacities) - 1
-        self._writer.finish(0 if last else max(MIN_PART, _align(self.written)))
+        if last:
+            self._writer.finish()
+        else:       # S3's minimum part, and a length that keeps the next segment aligned
+            self._writer.finish(MIN_PART, SEGMENT_ALIGN)
         self._owner.closed(self._index, self.written)
         return self.written
 

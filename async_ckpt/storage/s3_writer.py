@@ -131,12 +131,13 @@ class S3StreamWriter:
         self._closed = True
         self._buf, self._spare = bytearray(), []
 
-    def finish(self, min_last: int) -> None:
+    def finish(self, min_last: int = 0, align: int = 1) -> None:
         """As a segment: send what is left as the last part, zero-padded to at least `min_last`
-        bytes (0: no padding), and wait for every part of the segment."""
+        bytes and to a multiple of `align`, and wait for every part of the segment."""
         assert not self._closed and not self._owns_upload, "finish is for segments"
         if self._fill:
-            self._send_part(pad=max(0, min_last - self._fill))
+            padded = max(min_last, -(-self._fill // align) * align)
+            self._send_part(pad=padded - self._fill)
         while self._inflight:
             self._reap_oldest()
         self._closed = True
