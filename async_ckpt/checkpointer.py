@@ -203,7 +203,7 @@ class AsyncCheckpointer:
                 coordinator = Coordinator(self.storage, self.topo, self._link, self._committer, versions)
             self._writer = NodeWriter(self.storage, self.topo, self._link,
                                       DataFileStreamer(compressor, opts.encode_threads),
-                                      opts.compression is not None, coordinator)
+                                      opts.compression is not None, coordinator, opts.node_object)
             # Tells `async-ckpt gc` this root has a live writer; written on the writer thread
             # ahead of the first save's data, refreshed by its own timer (save/lease.py).
             ref, root, options = weakref.ref(self), self._root, self._storage_options

@@ -40,7 +40,9 @@ class CheckpointOptions:
     retention keeps every step that is a multiple of N for good), ``timeout_s`` (the longest a
     multi-rank save waits for another rank or node to reach the save; once there, a peer may work
     as long as it needs while its heartbeat goes on, and a dead one is noticed within
-    min(timeout_s, 30) s).
+    min(timeout_s, 30) s), ``node_object`` (True: a node's local ranks write one data object
+    per save, each rank's records one segment of it; False: one data file per rank, as releases
+    before it wrote: a benchmark and compatibility knob, both load alike).
     """
 
     compression: str | None = None
@@ -57,6 +59,7 @@ class CheckpointOptions:
     encode_threads: int = 2
     timeout_s: float = 600.0
     keep_every: int | None = None
+    node_object: bool = True
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
@@ -67,6 +70,8 @@ class CheckpointOptions:
         _check_int("compression_level", self.compression_level, 1)
         _check_int("encode_threads", self.encode_threads, 1)
         _check_int("keep_every", self.keep_every, 1, allow_none=True)
+        if not isinstance(self.node_object, bool):
+            raise InvalidArgumentError(f"node_object must be True or False, got {self.node_object!r}")
         if self.keep_best and not self.best_metric:
             raise InvalidArgumentError("keep_best > 0 needs best_metric, the metric name to rank by")
         timeout = self.timeout_s

@@ -2,8 +2,9 @@
 
 For each case (a REPLICATED state of --size-gib, or PER_RANK shards adding up to --size-gib),
 every round runs, in rotating order: this rank's memcpy floor (the bytes async_ckpt stages on this
-rank, into touched preallocated buffers), async_ckpt save() -> handle.wait(), dcp.async_save
-(default stager) -> future, and dcp.save with 2 writer threads. Between timed writes rank 0
+rank, into touched preallocated buffers), async_ckpt save() -> handle.wait() (one data object per
+node, the default), the same with ``node_object=False`` (one data file per rank, into another
+root), dcp.async_save (default stager) -> future, and dcp.save with 2 writer threads. Between timed writes rank 0
 flushes and (where allowed) drops the page cache while the others wait at a barrier; the
 barriers and the final gather are the benchmark's, not the library's.
 """
@@ -70,7 +71,11 @@ def main() -> None:
         ckpt = AsyncCheckpointer(root, [StateComponent("model", TensorState(state), pattern,
                                                        validation_level=level)],
                                  keep_last=1, timeout_s=300)
+        files = AsyncCheckpointer(root + "-files", [StateComponent("model", TensorState(state), pattern,
+                                                                   validation_level=level)],
+                                  keep_last=1, timeout_s=300, node_object=False)
         rows: dict[str, list] = {"memcpy": [], "ack_blocking": [], "ack_commit": [], "ack_cpu": [],
+                                 "files_blocking": [], "files_commit": [], "files_cpu": [],
                                  "dcp_async_blocking": [], "dcp_async_commit": [], "dcp_save2": []}
         node_bytes: dict = {}
 
@@ -81,22 +86,22 @@ def main() -> None:
                 d.copy_(s)
             rows["memcpy"].append(time.perf_counter() - t0)
 
-        def run_ack(i: int) -> None:
+        def run_ack(i: int, saver: AsyncCheckpointer = ckpt, key: str = "ack") -> None:
             settle()
             cpu0 = time.process_time()          # this process's CPU, its background threads included
             t0 = time.perf_counter()
-            handle = ckpt.save(i)
+            handle = saver.save(i)
             t1 = time.perf_counter()
             info = handle.wait()
             t2 = time.perf_counter()
-            ckpt.wait()
-            rows["ack_cpu"].append(time.process_time() - cpu0)
-            rows["ack_blocking"].append(t1 - t0)
-            rows["ack_commit"].append(t2 - t0)
-            if rank == 0:
+            saver.wait()
+            rows[f"{key}_cpu"].append(time.process_time() - cpu0)
+            rows[f"{key}_blocking"].append(t1 - t0)
+            rows[f"{key}_commit"].append(t2 - t0)
+            if rank == 0 and key == "ack":
                 doc = json.load(open(os.path.join(info.url, "manifest.json")))
                 sizes: dict[str, int] = {}
-                for name, f in doc["files"].items():     # one file per rank: sum per node
+                for name, f in doc["files"].items():     # one object per node (or file per rank)
                     sizes[name[:11]] = sizes.get(name[:11], 0) + f["size"]
                 node_bytes.update(sizes)
 
@@ -124,16 +129,21 @@ def main() -> None:
             if rank == 0:
                 shutil.rmtree(path, ignore_errors=True)
 
-        run_ack(0)                      # first save allocates the staging buffers: not timed
-        rows["ack_blocking"].clear()
-        rows["ack_commit"].clear()
-        rows["ack_cpu"].clear()
-        methods = [run_memcpy, run_ack, run_dcp_async, run_dcp_save]
+        def run_files(i: int) -> None:
+            run_ack(i, files, "files")
+
+        run_ack(0)                      # first saves allocate the staging buffers: not timed
+        run_files(0)
+        for key in ("ack", "files"):
+            for what in ("blocking", "commit", "cpu"):
+                rows[f"{key}_{what}"].clear()
+        methods = [run_memcpy, run_ack, run_files, run_dcp_async, run_dcp_save]
         for i in range(1, repeats + 1):
             shift = i % len(methods)
             for method in methods[shift:] + methods[:shift]:
                 method(i)
         ckpt.close()
+        files.close()
         results[case] = {"rows": rows, "node_bytes": node_bytes,
                          "staged_bytes": sum(t.numel() * t.element_size() for t in mine)}
     gathered = [None] * world

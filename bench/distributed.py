@@ -6,8 +6,9 @@ rank) without replica validation and with the default (QUICK: every rank stages 
 replica), and PER_RANK shards adding up to --size-gib. Per save and rank also the process's CPU
 time (its background threads included). Figures per case, medians over --repeats with
 min/max: each rank's blocking time of save() next to its own memcpy floor (the bytes it stages),
-time until committed (save() start to handle.wait(), max over ranks), bytes written per node,
-and dcp.async_save (default stager) / dcp.save(thread_count=2) measured in the same run.
+time until committed (save() start to handle.wait(), max over ranks), the same with one data file
+per rank (``node_object=False``) next to the default one data object per node, bytes written per
+node, and dcp.async_save (default stager) / dcp.save(thread_count=2) measured in the same run.
 
 The ``sharded`` case (bench/dist_sharded.py) runs once, not per world: --size-gib of DTensor
 state (an FSDP2 model and its AdamW state) saved at world 4 on two simulated nodes, with the same
@@ -91,6 +92,11 @@ def summarise(raw: dict) -> dict:
         commit = {"ack": _stats(slowest("ack_commit")), "dcp_async": _stats(slowest("dcp_async_commit")),
                   "dcp_save2": _stats(slowest("dcp_save2"))}
         commit["ratio_vs_dcp_save2"] = commit["ack"]["median_s"] / commit["dcp_save2"]["median_s"]
+        if per_rank[0]["rows"].get("files_commit"):     # node object vs one file per rank
+            commit["files"] = _stats(slowest("files_commit"))
+            commit["ratio_vs_files"] = commit["ack"]["median_s"] / commit["files"]["median_s"]
+            commit["paired_ratios_vs_files"] = [a / f for a, f in zip(slowest("ack_commit"),
+                                                                      slowest("files_commit"), strict=True)]
         summary[case] = {"blocking": blocking, "commit": commit,
                          "node_bytes": per_rank[0]["node_bytes"]}
     return summary
@@ -207,6 +213,16 @@ def markdown(results: dict) -> str:
                              f"{b['ratio_vs_memcpy']:.2f}x | "
                              f"{b['cpu']['median_s'] if b.get('cpu') else float('nan'):.3f} | "
                              f"{b['dcp_async']['median_s']:.3f} |")
+    files = [(world, case, s["commit"]) for world, summ in results.items() for case, s in summ.items()
+             if "files" in s["commit"]]
+    if files:
+        lines += ["", "| world | case | commit s, one data object per node | commit s, one file per rank "
+                  "(`node_object=False`) | ratio (medians) | ratio per round |", "|---|---|---:|---:|---:|---|"]
+        for world, case, c in files:
+            lines.append(f"| {world} | {case} | {c['ack']['median_s']:.3f} ({c['ack']['min_s']:.3f}-"
+                         f"{c['ack']['max_s']:.3f}) | {c['files']['median_s']:.3f} ({c['files']['min_s']:.3f}-"
+                         f"{c['files']['max_s']:.3f}) | {c['ratio_vs_files']:.2f}x | "
+                         f"{', '.join(f'{r:.2f}' for r in c['paired_ratios_vs_files'])} |")
     lines += ["", "| world | case | async_ckpt commit s | dcp.async_save s | dcp.save 2 threads s | "
               "ratio vs dcp.save | bytes per node file |", "|---|---|---:|---:|---:|---:|---|"]
     for world, summ in results.items():

@@ -50,9 +50,10 @@ import torch
 
 from async_ckpt.dist.link import StoreLink
 from async_ckpt.dist.liveness import Heartbeat
-from async_ckpt.dist.messages import Begun, NodeReport, Outcome
+from async_ckpt.dist.messages import Begun, NodeReport, Outcome, WrittenFile
 from async_ckpt.dist.topology import Topology
 from async_ckpt.format import fragments
+from async_ckpt.format.codec import segments_hash
 from async_ckpt.format.manifest import MANIFEST_NAME, Manifest
 from async_ckpt.format.names import read_manifest, step_dir
 from async_ckpt.format.tree import flatten
@@ -69,6 +70,7 @@ from async_ckpt.save.plan import Planner, state_layout
 from async_ckpt.save.rank_worker import RankWorker
 from async_ckpt.sharing import stages_every_replica
 from async_ckpt.storage import LocalStorage
+from async_ckpt.storage.base import SEGMENT_ALIGN
 from async_ckpt.types import SharingPattern, ValidationLevel
 
 PER_NODE = 8
@@ -184,24 +186,49 @@ class _Writer(NodeWriter):
         self.storage, self.topo, self.link = storage, topo, link
         self.streamer, self.compressed, self.coordinator = None, False, None  # type: ignore[assignment]
         self.real_objects = real_objects
+        self.node_object = True
 
     def _attach(self, name: str, capacity: int) -> Any:
         return None
 
-    def _write_rank_file(self, folder: str, desc: Any, buffer: Any) -> tuple[Any, Any]:
+    def _fabricate(self, desc: Any, base: int = 0) -> FileResult | None:
         slots = [slot for sh in desc.shards for slot in sh.slots]
         if not slots:
-            return None, None
-        name = f"data-n{self.topo.node:05d}-r{desc.rank:05d}-{os.urandom(4).hex()}.bin"
+            return None
         offset, records = 0, []
         for slot in slots:
-            records.append(RecordResult(offset, slot.nbytes, f"{desc.rank:08x}{slot.index:024x}", ()))
+            records.append(RecordResult(base + offset, slot.nbytes, f"{desc.rank:08x}{slot.index:024x}", ()))
             offset += (slot.nbytes + 63) // 64 * 64
+        return FileResult(offset, "f" * 32, tuple(records))
+
+    def _real_object(self, folder: str, name: str) -> None:
         if self.real_objects:          # the S3 phase: a real (tiny) object per data file
             writer = self.storage.open_writer(f"{folder}/{name}")
             writer.write(memoryview(b"\0" * 1024))
             writer.commit()
-        return name, FileResult(offset, "f" * 32, tuple(records))
+
+    def _write_rank_file(self, folder: str, desc: Any, buffer: Any) -> tuple[Any, Any]:
+        result = self._fabricate(desc)
+        if result is None:
+            return None, None
+        name = f"data-n{self.topo.node:05d}-r{desc.rank:05d}-{os.urandom(4).hex()}.bin"
+        self._real_object(folder, name)
+        return name, result
+
+    def _write_node_object(self, folder: str, descs: Any, buffers: Any) -> tuple[Any, Any]:
+        """One object per node, each rank's fabricated records a segment of it."""
+        name = f"data-n{self.topo.node:05d}-{os.urandom(4).hex()}.bin"
+        base, segments, outcomes = 0, [], []
+        for desc in sorted(descs, key=lambda d: d.rank):
+            result = self._fabricate(desc, base)
+            size = result.size if result is not None else 0
+            segments.append((base, size, f"{desc.rank:032x}"))
+            outcomes.append((desc.rank, result))
+            base += (size + SEGMENT_ALIGN - 1) // SEGMENT_ALIGN * SEGMENT_ALIGN
+        self._real_object(folder, name)
+        by_rank = dict(outcomes)
+        written = WrittenFile(name, base, segments_hash(segments), tuple(segments))
+        return (written,), [(name if by_rank[d.rank] is not None else None, by_rank[d.rank]) for d in descs]
 
 
 @dataclasses.dataclass

@@ -43,12 +43,12 @@ def test_inspect_names_the_rank_and_node_of_every_tensor(saved):
     assert sorted(comps["per_node"]["copies"]) == ["node0", "node1"]
     text = ok(run_cli("inspect", saved, "--component", "per_rank"))
     assert "copy rank3: written by rank(s) [3]" in text and "rank 3 node 1" in text
-    assert len({f for f in doc["files"]}) == 4, "one data file per rank"
+    assert len({f for f in doc["files"]}) == 2, "one data object per node"
 
 
 def test_verify_and_ls_of_a_multi_node_checkpoint(saved):
     out = ok(run_cli("verify", saved, "--all"))
-    assert "step 1: intact (4 file(s)" in out and "step 2: intact (4 file(s)" in out
+    assert "step 1: intact (2 file(s)" in out and "step 2: intact (2 file(s)" in out
     rows = as_json(run_cli("ls", saved, "--json"))["checkpoints"]
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["kept_because"] == ["latest", "last-5"]
 

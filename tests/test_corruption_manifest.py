@@ -175,10 +175,10 @@ def test_manifest_with_wrong_types_or_values(saved, case):
     _check_manifest_rejected(saved)
 
 
-@pytest.mark.parametrize("version", [0, 3, 999, -1, "1", 1.0, True, None, [1]])
+@pytest.mark.parametrize("version", [0, 4, 999, -1, "1", 1.0, True, None, [1]])
 def test_unknown_format_version(saved, version):
     edit_manifest(saved, set_field(AT_ROOT, "format_version", version))
     err = load_fails(saved)
     assert "format_version" in str(err) and str(saved.manifest(2)) in str(err)
-    if version == 3:        # the next version (2 is read since SHARDED components)
+    if version == 4:        # the next version (2 is read since SHARDED components, 3 since node objects)
         assert "upgrade" in str(err).lower()

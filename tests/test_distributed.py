@@ -88,9 +88,9 @@ def test_manifest_owners_follow_the_patterns(saved):
     files_of = {sid: {t["file"] for t in shard["tensors"]} for sid, shard in comps["per_node"]["shards"].items()}
     assert all(name.startswith("data-n00000-") for name in files_of["node0"])
     assert all(name.startswith("data-n00001-") for name in files_of["node1"])
-    # ...one data file per rank, written by its node's writer...
-    assert sorted(name[:19] for name in doc["files"]) == [
-        "data-n00000-r00000-", "data-n00000-r00001-", "data-n00001-r00002-", "data-n00001-r00003-"]
+    # ...one data object per node, written by its node's writer, one segment per local rank...
+    assert sorted(name[:12] for name in doc["files"]) == ["data-n00000-", "data-n00001-"]
+    assert doc["format_version"] == 3 and all(len(f["segments"]) == 2 for f in doc["files"].values())
     # PER_GROUP: one copy per disjoint group, written by one of its members, who reload it.
     groups = comps["per_group"]["shards"]
     assert sorted(groups) == ["group0", "group1"]

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from ..format import metrics_file
+from ..format.manifest import Manifest, file_json
 from ..format.sharded import Chunk
 from ..format.names import step_dir
 from .common import check_step_option, choose_step, json_option, manifest_of, open_root, storage_option
@@ -22,8 +23,8 @@ from .output import emit_json, fmt_number, human_bytes, table
 from .state import copies, dotted, leaf_value, writer_of
 
 
-def _chunk(c: Chunk) -> dict[str, Any]:
-    node, rank = writer_of(c.record.file)
+def _chunk(c: Chunk, m: Manifest) -> dict[str, Any]:
+    node, rank = writer_of(c.record.file, c.record.offset, m)
     t = c.record
     return {"offsets": list(c.offsets), "sizes": list(c.sizes), "nbytes": t.nbytes, "stored": t.length,
             "codec": t.codec, "file": t.file, "offset": t.offset, "hash": t.hash, "rank": rank,
@@ -77,10 +78,10 @@ def describe(storage: Any, step: int, component: str | None) -> dict[str, Any]:
                 tensors.append({"path": dotted(path), "index": leaf.index, "dtype": g.dtype,
                                 "shape": list(g.shape), "nbytes": t.nbytes, "stored": t.length,
                                 "codec": t.codec, "global": True, "layout": g.layout,
-                                "chunks": [_chunk(c) for c in g.chunks],
+                                "chunks": [_chunk(c, m) for c in g.chunks],
                                 **({"numpy": True} if leaf.numpy else {})})
                 continue
-            node, rank = writer_of(t.file)
+            node, rank = writer_of(t.file, t.offset, m)
             tensors.append({"path": dotted(path), "index": leaf.index, "dtype": t.dtype, "shape": list(t.shape),
                             "nbytes": t.nbytes, "stored": t.length, "codec": t.codec, "file": t.file,
                             "offset": t.offset, "hash": t.hash, "rank": rank, "node": node,
@@ -95,8 +96,7 @@ def describe(storage: Any, step: int, component: str | None) -> dict[str, Any]:
             "timings": m.timings, "metrics": {**metrics_file.decode(m.metrics), **late},
             "late_metrics": sorted(late), "retention": m.retention or None,
             "nbytes": m.nbytes, "stored_nbytes": m.stored_nbytes,
-            "files": {n: {"size": f.size, "hash": f.hash, **({"node": f.node} if f.node is not None else {})}
-                      for n, f in m.files.items()},
+            "files": {n: file_json(f) for n, f in m.files.items()},
             "fragments": {n: {"size": r.size, "hash": r.hash, "node": r.node, "ranks": list(r.ranks)}
                           for n, r in sorted(m.fragments.items())},
             "components": comps}

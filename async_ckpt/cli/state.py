@@ -14,6 +14,7 @@ reads): no second parser, no second hash or decompress path.
 """
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -30,18 +31,26 @@ from ..storage import Storage
 from .common import CliError
 
 BATCH_BYTES = 256 << 20     # tensors read per request batch (progress granularity, peak memory)
-_WRITER_RE = re.compile(r"^data-(?:n(\d+)-)?r(\d+)-")
+_WRITER_RE = re.compile(r"^data-(?:n(\d+)-)?(?:r(\d+)-)?")
 SHARDED_COPY = "sharded"       # the name of a SHARDED component's one copy
 
 
-def writer_of(file: str) -> tuple[int | None, int | None]:
-    """(node, rank) that wrote a data file, from its name (``data-n<node>-r<rank>-...``; files of
-    earlier releases name only the rank)."""
+def writer_of(file: str, offset: int = 0, manifest: Manifest | None = None) -> tuple[int | None, int | None]:
+    """(node, rank) that wrote the record at `offset` of a data file: from the file's name
+    (``data-n<node>-r<rank>-...``; files of earlier releases name only the rank) or, for a node's
+    one data object (``data-n<node>-<rand>``), from the segment holding it (segment i: the node's
+    local rank i, ranks numbered ``node * local_world_size + local rank``)."""
     match = _WRITER_RE.match(file)
     if not match:
         return None, None
-    node, rank = match.groups()
-    return (int(node) if node is not None else None), int(rank)
+    node, rank = (int(g) if g is not None else None for g in match.groups())
+    entry = manifest.files.get(file) if manifest is not None else None
+    local = manifest.topology.get("local_world_size") if manifest is not None else None
+    if rank is None and node is not None and entry is not None and entry.segments and isinstance(local, int):
+        i = bisect.bisect_right(entry.segments, offset, key=lambda seg: seg[0]) - 1
+        if 0 <= i < local:
+            rank = node * local + i
+    return node, rank
 
 
 def dotted(path: tuple[Any, ...]) -> str:

@@ -138,6 +138,7 @@ class WrittenFile:
     name: str
     size: int
     hash: str
+    segments: tuple[tuple[int, int, str], ...] = ()   # a node object: (offset, length, hash) per rank
 
 
 @dataclass(frozen=True)

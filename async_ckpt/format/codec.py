@@ -57,6 +57,28 @@ def hash_bytes(data: memoryview | bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def segments_hash(segments) -> str:
+    """The `hash` of a data file made of segments ((offset, length, xxh3-128 hex of the segment's
+    bytes), ...): the xxh3-128 of the ASCII text "<offset>:<length>:<hash>\n" of each segment, in
+    order (docs/format.md)."""
+    return hash_bytes("".join(f"{o}:{n}:{h}\n" for o, n, h in segments).encode("ascii"))
+
+
+def zstd_bound(n: int) -> int:
+    """The most bytes zstd may take for one frame of `n` bytes (ZSTD_COMPRESSBOUND)."""
+    return n + (n >> 8) + (((128 << 10) - n) >> 11 if n < (128 << 10) else 0)
+
+
+def stored_bound(nbytes: int, codec: str) -> int:
+    """The most bytes a record of `nbytes` raw bytes may take in a data file under `codec`
+    (or under whichever codec a writer picks instead of a zstd one), its padding to ALIGN
+    included: what a writer reserves for it before the record is encoded."""
+    if codec == "raw":
+        return align_up(nbytes)
+    # zstd-planes stores each plane raw or smaller; zstd and zstd-shuffle at most zstd's bound.
+    return align_up(sum(zstd_bound(n) for n in piece_sizes(nbytes)))
+
+
 def align_up(n: int, align: int = ALIGN) -> int:
     return (n + align - 1) // align * align
 

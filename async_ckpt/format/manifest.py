@@ -10,6 +10,7 @@ decoded size is bounded by its stored bytes before anything is allocated).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import seal, sharded
-from .codec import CODECS, HASH_ALGO, PIECE, codec_width, frames_per_piece, min_frame_size, piece_sizes
+from .codec import (CODECS, HASH_ALGO, PIECE, codec_width, frames_per_piece, min_frame_size, piece_sizes,
+                    segments_hash)
 from .planes import PlanesWidth, planes_width
 from .shuffle import shuffle_width
 from ..errors import CheckpointError, CorruptCheckpointError
@@ -27,6 +29,7 @@ from ..types import SharingPattern
 FORMAT_VERSION = 1                 # what a checkpoint without format 2 features is written as
 SHARDED_VERSION = 2                # the first version with SHARDED components (format/sharded.py)
 FRAGMENT_VERSION = 3               # the first version with per-node fragments (format/fragments.py)
+#                                    and data files made of segments (node objects)
 SUPPORTED_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 HASH_KEY = "manifest_hash"         # the seal: xxh3-128 of the manifest without it (seal.py)
@@ -77,8 +80,11 @@ class ComponentEntry:
 @dataclass(frozen=True)
 class FileEntry:
     size: int
-    hash: str
-    node: int | None = None     # format_version 3: the node whose writer wrote it
+    hash: str          # segments: `codec.segments_hash` of them, else of the whole file
+    # A node's data object (format_version 3): (offset, length, xxh3-128 of the bytes) of each
+    # local rank's segment, in file order; every record of the file lies inside one of them.
+    segments: tuple[tuple[int, int, str], ...] = ()
+    node: int | None = None     # format_version 3, multi-node: the node whose writer wrote it
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ class Manifest:
         it, so that older releases still read checkpoints that use no newer feature."""
         if self.format_version:
             return self.format_version
-        if self.fragments:
+        if self.fragments or any(f.segments for f in self.files.values()):
             return FRAGMENT_VERSION
         return SHARDED_VERSION if any(c.sharded for c in self.components.values()) else FORMAT_VERSION
 
@@ -142,8 +148,7 @@ class Manifest:
             "hash_algorithm": HASH_ALGO, "versions": self.versions, "topology": self.topology,
             "metrics": self.metrics, "nbytes": self.nbytes, "stored_nbytes": self.stored_nbytes,
             "timings": self.timings, **({"retention": self.retention} if self.retention else {}),
-            "files": {n: {"size": f.size, "hash": f.hash, **({"node": f.node} if f.node is not None else {})}
-                      for n, f in sorted(self.files.items())},
+            "files": {n: file_json(f) for n, f in sorted(self.files.items())},
             **({"fragments": {n: ref_json(r) for n, r in sorted(self.fragments.items())}}
                if self.fragments else {}),
             "components": {k: {
@@ -167,6 +172,13 @@ def ref_json(ref: FragmentRef) -> dict:
     return {"size": ref.size, "hash": ref.hash, "node": ref.node, "ranks": list(ref.ranks),
             "copies": {k: {c: list(m) for c, m in sorted(v.items())} for k, v in sorted(ref.copies.items())},
             **({"chunks": list(ref.chunks)} if ref.chunks else {})}
+
+
+def file_json(f: FileEntry) -> dict:
+    """The JSON form of one data file's entry (``segments`` only when it has some)."""
+    return {"size": f.size, "hash": f.hash,
+            **({"segments": [list(seg) for seg in f.segments]} if f.segments else {}),
+            **({"node": f.node} if f.node is not None else {})}
 
 
 def record_json(t: TensorEntry) -> dict:
@@ -264,7 +276,43 @@ def _tensor(doc: Any, files: dict[str, FileEntry], what: str) -> TensorEntry:
         _check_frames(entry, width, what)
     if entry.offset + entry.length > files[name].size:
         raise ValueError(f"{what} runs past the end of {name}")
+    if files[name].segments and not _in_one_segment(entry, files[name].segments):
+        raise ValueError(f"{what} does not lie inside one segment of {name}")
     return entry
+
+
+def _file(f: Any, name: str, version: int) -> FileEntry:
+    what = f"files.{name}"
+    node = f.get("node") if isinstance(f, dict) else None
+    entry = FileEntry(_int(f.get("size") if isinstance(f, dict) else None, f"{what}.size"),
+                      _get(f, "hash", str, what), (),
+                      None if node is None else _int(node, f"{what}.node"))
+    if "segments" not in f:
+        return entry
+    doc = f["segments"]
+    if version < FRAGMENT_VERSION or not isinstance(doc, list) or not doc:
+        raise ValueError(f"{what}.segments must be a non-empty list, and only in format_version "
+                         f"{FRAGMENT_VERSION} or later")
+    segments, end = [], 0
+    for i, seg in enumerate(doc):
+        if not isinstance(seg, list) or len(seg) != 3:
+            raise ValueError(f"{what}.segments[{i}] must be [offset, length, hash]")
+        offset, length = _int(seg[0], f"{what}.segments[{i}]"), _int(seg[1], f"{what}.segments[{i}]")
+        if not isinstance(seg[2], str) or not _HASH_RE.match(seg[2]):
+            raise ValueError(f"{what}.segments[{i}] has a malformed hash")
+        if offset < end or offset + length > entry.size:
+            raise ValueError(f"{what}.segments[{i}] overlaps the one before it, is out of order or "
+                             "runs past the end of the file")
+        segments.append((offset, length, seg[2]))
+        end = offset + length
+    if segments_hash(segments) != entry.hash:
+        raise ValueError(f"{what}.hash is not the hash of its segments")
+    return FileEntry(entry.size, entry.hash, tuple(segments), entry.node)
+
+
+def _in_one_segment(entry: TensorEntry, segments: tuple[tuple[int, int, str], ...]) -> bool:
+    i = bisect.bisect_right(segments, entry.offset, key=lambda seg: seg[0]) - 1
+    return i >= 0 and entry.offset + entry.length <= segments[i][0] + segments[i][1]
 
 
 def _dict(doc: dict, key: str) -> dict:
@@ -289,10 +337,7 @@ def parse_manifest(raw: bytes, where: str, expected_step: int | None = None) -> 
         for name, f in _get(doc, "files", dict, "manifest").items():
             if not _NAME_RE.match(name) or name in (".", "..") or FRAGMENT_RE.match(name):
                 raise ValueError(f"data file name {name!r} is not a plain name inside the folder")
-            node = f.get("node") if isinstance(f, dict) else None
-            files[name] = FileEntry(_int(f.get("size") if isinstance(f, dict) else None,
-                                         f"files.{name}.size"), _get(f, "hash", str, f"files.{name}"),
-                                    None if node is None else _int(node, f"files.{name}.node"))
+            files[name] = _file(f, name, version)
         refs = _refs(doc, version)
         components = {}
         for key, c in _get(doc, "components", dict, "manifest").items():

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..format.codec import byte_view, check_frames, codec_width, decompress_frames, new_hasher
+from ..format.codec import byte_view, check_frames, codec_width, decompress_frames, new_hasher, segments_hash
 from ..errors import CheckpointError, CorruptCheckpointError, translate_storage_error
 from ..format.manifest import Manifest, ShardEntry, TensorEntry
 from ..format.names import read_manifest  # noqa: F401 - re-exported for the load path
@@ -186,19 +186,45 @@ VERIFY_WINDOW = 256 << 20   # bytes of a local file mapped at a time by verify_f
 VERIFY_WINDOW_READ = 64 << 20   # ... read into fresh memory at a time on other backends
 
 
+class _Ranges:
+    """Disjoint byte ranges of one file, in file order, each hashed as its bytes pass by
+    (verify_file: the records, and the segments of a node's data object)."""
+
+    def __init__(self, ranges: list[tuple[int, int, str, str]], url: str):
+        self.ranges = sorted((r for r in ranges if r[0] < r[1]), key=lambda r: r[:2])
+        self.url, self.first = url, 0
+        self.hashers: dict[int, Any] = {}
+
+    def feed(self, view: memoryview, base: int, pos: int, stop: int, problems: list[str]) -> None:
+        """Bytes [pos, stop) of the file, which start at `view[pos - base]`."""
+        ranges, j = self.ranges, self.first
+        while j < len(ranges) and ranges[j][0] < stop:
+            r_start, r_end, digest, what = ranges[j]
+            lo, hi = max(r_start, pos), min(r_end, stop)
+            if lo < hi:
+                self.hashers.setdefault(j, new_hasher()).update(view[lo - base:hi - base])
+            if r_end <= stop:
+                if self.hashers.pop(j).hexdigest() != digest:
+                    problems.append(f"hash mismatch in {self.url} for {what}: the data is corrupt")
+                self.first = j + 1     # ranges are disjoint and in file order
+            j += 1
+
+
 def verify_file(storage: Storage, folder: str, manifest: Manifest, name: str,
                 on_bytes: Callable[[int], None] | None = None, max_problems: int = 10) -> list[str]:
     """Re-read every byte of data file `name` of a committed checkpoint once and check it against
-    the manifest: the file's size, the xxh3-128 of the whole file (padding included) and of every
-    record in it. Returns the problems found, each naming the file (empty: intact). A storage
-    outage raises (translated) instead: it says nothing about the data. `on_bytes(n)` is called as
-    bytes are checked. Reads go through the loader's path (local files: a private mapping
-    populated in the background while this thread hashes what has arrived)."""
+    the manifest: the file's size, the xxh3-128 of the whole file (padding included) or, for a
+    node's data object, of each of its segments, and of every record in it. Returns the problems
+    found, each naming the file (empty: intact). A storage outage raises (translated) instead: it
+    says nothing about the data. `on_bytes(n)` is called as bytes are checked. Reads go through
+    the loader's path (local files: a private mapping populated in the background while this
+    thread hashes what has arrived)."""
     url = storage.child_url(f"{folder}/{name}")
     try:
         check_files(storage, folder, manifest, {name})
     except CorruptCheckpointError as exc:
         return [str(exc)]
+    entry = manifest.files[name]
     records = [(t.offset, t.offset + t.length, t.hash, f"component {key!r} shard {sid!r} "
                 f"tensor #{i} ({t.dtype}{list(t.shape)})")
                for key, comp in manifest.components.items()
@@ -209,14 +235,15 @@ def verify_file(storage: Storage, folder: str, manifest: Manifest, name: str,
                  f"{list(c.offsets)}+{list(c.sizes)} ({g.dtype})")
                 for key, comp in manifest.components.items() if comp.sharded
                 for g in comp.sharded.tensors for c in g.chunks if c.record.file == name]
-    records.sort(key=lambda r: r[:2])
     problems = [f"hash mismatch in {url} for {what}" for start, end, digest, what in records
                 if start == end and new_hasher().hexdigest() != digest]
-    records = [r for r in records if r[0] < r[1]]
-    size, path, whole = manifest.files[name].size, f"{folder}/{name}", new_hasher()
+    problems += [f"hash mismatch in {url} for segment {i} (bytes {o}-{o + n})" for i, (o, n, digest)
+                 in enumerate(entry.segments) if not n and new_hasher().hexdigest() != digest]
+    checks = [_Ranges(records, url), _Ranges([(o, o + n, digest, f"segment {i} (bytes {o}-{o + n})")
+                                              for i, (o, n, digest) in enumerate(entry.segments)], url)]
+    size, path = entry.size, f"{folder}/{name}"
+    whole = None if entry.segments else new_hasher()     # a node object's hash is of its segments
     window = VERIFY_WINDOW if getattr(storage, "map_private", None) is not None else VERIFY_WINDOW_READ
-    hashers: dict[int, Any] = {}
-    first = 0      # records before this one are checked
     session = ReadSession()
     try:
         for start in range(0, size, window):
@@ -227,18 +254,10 @@ def verify_file(storage: Storage, folder: str, manifest: Manifest, name: str,
                 while pos < end:
                     stop = min(end, start + ((pos - start) // readbuf.CHUNK + 1) * readbuf.CHUNK)
                     filled.wait(stop - start)
-                    whole.update(view[pos - start:stop - start])
-                    j = first
-                    while j < len(records) and records[j][0] < stop:
-                        r_start, r_end, digest, what = records[j]
-                        lo, hi = max(r_start, pos), min(r_end, stop)
-                        if lo < hi:
-                            hashers.setdefault(j, new_hasher()).update(view[lo - start:hi - start])
-                        if r_end <= stop:
-                            if hashers.pop(j).hexdigest() != digest:
-                                problems.append(f"hash mismatch in {url} for {what}: the data is corrupt")
-                            first = j + 1     # records are disjoint and in file order
-                        j += 1
+                    if whole is not None:
+                        whole.update(view[pos - start:stop - start])
+                    for check in checks:
+                        check.feed(view, start, pos, stop, problems)
                     if on_bytes is not None:
                         on_bytes(stop - pos)
                     pos = stop
@@ -257,6 +276,8 @@ def verify_file(storage: Storage, folder: str, manifest: Manifest, name: str,
         return problems + [f"cannot read {url}: {exc}"]
     finally:
         session.finish()
-    if whole.hexdigest() != manifest.files[name].hash:
+    if whole is not None and whole.hexdigest() != entry.hash:
         problems.append(f"hash mismatch in {url}: the whole file's xxh3-128 differs from the manifest's")
+    if entry.segments and segments_hash(entry.segments) != entry.hash:
+        problems.append(f"hash mismatch in {url}: the hash of its segments differs from the manifest's")
     return problems

@@ -97,7 +97,8 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
     nbytes = 0
     for report in reports:
         for f in report.files:
-            files[f.name] = FileEntry(f.size, f.hash, report.node if nodes else None)
+            files[f.name] = FileEntry(f.size, f.hash, tuple(tuple(seg) for seg in f.segments),  # type: ignore[misc]
+                                      report.node if nodes else None)
         gather(report.shards, copies, chunked)
         for chunked_part in report.chunked:
             parts.setdefault(chunked_part.shard.component, []).append(chunked_part)
@@ -139,8 +140,9 @@ def assemble(step: int, topo: Topology, reports: list[NodeReport], metrics: dict
         step=step,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
         topology=topo.as_json(), metrics=encode(metrics), files=files, components=components,
-        nbytes=nbytes, stored_nbytes=sum(f.size for f in files.values()), timings=dict(timings),
-        versions=versions, fragments=refs)
+        nbytes=nbytes, timings=dict(timings), versions=versions, fragments=refs,
+        stored_nbytes=sum(sum(seg[1] for seg in f.segments) if f.segments else f.size  # not holes
+                          for f in files.values()))
     return Assembled(manifest, owners, trees)
 
 

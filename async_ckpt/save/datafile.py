@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 from ..format.codec import ALIGN, PIECE, Compressor, align_up, codec_width, new_hasher
 from ..format.planes import PREFIX as PLANES_PREFIX, PlanesWidth
 from ..storage import StreamWriter
+from ..storage.base import SegmentStream
 
 _ZEROS = memoryview(bytes(ALIGN))
 _LOOKAHEAD = 6
@@ -88,9 +89,10 @@ class DataFileStreamer:
             return f"{PLANES_PREFIX}1" if isinstance(width, PlanesWidth) else "zstd"
         return wanted
 
-    def write(self, out: StreamWriter, records: Iterable[memoryview],
+    def write(self, out: StreamWriter | SegmentStream, records: Iterable[memoryview],
               codecs: Sequence[str] | None = None) -> FileResult:
-        """Write each raw record (already staged) to `out`; return offsets, lengths and hashes.
+        """Write each raw record (already staged) to `out` (a whole file, or one segment of a
+        node's data object); return offsets, lengths and hashes.
 
         `codecs[i]` is the codec record i should get (None: "zstd" with a compressor, else "raw");
         each RecordResult says the codec it got."""

@@ -9,10 +9,12 @@ Call sequence (who calls what):
 2. writer thread, for each save, in order: take the job descriptors the node's other ranks
    posted (``job/<rank>``) (node 0 first lets the coordinator clear a single node's leftovers of
    the step: `Coordinator.before_write`) -> map their shared-memory buffers -> if any rank already failed, stop
-   -> stream each rank's records into its own data file, all of them concurrently, hashing in the
-   same pass -> make the folder durable -> (several nodes) write the node's manifest fragment
-   (`save.fragment`) -> set ``job.written`` -> hand the `NodeReport` to the
-   coordinator (node 0: `Coordinator.run` on this same thread) or post it as ``node/<n>``;
+   -> stream each rank's records, all of them concurrently, hashing in the same pass, into one
+   data object of the node (each rank's records one segment of it, `node_object.py`; a node of
+   one rank, or without node objects: each rank's into its own data file) -> make the folder
+   durable -> (several nodes) write the node's manifest fragment (`save.fragment`) -> set
+   ``job.written`` -> hand the `NodeReport` to the coordinator (node 0: `Coordinator.run` on
+   this same thread) or post it as ``node/<n>``;
 3. training thread: ``stop()`` drains the queue, then ends the thread.
 
 A world of one is a node of one rank: the same sequence with no peers to wait for. Jobs run
@@ -45,6 +47,7 @@ from . import fragment
 from .coordinator import Coordinator
 from .datafile import DataFileStreamer, FileResult
 from .job import SaveJob
+from .node_object import RankRecords, write_node_object
 
 log = logging.getLogger("async_ckpt")
 _MAX_ATTACHED = 16   # peers' mapped buffers kept across saves
@@ -54,9 +57,10 @@ class NodeWriter:
     """Owns the writer thread; see the module docstring for the sequence it runs."""
 
     def __init__(self, storage: Storage, topo: Topology, link: StoreLink, streamer: DataFileStreamer,
-                 compressed: bool, coordinator: Coordinator | None):
+                 compressed: bool, coordinator: Coordinator | None, node_object: bool = True):
         self.storage, self.topo, self.link, self.streamer = storage, topo, link, streamer
         self.compressed, self.coordinator = compressed, coordinator
+        self.node_object = node_object      # several local ranks: one data object (node_object.py)
         self._attached: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._queue: queue.Queue[SaveJob | Callable[[], None] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="ckpt-node-writer", daemon=True)
@@ -121,7 +125,9 @@ class NodeWriter:
             if errors := link.errors(seq, world):
                 raise RemoteFailure(errors)             # no point writing a save that has failed
             t0 = time.perf_counter()
-            if len(descs) == 1:
+            if len(descs) > 1 and self.node_object:
+                files, outcomes = self._write_node_object(folder, descs, buffers)
+            elif len(descs) == 1:
                 outcomes = [self._write_rank_file(folder, descs[0], buffers[descs[0].rank])]
             else:
                 # One file per local rank, written concurrently: parallel streams keep the disk
@@ -130,10 +136,11 @@ class NodeWriter:
                     futures = [pool.submit(self._write_rank_file, folder, d, buffers[d.rank])
                                for d in descs]
                     outcomes = [f.result() for f in futures]    # the pool waits for every writer
-            if any(name is not None for name, _ in outcomes):
+            if len(descs) == 1 or not self.node_object:
+                files = tuple(WrittenFile(name, result.size, result.hash) for name, result in outcomes
+                              if name is not None and result is not None)
+            if files:
                 self.storage.sync_dir(folder)
-            files = tuple(WrittenFile(name, result.size, result.hash) for name, result in outcomes
-                          if name is not None and result is not None)
             shards = _written_shards(descs, outcomes)
             if topo.num_nodes == 1:
                 return NodeReport(topo.node, topo.rank, files=files, shards=shards,
@@ -160,16 +167,29 @@ class NodeWriter:
         self._attached.move_to_end(name)
         return cached
 
+    def _records(self, desc: JobDescriptor, buffer: torch.Tensor) -> RankRecords:
+        slots = [slot for sh in desc.shards for slot in sh.slots]
+        return RankRecords(desc.rank, [byte_view(buffer[s.offset:s.offset + s.nbytes]) for s in slots],
+                           [codec_for(dtype_from_name(s.dtype, "staged slot"), self.compressed)
+                            for s in slots])
+
     def _write_rank_file(self, folder: str, desc: JobDescriptor, buffer: torch.Tensor
                          ) -> tuple[str | None, FileResult | None]:
         """Stream one rank's staged records into its own data file; (None, None) if it has none."""
-        slots = [slot for sh in desc.shards for slot in sh.slots]
-        if not slots:
+        mine = self._records(desc, buffer)
+        if not mine.records:
             return None, None
-        records = [byte_view(buffer[s.offset:s.offset + s.nbytes]) for s in slots]
-        codecs = [codec_for(dtype_from_name(s.dtype, "staged slot"), self.compressed) for s in slots]
         name = f"data-n{self.topo.node:05d}-r{desc.rank:05d}-{os.urandom(4).hex()}.bin"
-        return name, self.streamer.write_file(self.storage, f"{folder}/{name}", records, codecs)
+        return name, self.streamer.write_file(self.storage, f"{folder}/{name}", mine.records, mine.codecs)
+
+    def _write_node_object(self, folder: str, descs: list[JobDescriptor], buffers: dict[int, torch.Tensor]
+                           ) -> tuple[tuple[WrittenFile, ...], list[tuple[str | None, FileResult | None]]]:
+        """The node's ranks' records as the segments of one object (node_object.py)."""
+        ranks = [self._records(d, buffers[d.rank]) for d in sorted(descs, key=lambda d: d.rank)]
+        if not any(r.records for r in ranks):
+            return (), [(None, None)] * len(descs)
+        written, results = write_node_object(self.storage, self.streamer, folder, self.topo.node, ranks)
+        return (written,), [(written.name, results[d.rank]) for d in descs]
 
 
 def _written_shards(descs: list[JobDescriptor], outcomes: list[tuple[str | None, FileResult | None]]

@@ -2,7 +2,8 @@
 
 Paths are relative to the storage root and use "/" separators. Call sequence for one save, all
 from the node writer thread: ``open_writer`` per data file -> ``write`` ... -> ``commit`` (durable)
-or ``abort``; ``sync_dir`` on the folder; ``create_exclusive`` for the manifest (the commit point).
+or ``abort`` (or, for a node's one data object, ``open_segmented`` whose segments other threads
+fill: `SegmentedWriter`); ``sync_dir`` on the folder; ``create_exclusive`` for the manifest (the commit point).
 Readers (any thread) use ``read_limited``/``read_bytes``/``read_into``/``size``/``exists``/
 ``list_dir``; retention uses ``delete``/``delete_dir``. Loaders treat what they read as hostile:
 ``read_limited`` reads small documents (manifests, metrics) with a size bound, and on a
@@ -19,7 +20,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
 
 SCRATCH_PREFIXES = (".tmp-", ".write-probe-")
 _SCRATCH_RE = re.compile(r"^\.(?:tmp|write-probe)-(\d{20})-")
@@ -54,6 +56,50 @@ class StreamWriter(Protocol):
         """Discard what was written; never raises."""
 
 
+SEGMENT_ALIGN = 4096   # every segment of a segmented object starts on this boundary (a page)
+
+
+@dataclass(frozen=True)
+class ObjectLayout:
+    """Where the segments of a committed segmented object lie: ``segments[i]`` is segment i's
+    (offset, length) in the object; `size` is the object's size."""
+    size: int
+    segments: tuple[tuple[int, int], ...]
+
+
+@runtime_checkable
+class SegmentStream(Protocol):
+    def write(self, data: memoryview) -> None:
+        """Append `data` to this segment; ValueError past the segment's capacity."""
+
+    def close(self) -> int:
+        """This segment is complete (its bytes are on their way); how many bytes it holds."""
+
+
+@runtime_checkable
+class SegmentedWriter(Protocol):
+    """One new object written as consecutive *segments*, each streamed by its own writer.
+
+    Call sequence: the owner (the node writer thread) calls ``Storage.open_segmented(path,
+    capacities)``; then, when ``parallel`` is true, one thread per segment (any threads, all at
+    once) calls ``segment(i)`` -> ``write`` ... -> ``close``; when it is false, segments must be
+    written one after another, ``segment(i)`` only after segment i - 1 was closed (one thread
+    may do them all). After every segment was closed (a segment never opened is empty) the
+    owner calls ``commit`` (durable and visible under the final name, like `StreamWriter.commit`;
+    the ObjectLayout says where each segment landed), or at any point ``abort`` (after the
+    segment threads stopped: nothing is left visible; never raises). Segment starts are
+    multiples of SEGMENT_ALIGN, in segment order, never overlapping; bytes between segments read
+    as zeros. Where segment offsets must be known before writing (local files), segment i is
+    given `capacities[i]` bytes; no segment may take more than its capacity on any backend."""
+    parallel: bool
+
+    def segment(self, index: int) -> SegmentStream: ...
+
+    def commit(self) -> ObjectLayout: ...
+
+    def abort(self) -> None: ...
+
+
 @runtime_checkable
 class Storage(Protocol):
     url: str
@@ -67,6 +113,14 @@ class Storage(Protocol):
 
     def open_writer(self, path: str) -> StreamWriter:
         """Start a streamed write of a new object at `path` (parent folders created)."""
+
+    def open_segmented(self, path: str, capacities: Sequence[int]) -> SegmentedWriter:
+        """Start a write of a new object at `path` (parent folders created) made of
+        ``len(capacities)`` segments that separate writers fill, concurrently where the backend
+        can (see `SegmentedWriter` for the call sequence and threads). Local files: one file,
+        each segment written at its own offset (``os.pwrite``); S3: one multipart upload, each
+        segment from its own range of part numbers; other fsspec filesystems: one stream,
+        segments one after another (``parallel`` is false)."""
 
     def create_exclusive(self, path: str, data: bytes) -> None:
         """Atomically create `path` (parents created) with `data`, durably; FileExistsError if it exists."""

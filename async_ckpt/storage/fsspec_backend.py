@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any
+from typing import Any, Sequence
+
 from .base import scratch_name
+from .segments import SequentialSegments
 
 log = logging.getLogger("async_ckpt.storage")
 
@@ -52,6 +54,10 @@ class FsspecStorage:
 
     def open_writer(self, path: str) -> _FsspecWriter:
         return _FsspecWriter(self.fs, self._p(path))
+
+    def open_segmented(self, path: str, capacities: Sequence[int]) -> SequentialSegments:
+        """Segments one after another through one stream (``parallel`` is false)."""
+        return SequentialSegments(self.open_writer(path), capacities, self.child_url(path))
 
     def create_exclusive(self, path: str, data: bytes) -> None:
         full = self._p(path)

@@ -15,10 +15,11 @@ import mmap
 import os
 import shutil
 import stat
-from typing import Any
+from typing import Any, Sequence
 
 from . import libc
 from .base import scratch_name
+from .segments import LocalSegmentedWriter
 
 _WRITEBACK_EVERY = 8 << 20
 
@@ -133,6 +134,12 @@ class LocalStorage:
         full = self._p(path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
         return _LocalWriter(full)
+
+    def open_segmented(self, path: str, capacities: Sequence[int]) -> LocalSegmentedWriter:
+        """One file; each segment written at its own offset by its own thread (segments.py)."""
+        full = self._p(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        return LocalSegmentedWriter(full, capacities)
 
     def create_exclusive(self, path: str, data: bytes) -> None:
         full = self._p(path)

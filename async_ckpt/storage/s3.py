@@ -1,14 +1,14 @@
 """S3 (and S3-compatible servers) through s3fs's aiobotocore client.
 
 Owns every request async_ckpt sends to S3. Each one goes through `retry.retry_async` (botocore's
-and s3fs's own retries are turned off) and failures are translated by `s3_errors`. Rules kept
-here, from DESIGN §4: nothing is ever renamed; data objects are multipart uploads that become
-visible only when complete (`s3_writer`, which sees only the `UploadTarget` that `open_writer`
-builds: a request function bound to the object, the loop runner, the key and the part settings);
-the manifest is one PUT with `If-None-Match: *`; a server that ignores that header is detected by
-`check_writable` and refused; `delete_dir` also aborts unfinished multipart uploads under the
-folder, which is how the uploads of a killed saver are cleaned up. Listing reports folders that
-hold only unfinished uploads for the same reason.
+and s3fs's own retries are turned off) and failures are translated by `s3_errors`. Rules kept here,
+from DESIGN §4: nothing is ever renamed; data objects are multipart uploads that become visible
+only when complete (`s3_writer`, and `s3_segments` for a node's segmented object, which see only
+the `UploadTarget` that `_target` builds: a request function bound to the object, the loop runner,
+the key and the part settings); the manifest is one PUT with `If-None-Match: *`; a server that
+ignores that header is detected by `check_writable` and refused; `delete_dir` also aborts
+unfinished multipart uploads under the folder, which is how the uploads of a killed saver are
+cleaned up. Listing reports folders that hold only unfinished uploads for the same reason.
 
 Extra `storage_options` read here (the rest go to `s3fs.S3FileSystem`): `retry_deadline_s`
 (60: total time one request may spend on retries), `part_size` (16 MiB), `upload_concurrency`
@@ -24,12 +24,13 @@ import errno
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine, Sequence
 
 from .base import scratch_name
 from .errors import StorageConfigError, StorageUnavailableError
 from .retry import RetryPolicy, retry_async
 from .s3_errors import is_precondition_failed, is_transient, translate
+from .s3_segments import S3SegmentedWriter
 from .s3_writer import S3StreamWriter, UploadTarget
 
 log = logging.getLogger("async_ckpt.storage")
@@ -164,14 +165,20 @@ class S3Storage:
                 pass
 
     # -- writes ---------------------------------------------------------------------------------
-    def open_writer(self, path: str) -> S3StreamWriter:
+    def _target(self, path: str) -> UploadTarget:
         key = self.key(path)
 
         def request(method: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
             return self.call(method, path, Key=key, **kwargs)
-        return S3StreamWriter(UploadTarget(key, self.child_url(path), self.settings.part_size,
-                                           self.settings.upload_concurrency, request, self.run,
-                                           self.start))
+        return UploadTarget(key, self.child_url(path), self.settings.part_size,
+                            self.settings.upload_concurrency, request, self.run, self.start)
+
+    def open_writer(self, path: str) -> S3StreamWriter:
+        return S3StreamWriter(self._target(path))
+
+    def open_segmented(self, path: str, capacities: Sequence[int]) -> S3SegmentedWriter:
+        """One multipart upload; each segment uploads its own range of parts (s3_segments.py)."""
+        return S3SegmentedWriter(self._target(path), capacities)
 
     def create_exclusive(self, path: str, data: bytes, policy: RetryPolicy | None = None) -> None:
         """One PUT with If-None-Match: * (never a rename). A 412 after a retry may be our own

@@ -46,23 +46,31 @@ class UploadTarget:
 
 
 class S3StreamWriter:
-    """StreamWriter for one S3 object. Used by one thread (the node writer)."""
+    """StreamWriter for one S3 object. Used by one thread (the node writer).
 
-    def __init__(self, target: UploadTarget):
+    As one segment of a `S3SegmentedWriter` it is given the upload (`upload_id`, which it then
+    never aborts) and its range of part numbers (`first_part`, `max_parts`, the part size
+    doubling every `grow_every` parts of the range), and ends with `finish` instead of `commit`."""
+
+    def __init__(self, target: UploadTarget, *, upload_id: str | None = None, first_part: int = 1,
+                 max_parts: int = MAX_PARTS, grow_every: int = _GROW_EVERY):
         self._t = target
         self._url = target.url
-        self._buf = bytearray(self._part_size(1))
+        self._first, self._limit, self._grow = first_part, first_part + max_parts, grow_every
+        self._owns_upload = upload_id is None
+        self._buf = bytearray(self._part_size(first_part))
         self._fill = 0
         self._spare: list[bytearray] = []
         self._inflight: collections.deque = collections.deque()   # (number, buffer, future)
-        self._etags: dict[int, str] = {}
-        self._upload_id: str | None = None
-        self._next_part = 1
+        self.etags: dict[int, str] = {}
+        self._upload_id: str | None = upload_id
+        self._next_part = first_part
         self._size = 0
+        self.stored = 0          # bytes sent in parts (padding included)
         self._closed = False
 
     def _part_size(self, number: int) -> int:
-        return self._t.part_size << ((number - 1) // _GROW_EVERY)
+        return self._t.part_size << ((number - self._first) // self._grow)
 
     def write(self, data: memoryview) -> None:
         """Append `data`; blocks only while `upload_concurrency` parts are already in flight."""
@@ -79,18 +87,20 @@ class S3StreamWriter:
             if self._fill == len(self._buf):
                 self._send_part()
 
-    def _send_part(self) -> None:
+    def _send_part(self, pad: int = 0) -> None:
         t = self._t
         if self._upload_id is None:
             self._upload_id = t.run(t.request("create_multipart_upload"))["UploadId"]
         number = self._next_part
-        if number > MAX_PARTS:
-            raise OSError(f"{self._url} would need more than {MAX_PARTS} parts; raise "
+        if number >= self._limit:
+            raise OSError(f"{self._url} would need more than {self._limit - self._first} parts"
+                          f"{'' if self._owns_upload else ' in one segment'}; raise "
                           "storage_options['part_size']")
         while len(self._inflight) >= t.upload_concurrency:
             self._reap_oldest()
-        full = self._fill == len(self._buf)
-        body = self._buf if full else bytes(memoryview(self._buf)[:self._fill])
+        full = self._fill == len(self._buf) and not pad
+        body = self._buf if full else bytes(memoryview(self._buf)[:self._fill]) + bytes(pad)
+        self.stored += len(body)
         future = t.start(t.request("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body))
         self._inflight.append((number, self._buf, future))
         self._next_part += 1
@@ -103,7 +113,7 @@ class S3StreamWriter:
 
     def _reap_oldest(self) -> None:
         number, buf, future = self._inflight.popleft()
-        self._etags[number] = future.result()["ETag"]
+        self.etags[number] = future.result()["ETag"]
         self._spare.append(buf)
 
     def commit(self) -> None:
@@ -117,24 +127,21 @@ class S3StreamWriter:
                 self._send_part()
             while self._inflight:
                 self._reap_oldest()
-            parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-            t.run(self._complete(parts))
+            t.run(complete_upload(t, self._upload_id, self.etags, self._size))
         self._closed = True
         self._buf, self._spare = bytearray(), []
 
-    async def _complete(self, parts: list[dict]) -> None:
-        request = self._t.request
-        tries: list = []
-        try:
-            await request("complete_multipart_upload", tries=tries, UploadId=self._upload_id,
-                          MultipartUpload={"Parts": parts})
-        except FileNotFoundError:
-            # NoSuchUpload after a retry: the first try completed but its answer was lost.
-            if len(tries) < 2:
-                raise
-            head = await request("head_object")
-            if int(head["ContentLength"]) != self._size:
-                raise
+    def finish(self, min_last: int = 0, align: int = 1) -> None:
+        """As a segment: send what is left as the last part, zero-padded to at least `min_last`
+        bytes and to a multiple of `align`, and wait for every part of the segment."""
+        assert not self._closed and not self._owns_upload, "finish is for segments"
+        if self._fill:
+            padded = max(min_last, -(-self._fill // align) * align)
+            self._send_part(pad=padded - self._fill)
+        while self._inflight:
+            self._reap_oldest()
+        self._closed = True
+        self._buf, self._spare = bytearray(), []
 
     def abort(self) -> None:
         """Stop the part uploads and abort the multipart upload; never raises."""
@@ -147,13 +154,33 @@ class S3StreamWriter:
         concurrent.futures.wait(futures, timeout=30)
         self._inflight.clear()
         self._buf, self._spare = bytearray(), []
-        if self._upload_id is None:
-            return
-        t = self._t
-        try:
-            t.run(t.request("abort_multipart_upload", UploadId=self._upload_id))
-        except FileNotFoundError:
-            pass
-        except Exception as exc:  # noqa: BLE001 - abort must never raise; delete_dir retries it
-            log.warning("could not abort the multipart upload of %s (%r); the next cleanup of its "
-                        "folder aborts it", self._url, exc)
+        if self._upload_id is not None and self._owns_upload:
+            abort_upload(self._t, self._upload_id)
+
+
+def abort_upload(t: UploadTarget, upload_id: str) -> None:
+    """Abort a multipart upload; never raises (what fails is left to the next cleanup)."""
+    try:
+        t.run(t.request("abort_multipart_upload", UploadId=upload_id))
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - abort must never raise; delete_dir retries it
+        log.warning("could not abort the multipart upload of %s (%r); the next cleanup of its "
+                    "folder aborts it", t.url, exc)
+
+
+async def complete_upload(t: UploadTarget, upload_id: str, etags: dict[int, str], size: int) -> None:
+    """CompleteMultipartUpload of the parts `etags` (part number -> ETag) of an object of `size`
+    bytes; a lost answer to a try that completed it is recognised by the object's size."""
+    parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+    tries: list = []
+    try:
+        await t.request("complete_multipart_upload", tries=tries, UploadId=upload_id,
+                        MultipartUpload={"Parts": parts})
+    except FileNotFoundError:
+        # NoSuchUpload after a retry: the first try completed but its answer was lost.
+        if len(tries) < 2:
+            raise
+        head = await t.request("head_object")
+        if int(head["ContentLength"]) != size:
+            raise

@@ -258,13 +258,18 @@ def scenario_slow(rank, world, local_world, node, groups):
     timeout, delay = float(ARGS[0]), float(ARGS[1])
     comps = [StateComponent("big", Holder({"w": torch.full((1 << 16,), float(rank))}), SharingPattern.PER_RANK)]
     ckpt = AsyncCheckpointer(ROOT, comps, timeout_s=timeout)
-    if rank == 2:
-        real_open_writer = ckpt.storage.open_writer
+    if rank == 2:           # node 1's writer: its data file or its node's data object
+        real_open_writer, real_open_segmented = ckpt.storage.open_writer, ckpt.storage.open_segmented
 
         def slow_open_writer(path):
             time.sleep(delay)
             return real_open_writer(path)
+
+        def slow_open_segmented(path, capacities):
+            time.sleep(delay)
+            return real_open_segmented(path, capacities)
         ckpt.storage.open_writer = slow_open_writer
+        ckpt.storage.open_segmented = slow_open_segmented
     started = time.monotonic()
     result = _failed_save(ckpt, 1)
     result["steps"] = [i.step for i in ckpt.list_checkpoints()]

@@ -91,13 +91,13 @@ def main() -> None:
             ckpt.wait()                    # rank 0: retention has run
             delta = snapshot() - before
             saves.append({"ops": dict(delta), "seconds": time.monotonic() - t0})
-        if local_rank == 0 and node == 1:  # node 1's writer takes SLOW_S to open its files
-            real = ckpt.storage.open_writer
+        if local_rank == 0 and node == 1:  # node 1's writer takes SLOW_S to open its data object
+            real = ckpt.storage.open_segmented
 
-            def slow(path: str) -> Any:
+            def slow(path: str, capacities: Any) -> Any:
                 time.sleep(SLOW_S)
-                return real(path)
-            ckpt.storage.open_writer = slow  # type: ignore[method-assign]
+                return real(path, capacities)
+            ckpt.storage.open_segmented = slow  # type: ignore[method-assign]
         handle = ckpt.save(5)
         time.sleep(1.0)                    # past the save's own requests
         a, ta = snapshot(), time.monotonic()

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import pytest
 
-from ..base import Storage
+from ..base import SEGMENT_ALIGN, Storage
 from ..local import LocalStorage
 
 
@@ -133,6 +133,86 @@ class StorageConformance:
         assert info.value.errno == errno.EFBIG and not isinstance(info.value, FileNotFoundError)
         with pytest.raises(FileNotFoundError):
             storage.read_limited("f/missing.json", 10)
+
+
+    # -- segmented objects (Storage.open_segmented) ----------------------------------------------
+    @staticmethod
+    def write_segments(writer, payloads: dict[int, bytes], piece: int = 7777) -> None:
+        """Each payload into its segment: one thread per segment when the writer is parallel
+        (started together), else one after another in index order."""
+        def one(index: int) -> None:
+            seg = writer.segment(index)
+            data = payloads[index]
+            for i in range(0, len(data), piece):
+                seg.write(memoryview(data)[i:i + piece])
+            assert seg.close() == len(data)
+        if not writer.parallel:
+            for index in sorted(payloads):
+                one(index)
+            return
+        barrier = threading.Barrier(len(payloads))
+        errors: list[BaseException] = []
+
+        def run(index: int) -> None:
+            try:
+                barrier.wait(10)
+                one(index)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                errors.append(exc)
+        threads = [threading.Thread(target=run, args=(i,)) for i in payloads]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+
+    def test_segmented_object_holds_every_segment_at_its_offset(self, storage):
+        storage.check_writable()
+        payloads = {0: os.urandom(70_000), 1: b"", 2: os.urandom(5000), 3: os.urandom(100)}
+        writer = storage.open_segmented("g/node.bin", [80_000, 0, 5000, 4096])
+        assert isinstance(writer.parallel, bool)
+        self.write_segments(writer, payloads)
+        layout = writer.commit()
+        storage.sync_dir("g")
+        assert len(layout.segments) == 4
+        assert storage.size("g/node.bin") == layout.size
+        whole = storage.read_bytes("g/node.bin")
+        assert len(whole) == layout.size
+        end = 0
+        for index, (offset, length) in enumerate(layout.segments):
+            assert offset % SEGMENT_ALIGN == 0 and offset >= end, (index, layout)
+            assert length == len(payloads[index])
+            assert whole[offset:offset + length] == payloads[index]
+            assert whole[end:offset] == bytes(offset - end)       # between segments: zeros
+            end = offset + length
+        assert end == layout.size
+        out = bytearray(50)
+        offset = layout.segments[2][0]
+        storage.read_into("g/node.bin", offset + 10, memoryview(out))
+        assert bytes(out) == payloads[2][10:60]
+
+    def test_segmented_object_refuses_more_than_a_segments_capacity(self, storage):
+        writer = storage.open_segmented("h/node.bin", [100, 100])
+        try:
+            seg = writer.segment(0)
+            seg.write(memoryview(b"x" * 100))
+            with pytest.raises(ValueError):
+                seg.write(memoryview(b"y"))
+        finally:
+            writer.abort()
+        assert not storage.exists("h/node.bin")
+
+    def test_segmented_abort_leaves_nothing(self, storage):
+        storage.check_writable()
+        writer = storage.open_segmented("i/node.bin", [6 << 20, 4096])
+        self.write_segments(writer, {0: os.urandom(6 << 20), 1: b"z" * 4096})
+        writer.abort()
+        writer.abort()                      # twice is fine
+        assert not storage.exists("i/node.bin")
+        assert [n for n in storage.list_dir("i") if not n.startswith(".")] == []
+        uploads = getattr(storage, "list_uploads", None)
+        if uploads is not None:             # S3: the multipart upload is gone too
+            assert uploads("i") == []
 
 
 class FilesystemConformance(StorageConformance):
