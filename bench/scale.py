@@ -33,17 +33,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 import torch
@@ -73,6 +70,9 @@ from async_ckpt.storage import LocalStorage
 from async_ckpt.storage.base import SEGMENT_ALIGN
 from async_ckpt.types import SharingPattern, ValidationLevel
 
+from .scale_report import _git, compare, markdown
+from .scale_store import Tally, link_for, new_store, warm
+
 PER_NODE = 8
 ALL_ROWS = [(w, t) for w in (8, 64, 512, 4096) for t in (100, 1000)]
 QUICK_ROWS = [(8, 100), (64, 100)]
@@ -82,75 +82,6 @@ _SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_
              "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
 _SHAPES = ((512, 4096), (128, 4096), (128, 4096), (4096, 512), (1792, 4096), (1792, 4096),
            (4096, 1792), (4096,), (4096,))
-
-
-# -- counting ----------------------------------------------------------------------------------
-class Tally:
-    """Store requests of one role, by operation (thread-safe)."""
-
-    def __init__(self) -> None:
-        self.ops: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def add(self, op: str, n: int = 1) -> None:
-        with self._lock:
-            self.ops[op] += n
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(n for op, n in self.ops.items() if op != "connect")
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.ops)
-
-
-ROUND_TRIPS = ("set", "get", "add", "check", "delete_key", "wait", "multi_get", "multi_set",
-               "compare_set", "append", "num_keys")
-
-
-class CountingStore:
-    """A Store (client) that counts each request it sends; its clones count into the same Tally.
-    ``clone()`` is counted as "connect" (a new TCP connection), not as a round trip."""
-
-    def __init__(self, store: Any, tally: Tally):
-        self._store, self._tally = store, tally
-
-    def clone(self) -> "CountingStore":
-        self._tally.add("connect")
-        return CountingStore(self._store.clone(), self._tally)
-
-    def set_timeout(self, timeout: datetime.timedelta) -> None:
-        self._store.set_timeout(timeout)
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._store, name)
-        if name not in ROUND_TRIPS:
-            return attr
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self._tally.add(name)
-            return attr(*args, **kwargs)
-        return counted
-
-
-def new_store() -> Any:
-    from torch.distributed import TCPStore
-    return TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=600),
-                    wait_for_workers=False)
-
-
-def link_for(master: Any, ns: str, tally: Tally, timeout_s: float = 600.0) -> StoreLink:
-    return StoreLink(CountingStore(master, tally), ns, timeout_s, "the bench's TCPStore")
-
-
-def warm(link: StoreLink, waiters: int = 3) -> None:
-    """Every connection the link will use, made now: a TCPStore connect sometimes stalls for 5 s
-    (docs/distributed.md), which is no part of a save's cost (the library connects ahead)."""
-    link.has(0, "warm-up")
-    if hasattr(link, "_release_waiter"):           # connections for blocking waits
-        for _ in range(waiters):
-            link._release_waiter(link._connect())
 
 
 # -- the simulated state -------------------------------------------------------------------------
@@ -474,214 +405,6 @@ class SimpleJob:
     plan: Any = None
 
 
-# -- S3 requests ---------------------------------------------------------------------------------
-def run_s3(server_name: str, master: Any, worlds: tuple[int, ...] = (8, 16), tensors: int = 100) -> dict:
-    """S3 requests per save and per first save, counted on a real loopback server."""
-    from async_ckpt.storage.s3 import S3Storage
-    from async_ckpt.storage import open_storage
-    from async_ckpt.storage.testing import servers
-
-    server = servers.start(server_name)
-    out: dict[str, Any] = {"server": server_name, "rows": []}
-    try:
-        for world in worlds:
-            root = server.fresh_root()
-            storage = open_storage(root, server.storage_options())
-            assert isinstance(storage, S3Storage)
-            counts: Counter[str] = Counter()
-            storage.call = _counted(storage.call, counts)  # type: ignore[method-assign]
-            row: dict[str, Any] = {"world": world, "tensors": tensors, "saves": []}
-            probe = probe_requests(storage, world, counts)
-            row["first_save_probe"] = probe
-            for seq in (1, 2, 3):
-                counts.clear()
-                s3_save(master, storage, world, tensors, seq)
-                row["saves"].append(dict(counts))
-            counts.clear()
-            listing_requests(storage)
-            row["listing"] = dict(counts)
-            out["rows"].append(row)
-    finally:
-        server.stop()
-    return out
-
-
-def _counted(real_call: Any, counts: Counter) -> Any:
-    async def counted(method: str, path: str, **kwargs: Any) -> Any:
-        counts[method] += 1
-        return await real_call(method, path, **kwargs)
-    return counted
-
-
-def probe_requests(storage: Any, world: int, counts: Counter) -> dict:
-    """The write probe of a first save: which ranks run it is the checkpointer's `_start` rule."""
-    from async_ckpt import checkpointer
-    local = min(PER_NODE, world)
-    rule = getattr(checkpointer, "probes_writability", None)
-    counts.clear()
-    probing = 0
-    for r in range(world):
-        topo = Topology(r, world, r % local, local, r // local)
-        if rule is None or rule(topo):         # before: every rank probed
-            storage.check_writable()
-            probing += 1
-        else:
-            storage.check_root()
-    return {"ranks_probing": probing, "requests": sum(counts.values()), "ops": dict(counts)}
-
-
-def listing_requests(storage: Any) -> None:
-    """What latest_step() and list_checkpoints() ask the storage (as the checkpointer does)."""
-    from async_ckpt.format.names import committed_steps, read_manifest as read
-    from async_ckpt.load.restore import info_of
-    from async_ckpt.save import commit
-    listed = getattr(commit, "committed_in", committed_steps)   # older trees: committed_in there
-    listed(storage)                                   # latest_step()
-    for step in listed(storage):                      # list_checkpoints()
-        info_of(storage, read(storage, step_dir(step), step, fragments=False), step_dir(step))
-
-
-def s3_save(master: Any, storage: Any, world: int, tensors: int, seq: int) -> None:
-    pattern = SharingPattern.PER_RANK
-    step = seq * 10
-    ns = f"bench/s3/{world}/{os.urandom(3).hex()}"
-    link = link_for(master, ns, Tally())
-    w = build_world(world, tensors, pattern, step, seq)
-    options = CheckpointOptions.from_keywords({}, keep_last=2)
-    committer = Committer(storage, options, 0, w.topos[0].num_nodes > 1, lambda: {step})
-    coordinator = Coordinator(storage, w.topos[0], link, committer, {"bench": "scale"})
-    own = None
-    for node in range(w.topos[0].num_nodes):
-        ranks = list(w.topos[0].node_ranks(node))
-        for r in ranks[1:]:
-            link.post(seq, f"job/{r}", w.jobs[r].descriptor(r))
-        for r in ranks:
-            link.post(seq, f"vh/{r}", announce(w.jobs[r], w.topos[r], link))
-        report = _Writer(w.topos[ranks[0]], link, storage, real_objects=True).write(w.jobs[ranks[0]])
-        if node == 0:
-            own = report
-        else:
-            link.post(seq, f"node/{node}", report)
-    coordinator.run(w.jobs[0], own)  # type: ignore[arg-type]
-    if not link.get(seq, "outcome", Outcome).ok:
-        raise RuntimeError("the S3 save failed")
-
-
-# -- output ------------------------------------------------------------------------------------
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
-def markdown(doc: dict) -> str:
-    lines = [f"## bench.scale, {doc['label']} ({doc['git']})", "",
-             f"`{doc['command']}`; Store: TCPStore on 127.0.0.1 in this process, one client "
-             "connection per role (waiting phase: one per waiting rank); data writes stubbed.", "",
-             "| ranks x tensors | pattern | root manifest | largest fragment | coordinator s/save | "
-             "retention s | Store rt/save (ranks / writers / coordinator / workers) | loading rank "
-             "parses | load s | objects |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
-    for r in doc["rows"]:
-        if r.get("skipped"):
-            lines.append(f"| {r['world']} x {r['tensors']} | {r['pattern']} | not run: {r['skipped']} "
-                         "| | | | | | | |")
-            continue
-        rt = r["store_round_trips"]
-        lines.append(
-            f"| {r['world']} x {r['tensors']} | {r['pattern']} | {_fmt_bytes(r['manifest_bytes'])} | "
-            f"{_fmt_bytes(r['largest_fragment_bytes'])} | {r['coordinator_s']:.3f} | "
-            f"{r['retention_s']:.3f} | {r['store_round_trips_total']:,} ({rt['ranks']:,} / "
-            f"{rt['node_writers']:,} / {rt['coordinator']:,} / {rt['workers']:,}) | "
-            f"{_fmt_bytes(r['load_bytes'])} | {r['load_s']:.3f} | {r['objects']:,} |")
-    if doc.get("waiting"):
-        lines += ["", "Waiting while a save is in flight (round trips per second, measured over "
-                  f"{doc['waiting'][0]['window_s']} s; a waiting rank = its rank worker's wait + its "
-                  "heartbeat):", "",
-                  "| ranks | waiting ranks sampled | per waiting rank | coordinator waiting for "
-                  "node reports | offered to the Store |", "|---:|---:|---:|---:|---:|"]
-        for w in doc["waiting"]:
-            lines.append(f"| {w['world']} | {w['waiters']} | {w['rank_rt_per_s']} (max "
-                         f"{w['rank_rt_per_s_max']}) | {w['coordinator_rt_per_s']} | "
-                         f"{w['offered_rt_per_s']:,} |")
-    if doc.get("s3"):
-        lines += ["", s3_markdown(doc["s3"])]
-    return "\n".join(lines) + "\n"
-
-
-def s3_markdown(s3: dict) -> str:
-    lines = [f"S3 requests ({s3['server']} on 127.0.0.1, PER_RANK, 100 tensors per rank; data "
-             "objects real but tiny, so each is one PUT where a real one is a multipart upload: "
-             "create + parts + complete):", "",
-             "| ranks | first-save write probe (ranks probing: requests) | requests per save "
-             "(3 saves, keep_last=2) | listing + list_checkpoints (2 committed) |",
-             "|---:|---|---|---|"]
-    for row in s3["rows"]:
-        saves = ", ".join(str(sum(s.values())) for s in row["saves"])
-        last = row["saves"][-1]
-        lines.append(f"| {row['world']} | {row['first_save_probe']['ranks_probing']}: "
-                     f"{row['first_save_probe']['requests']} | {saves} ({_ops(last)}) | "
-                     f"{sum(row['listing'].values())} ({_ops(row['listing'])}) |")
-    return "\n".join(lines)
-
-
-def _ops(ops: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(ops.items()))
-
-
-def compare(before: dict, after: dict) -> str:
-    """Side-by-side table of two runs (same rows)."""
-    key = lambda r: (r["world"], r["tensors"], r["pattern"])  # noqa: E731
-    b = {key(r): r for r in before["rows"] if not r.get("skipped")}
-    lines = [f"## bench.scale: before ({before['git']}) / after ({after['git']})", "",
-             "| ranks x tensors | pattern | root manifest | coordinator s/save | retention s | "
-             "Store rt/save | loading rank parses | objects |", "|---|---|---|---|---|---|---|---|"]
-    for r in after["rows"]:
-        old = b.get(key(r))
-        if r.get("skipped") or old is None:
-            continue
-        rt_old, rt_new = old["store_round_trips_total"], r["store_round_trips_total"]
-        lines.append(
-            f"| {r['world']} x {r['tensors']} | {r['pattern']} | {_fmt_bytes(old['manifest_bytes'])} / "
-            f"{_fmt_bytes(r['manifest_bytes'])} | {old['coordinator_s']:.3f} / {r['coordinator_s']:.3f} | "
-            f"{old['retention_s']:.3f} / {r['retention_s']:.3f} | {rt_old:,} / {rt_new:,} "
-            f"({_ratio(rt_old, rt_new)}) | {_fmt_bytes(old['load_bytes'])} / {_fmt_bytes(r['load_bytes'])} "
-            f"| {old['objects']:,} / {r['objects']:,} |")
-    bw = {w["world"]: w for w in before.get("waiting", [])}
-    if after.get("waiting"):
-        lines += ["", "| ranks | round trips/s per waiting rank | coordinator waiting, rt/s | "
-                  "offered to the Store, rt/s |", "|---:|---|---|---|"]
-        for w in after["waiting"]:
-            o = bw.get(w["world"])
-            if o is None:
-                continue
-            lines.append(f"| {w['world']} | {o['rank_rt_per_s']} / {w['rank_rt_per_s']} | "
-                         f"{o['coordinator_rt_per_s']} / {w['coordinator_rt_per_s']} | "
-                         f"{o['offered_rt_per_s']:,} / {w['offered_rt_per_s']:,} |")
-    if before.get("s3") and after.get("s3"):
-        lines += ["", "Before:", "", s3_markdown(before["s3"]), "", "After:", "", s3_markdown(after["s3"])]
-    return "\n".join(lines) + "\n"
-
-
-def _ratio(old: float, new: float) -> str:
-    return f"{old / new:.1f}x fewer" if new and old >= new else f"{new / max(old, 1):.1f}x more"
-
-
-def _git() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head + (" + changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 def parse_rows(text: str) -> list[tuple[int, int]]:
     rows = []
     for part in text.split(","):
@@ -744,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["waiting"].append(waiting)
             print(json.dumps(waiting), flush=True)
         if args.s3:
+            from .scale_s3 import run_s3        # imports this module: loaded only when asked
             doc["s3"] = run_s3(args.s3, master)
             print(json.dumps(doc["s3"]), flush=True)
     finally:

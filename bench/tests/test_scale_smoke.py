@@ -32,7 +32,11 @@ def test_scale_bench_reports_a_tiny_row(tmp_path):
         # blocking wait, one read of the outcome, then it deletes its own 2 (a node writer's: 3)
         # keys of the save.
         assert 5 <= row["worker_round_trips_each"] <= 6, row
-    assert rows["per_rank"]["manifest_bytes"] > rows["replicated"]["manifest_bytes"]
+    # 2 nodes: PER_RANK copies are in one fragment per node; objects = data object and fragment
+    # per node + the root (REPLICATED: no fragment)
+    assert rows["per_rank"]["largest_fragment_bytes"] > 0 and rows["per_rank"]["objects"] == 2 * 2 + 1
+    assert rows["replicated"]["largest_fragment_bytes"] is None and rows["replicated"]["objects"] == 2 + 1
+    assert rows["per_rank"]["load_bytes"] < rows["per_rank"]["manifest_bytes"] + 2 * rows["per_rank"]["largest_fragment_bytes"]
     waiting = doc["waiting"][0]
     assert waiting["world"] == 16 and 0 < waiting["rank_rt_per_s"] <= 5, waiting
     assert "| 16 x 20 | per_rank |" in (tmp_path / "scale.md").read_text()
