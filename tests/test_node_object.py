@@ -169,7 +169,10 @@ def _save(root: str, out: Path, compression: str | None, options: dict | None = 
 
 def _check_layout(names: list[str], manifest: dict) -> None:
     data = sorted(n for n in names if n.startswith("data-"))
-    assert sorted(names) == sorted(data + ["manifest.json"]) and len(data) == 2, names   # nodes + 1
+    fragments = sorted(n for n in names if n.startswith("fragment-"))
+    # 2 x nodes + 1: a data object and a manifest fragment per node, and the root manifest
+    assert sorted(names) == sorted(data + fragments + ["manifest.json"]) and len(data) == 2, names
+    assert sorted(manifest["fragments"]) == fragments and len(fragments) == 2, names
     assert [n[:12] for n in data] == ["data-n00000-", "data-n00001-"]
     assert manifest["format_version"] == 3 and sorted(manifest["files"]) == data
     for entry in manifest["files"].values():
