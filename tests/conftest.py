@@ -4,9 +4,10 @@ import pytest
 # Plain asserts in support/ report their operands like asserts in the tests themselves.
 pytest.register_assert_rewrite("support")
 
-# Fixtures of the corruption tests (checkpoints saved once per module, copied per test), and the
+# Fixtures of the corruption tests (checkpoints saved once per module, copied per test; `guarded`
+# of the hostile-folder tests), and the
 # 4-rank checkpoint test_distributed.py and test_cli_dist.py read (launched once per session).
-pytest_plugins = ["support.corruption", "support.dist"]
+pytest_plugins = ["support.corruption", "support.dist", "support.hostile"]
 
 # Real S3 servers on loopback (session-scoped; started on first use, stopped by PID), shipped in
 # the package for third-party backends' tests too.

@@ -12,9 +12,6 @@ call could hang: every call runs under `bounded` (a FIFO is released if a read b
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
 import resource
 import shutil
@@ -23,112 +20,25 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+from support.compare import assert_same
+from support.corruption import (
+    Saved,
+    b_state,
+    edit_manifest,
+    fresh,
+    load_ok,
+    shard,
+)
+from support.hostile import LATE, G, fifos_under, listed, load_refused, outside_copy, step2_skipped, write_metrics
+from support.stateful import Box
 
 import async_ckpt as ac
 from async_ckpt import CheckpointError, CorruptCheckpointError, InvalidArgumentError
 from async_ckpt.format import seal
-from async_ckpt.format import names as names_module
 from async_ckpt.format.codec import PIECE, min_frame_size
-from async_ckpt.format.manifest import HASH_KEY, parse_manifest
 from async_ckpt.format.metrics_file import HASH_KEY as METRICS_HASH_KEY
 from async_ckpt.format.tree import unflatten
-from async_ckpt.load import restore as restore_module
 from async_ckpt.storage.testing.conformance import bounded
-from support.compare import assert_same
-from support.corruption import (Saved, assert_untouched, b_state, edit_manifest, fresh, load_ok,
-                                resealed, save_steps, shard)
-from support.fixture_state import expected_state
-from support.stateful import Box, Holder
-
-G = ac.SharingPattern.GLOBAL
-FIXTURE = Path(__file__).parent / "fixtures" / "sealed_manifest_v1"
-LATE = "metrics-00000000000000000001-deadbeef.json"
-
-
-# -- helpers ------------------------------------------------------------------------------------
-def snapshot(*roots: Path) -> dict:
-    """What is under `roots`, without following symlinks or opening FIFOs: to prove nothing
-    changed."""
-    seen = {}
-    for root in roots:
-        for folder, dirs, files in os.walk(root):
-            for name in dirs + files:
-                p = Path(folder) / name
-                if p.is_symlink():
-                    seen[str(p)] = ("link", os.readlink(p))
-                elif p.is_fifo():
-                    seen[str(p)] = ("fifo",)
-                elif p.is_file() and p.stat().st_size > 64 << 20:     # a sparse giant: no reading it
-                    seen[str(p)] = ("big", p.stat().st_size, p.stat().st_mtime_ns)
-                elif p.is_file():
-                    seen[str(p)] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
-    return seen
-
-
-def fifos_under(root: Path) -> tuple[str, ...]:
-    return tuple(str(Path(f) / n) for f, _, names in os.walk(root) for n in names
-                 if (Path(f) / n).is_fifo())
-
-
-def load_refused(saved: Saved, step: int | None = 2, error: type = CorruptCheckpointError,
-                 match: str | None = None, **options) -> CheckpointError:
-    """load(step) raises `error` (a CheckpointError) within the bound and changes nothing."""
-    ckpt, a, b = fresh(saved.root, **options)
-    with pytest.raises(error, match=match) as info:
-        bounded(lambda: ckpt.load(step=step), fifos=fifos_under(saved.root))
-    assert isinstance(info.value, CheckpointError)
-    assert_untouched(a, b)
-    return info.value
-
-
-def listed(saved: Saved, caplog) -> tuple[list[ac.CheckpointInfo], list[str]]:
-    """list_checkpoints() within the bound, and the warnings it logged."""
-    caplog.clear()
-    ckpt, _, _ = fresh(saved.root)
-    with caplog.at_level(logging.WARNING, logger="async_ckpt"):
-        infos = bounded(ckpt.list_checkpoints, fifos=fifos_under(saved.root))
-    return infos, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-def step2_skipped(saved: Saved, caplog, what: str) -> None:
-    infos, warnings = listed(saved, caplog)
-    assert [i.step for i in infos] == [1], "the hostile step must be skipped, the others listed"
-    assert any("step 2" in w and what in w for w in warnings), warnings
-    load_ok(saved, 1)
-
-
-def outside_copy(saved: Saved, tmp_path: Path, name: str, data: bytes) -> Path:
-    place = tmp_path / "elsewhere" / name
-    place.parent.mkdir(exist_ok=True)
-    place.write_bytes(data)
-    return place
-
-
-def write_metrics(folder: Path, doc: dict, name: str = LATE, sealed: bool = True) -> Path:
-    body = json.dumps(doc, separators=(",", ":")).encode()
-    path = folder / name
-    path.write_bytes(seal.seal(body, METRICS_HASH_KEY) if sealed else body)
-    return path
-
-
-@pytest.fixture
-def guarded(saved, tmp_path):
-    """`saved`, plus a check after the test that nothing under the root or outside it changed
-    (beyond what the test itself did before calling `guarded.freeze()`)."""
-    class Guard:
-        before: dict | None = None
-
-        def freeze(self) -> None:
-            self.before = snapshot(saved.root, tmp_path / "elsewhere")
-
-        def check(self) -> None:
-            assert snapshot(saved.root, tmp_path / "elsewhere") == self.before, "a read changed files"
-
-    guard = Guard()
-    guard.saved = saved
-    yield guard
-    if guard.before is not None:
-        guard.check()
 
 
 # -- manifest and metrics files that are not regular files inside the root -----------------------
@@ -389,147 +299,3 @@ def test_zstd_frames_long_enough_but_lying_are_refused_before_allocation(guarded
     before = _peak_rss()
     load_refused(saved, match="does not declare")
     assert _peak_rss() - before < 64 << 20
-
-
-# -- the manifest's seal --------------------------------------------------------------------------
-def test_flipped_bit_in_a_json_leaf_is_caught_by_the_seal(guarded):
-    """'step': 2 in component b's state becomes 0 with one flipped bit: valid JSON, a valid
-    manifest, a different state. Only the seal can tell."""
-    saved = guarded.saved
-    raw = saved.manifest(2).read_bytes()
-    at = raw.index(b'["step",2]') + len(b'["step",')
-    saved.manifest(2).write_bytes(raw[:at] + bytes([raw[at] ^ 0b10]) + raw[at + 1:])
-    assert json.loads(saved.manifest(2).read_bytes())["components"]["b"]     # still valid JSON
-    guarded.freeze()
-    err = load_refused(saved, match="manifest_hash does not match")
-    assert str(saved.manifest(2)) in str(err)
-
-
-@pytest.mark.parametrize("how", ["hash-digit", "hash-not-hex", "key-renamed", "seal-moved", "seal-removed"])
-def test_damage_to_the_seal_itself(guarded, how):
-    saved = guarded.saved
-    raw = saved.manifest(2).read_bytes()
-    doc = json.loads(raw)
-    digest = doc[HASH_KEY]
-    if how == "hash-digit":
-        raw = raw.replace(digest.encode(), (digest[:-1] + ("0" if digest[-1] != "0" else "1")).encode())
-    elif how == "hash-not-hex":
-        raw = raw.replace(digest.encode(), (digest[:-1] + "g").encode())
-    elif how == "key-renamed":     # one flipped bit in the key: the body is intact, and loads
-        raw = raw.replace(b'"manifest_hash"', b'"manifest_hasi"')
-    elif how == "seal-moved":
-        raw = json.dumps({HASH_KEY: digest, **{k: v for k, v in doc.items() if k != HASH_KEY}}).encode()
-    else:                          # a manifest as written before sealing: loads
-        raw = json.dumps({k: v for k, v in doc.items() if k != HASH_KEY}, separators=(",", ":")).encode()
-    saved.manifest(2).write_bytes(raw)
-    guarded.freeze()
-    if how in ("key-renamed", "seal-removed"):
-        load_ok(saved, 2)
-    else:
-        load_refused(saved, match=HASH_KEY)
-
-
-def test_the_seal_is_the_last_member_and_covers_everything_before_it(saved):
-    raw = saved.manifest(2).read_bytes()
-    assert raw.endswith(b'"}') and raw.rindex(f',"{HASH_KEY}":"xxh3-128:'.encode()) == len(raw) - 61
-    body = raw[:raw.rindex(b',"' + HASH_KEY.encode())] + b"}"
-    assert json.loads(raw)[HASH_KEY] == "xxh3-128:" + xxhash.xxh3_128_hexdigest(body)
-    assert seal.seal(body, HASH_KEY) == raw
-    assert seal.seal(b"{}", "k") == b'{"k":"xxh3-128:' + xxhash.xxh3_128_hexdigest(b"{}").encode() + b'"}'
-    assert seal.loads(seal.seal(b"{}", "k"), "k", "x") == ({}, True)
-    parse_manifest(raw, "x", 2)
-
-
-def test_manifest_and_metrics_reads_are_bounded(saved, monkeypatch, caplog):
-    from async_ckpt.format import manifest as manifest_module, metrics_file
-    write_metrics(saved.folder(2), {"acc": 0.5})
-    edit_manifest(saved, lambda d: d["versions"].update(pad="x" * 200))     # larger than step 1's
-    size = len(saved.manifest(2).read_bytes())
-    monkeypatch.setattr(manifest_module, "MAX_BYTES", size - 1)
-    monkeypatch.setattr(names_module, "MAX_BYTES", size - 1)
-    monkeypatch.setattr(metrics_file, "MAX_BYTES", 10)
-    load_refused(saved, match="more than")
-    step2_skipped(saved, caplog, "more than")
-    with pytest.raises(CorruptCheckpointError, match="more than"):
-        parse_manifest(saved.manifest(2).read_bytes(), "x")
-    monkeypatch.setattr(manifest_module, "MAX_BYTES", size)
-    monkeypatch.setattr(names_module, "MAX_BYTES", size)
-    infos, warnings = listed(saved, caplog)
-    assert infos[1].metrics == {} and any(LATE in w and "more than" in w for w in warnings), warnings
-
-
-def test_late_metrics_are_sealed_and_checked(saved, caplog):
-    with ac.AsyncCheckpointer(saved.root, [ac.StateComponent("b", Box(b_state(2)), G)]) as ckpt:
-        ckpt.report_metrics(2, {"acc": 0.75})
-    (late,) = saved.folder(2).glob("metrics-*.json")
-    raw = late.read_bytes()
-    assert seal.loads(raw, METRICS_HASH_KEY, "x") == ({"acc": 0.75}, True)
-    assert listed(saved, caplog)[0][1].metrics == {"acc": 0.75}
-    late.write_bytes(raw.replace(b"0.75", b"0.25"))           # a bit flip changed a value
-    infos, warnings = listed(saved, caplog)
-    assert infos[1].metrics == {} and any(METRICS_HASH_KEY in w for w in warnings), warnings
-    write_metrics(saved.folder(2), {"acc": 0.5}, sealed=False)   # as written before sealing
-    assert listed(saved, caplog)[0][1].metrics == {"acc": 0.5}
-
-
-def test_checked_in_sealed_fixture_loads_bit_exact():
-    holder = Holder()
-    ckpt = ac.AsyncCheckpointer(FIXTURE, [ac.StateComponent("state", holder, G)])
-    info = ckpt.load(1)
-    assert info.step == 1 and info.metrics == {"loss": 0.5, "val": 0.25}
-    assert_same(holder.state, expected_state())
-    raw = (FIXTURE / "step-0000000001" / "manifest.json").read_bytes()
-    assert seal.loads(raw, HASH_KEY, "fixture")[1], "the fixture's manifest is not sealed"
-    (late,) = (FIXTURE / "step-0000000001").glob("metrics-*.json")
-    assert seal.loads(late.read_bytes(), METRICS_HASH_KEY, "fixture")[1]
-
-
-def test_every_single_bit_flip_of_the_manifest_is_exact_or_refused(tmp_path):
-    """A sample of single-bit flips over the whole manifest: each one loads exactly the saved
-    state (a flip in the seal's key leaves an intact, unsealed manifest) or raises a
-    CorruptCheckpointError; never anything else."""
-    saved = save_steps(tmp_path / "ckpts")
-    raw = saved.manifest(2).read_bytes()
-    outcomes = {"exact": 0, "refused": 0}
-    for i in range(3, len(raw) * 8, max(1, len(raw) * 8 // 150)):
-        saved.manifest(2).write_bytes(raw[:i // 8] + bytes([raw[i // 8] ^ (1 << (i % 8))]) + raw[i // 8 + 1:])
-        ckpt, a, b = fresh(saved.root)
-        try:
-            ckpt.load(step=2)
-        except CorruptCheckpointError:
-            assert_untouched(a, b)
-            outcomes["refused"] += 1
-            continue
-        assert_same(b.loaded, b_state(2))
-        outcomes["exact"] += 1
-    assert outcomes["refused"] >= 0.9 * sum(outcomes.values()), outcomes
-
-
-# -- only CheckpointErrors leave the readers --------------------------------------------------------
-def test_an_unreadable_root_raises_a_checkpoint_error(saved, monkeypatch):
-    ckpt, a, b = fresh(saved.root)
-
-    def denied(self, path):
-        raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(type(ckpt.storage), "list_dir", denied)
-    for call in (ckpt.latest_step, ckpt.list_checkpoints, ckpt.load):
-        with pytest.raises(CheckpointError, match="Permission denied") as info:
-            call()
-        assert isinstance(info.value.__cause__, PermissionError)
-    assert_untouched(a, b)
-
-
-def test_the_net_names_an_unexpected_error_as_a_bug(saved, monkeypatch):
-    """The readers raise precise errors; what slips through is still a CheckpointError, marked
-    as unexpected (the fuzzer fails on those)."""
-    ckpt, a, b = fresh(saved.root)
-    monkeypatch.setattr(restore_module, "info_of", lambda *args: {}["boom"])
-    with pytest.raises(CheckpointError, match="unexpected KeyError") as info:
-        ckpt.load(2)
-    assert isinstance(info.value.__cause__, KeyError)
-    assert_untouched(a, b)
-
-
-def test_resealed_helper_matches_the_writer(saved):
-    raw = saved.manifest(2).read_bytes()
-    assert resealed(json.loads(raw)) == raw
