@@ -26,7 +26,21 @@ from .base import Trainer
 from .progress import make_loader
 
 
-class DDPTrainer(Trainer):
+class AllRanks:
+    """Collectives of a trainer whose every rank holds a data-parallel replica of the step (DDP,
+    FSDP2): the loss averaged over the world, flags OR-ed over it. Mixed in before `Trainer`."""
+    world: int
+
+    def reduce_loss(self, loss: torch.Tensor) -> float:
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return float(total) / self.world
+
+    def agree(self, flags: list[bool]) -> list[bool]:
+        return agree(flags)
+
+
+class DDPTrainer(AllRanks, Trainer):
     """REPLICATED model and optimizer; data GLOBAL (dispatch_batches) or PER_RANK."""
 
     def __init__(self, *args: Any, dispatch_batches: bool = False, **kwargs: Any) -> None:
@@ -60,14 +74,6 @@ class DDPTrainer(Trainer):
         out: list[Any] = [None]
         dist.scatter_object_list(out, chunks if self.rank == 0 else None, src=0)
         return out[0]
-
-    def reduce_loss(self, loss: torch.Tensor) -> float:
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        return float(total) / self.world
-
-    def agree(self, flags: list[bool]) -> list[bool]:
-        return agree(flags)
 
 
 def agree(flags: list[bool], group: Any = None) -> list[bool]:

@@ -17,17 +17,16 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from ..errors import InvalidArgumentError
 from ..training.sampler import ResumableSampler
 from ..types import SharingPattern
 from .base import Trainer
-from .ddp import agree
+from .ddp import AllRanks
 from .progress import make_loader
 
 
-class FSDP2Trainer(Trainer):
+class FSDP2Trainer(AllRanks, Trainer):
     """SHARDED model and optimizer (FSDP2 over every rank); data PER_RANK."""
 
     patterns = {"model": SharingPattern.SHARDED, "optimizer": SharingPattern.SHARDED,
@@ -56,10 +55,3 @@ class FSDP2Trainer(Trainer):
         sampler = ResumableSampler(dataset, num_replicas=self.world, rank=self.rank, seed=self.args.seed)
         return make_loader(dataset, sampler, self.args, self.loader_generator, collate_fn)
 
-    def reduce_loss(self, loss: torch.Tensor) -> float:
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        return float(total) / self.world
-
-    def agree(self, flags: list[bool]) -> list[bool]:
-        return agree(flags)
