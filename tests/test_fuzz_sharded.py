@@ -43,8 +43,8 @@ from async_ckpt.storage.testing.conformance import bounded
 from support import sharded_state
 from support.corruption import Saved, resealed
 from support.sharded_edits import split
-from test_fuzz_checkpoints import (CALL_BOUND_S, FULL, RSS_BOUND, SPECIAL_INTS, VM_BOUND, edit_json,
-                                   files_of, flip, manifest_bytes, peak_rss, peak_vm)
+from support.fuzz_edits import SPECIAL_INTS, edit_json, flip, manifest_bytes
+from test_fuzz_checkpoints import CALL_BOUND_S, FULL, RSS_BOUND, VM_BOUND, files_of, peak_rss, peak_vm
 
 pytestmark = pytest.mark.fuzz
 FIXTURE = Path(__file__).parent / "fixtures" / "sharded_v2"
