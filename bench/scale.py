@@ -243,8 +243,7 @@ def largest_fragment(storage: LocalStorage, step: int, manifest: Manifest) -> in
     return max((ref.size for ref in manifest.fragments.values()), default=None)
 
 
-def loading_rank_reads(storage: LocalStorage, step: int, rank: int, topo: Topology
-                       ) -> tuple[int, float]:
+def loading_rank_reads(storage: LocalStorage, step: int, rank: int) -> tuple[int, float]:
     """(bytes, seconds) that one loading rank reads and validates before it reads any data: the
     root manifest and the fragment holding its copy (the loader's own calls: load/restore.py)."""
     t0 = time.perf_counter()
@@ -319,7 +318,7 @@ def run_row(master: Any, root: str, world: int, tensors: int, pattern_name: str,
         retire(w.jobs[r], w.topos[r], links["workers"])
     per_worker = (tallies["workers"].total() - before) / max(1, len(sampled))
     manifest = read_manifest(storage, step_dir(step), step, fragments=False)
-    load_bytes, load_s = loading_rank_reads(storage, step, world - 1, w.topos[-1])
+    load_bytes, load_s = loading_rank_reads(storage, step, world - 1)
     per_role = {role: t.total() for role, t in tallies.items() if role != "workers"}
     per_role["workers"] = round(per_worker * (world - 1))
     return {

@@ -445,7 +445,7 @@ def _check_refs(refs: dict[str, FragmentRef], components: dict[str, ComponentEnt
                 raise ValueError(f"fragments.{name} holds copies of {key!r}, which is not a "
                                  "PER_RANK or PER_NODE component of this checkpoint")
             for copy in named:
-                where = held.get((key, copy)) or (copy in entry.shards and "the root") or None
+                where = held.get((key, copy), "the root" if copy in entry.shards else "")
                 if where:
                     raise ValueError(f"copy {copy!r} of component {key!r} is listed by both "
                                      f"{where} and {name}")
