@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import CheckpointError
 from .messages import Outcome, RankError, decode, encode
-from .waits import StoreLost, Waits, _clients_of, _is_timeout
+from .waits import StoreLost, Waits, _clients_of, _is_timeout, exiting, in_store
 
 __all__ = ["LinkTimeout", "RemoteFailure", "StoreLink", "StoreLost", "Waits", "causes_of", "namespace"]
 
@@ -154,6 +154,8 @@ class StoreLink:
                 with self._pool.lock:
                     missing = waiters - len(self._pool.idle)
                 for _ in range(max(0, missing)):
+                    if exiting():
+                        return
                     self._release_waiter(self._connect())
             except Exception as exc:  # noqa: BLE001 - the first real call reports it
                 log.debug("connecting to the Store ahead of time failed: %s", exc)
@@ -194,8 +196,9 @@ class StoreLink:
 
         def connect() -> None:
             try:
-                client = self._base.clone()
-                client.set_timeout(datetime.timedelta(seconds=max(self.timeout_s, 30)))
+                with in_store():
+                    client = self._base.clone()
+                    client.set_timeout(datetime.timedelta(seconds=max(self.timeout_s, 30)))
                 box["client"] = client
             except Exception as exc:  # noqa: BLE001 - reported below
                 box["error"] = exc
@@ -218,7 +221,8 @@ class StoreLink:
         """One Store call; a failure to reach the Store becomes StoreLost (and sticks)."""
         client = self._client()
         try:
-            return fn(client)
+            with in_store():
+                return fn(client)
         except (RuntimeError, OSError) as exc:   # torch's DistNetworkError/DistStoreError
             if self.lost is None and not _is_timeout(exc):
                 self.lose(f"lost the torch.distributed Store ({self.host}): {exc}; its host "

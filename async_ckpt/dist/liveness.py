@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable
 
 from .link import LinkTimeout, StoreLink
+from .waits import exiting
 
 log = logging.getLogger("async_ckpt")
 PEER_LAG_S = 5.0          # how long a live peer may trail a save this rank has moved past
@@ -49,7 +50,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         link, failing_since, pause = self._link, None, BEAT_EVERY_S
-        while not self._stop.is_set() and link.lost is None:
+        while not self._stop.is_set() and link.lost is None and not exiting():
             try:
                 link.beat(self._rank, self._progress())
                 failing_since, pause = None, BEAT_EVERY_S

@@ -14,14 +14,31 @@ thread returns its connection (``link._release_waiter``) unless the Store broke.
 
 Connections are created once per process and Store and shared by every link on that Store
 (`_Clients`): creating a TCPStore client sometimes stalls for 5 s in its connect (dist/link.py).
+
+Exiting (`in_store`, `exiting`): a daemon thread that is inside a Store call (a connect, a
+heartbeat, a request) when the interpreter starts finalizing aborts the whole process when the
+call returns (CPython 3.11 ends such a thread with ``pthread_exit``, whose unwinding through
+torch's bindings calls ``std::terminate``: "terminate called without an active exception", exit
+status -6, seen as a failed rank by torchrun). So every Store call of this package runs inside
+``in_store()``, and a hook run at interpreter exit (threading's exit hooks: after the
+checkpointers' own close-at-exit, before finalization) stops new background calls and waits, at
+most `EXIT_DRAIN_S`, until none is in flight. A blocking wait that nobody awaits any more (a
+failed save's) is not counted: it returns only when its keys appear or its horizon passes, and
+cannot be interrupted (docs/distributed.md).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
+import logging
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import CheckpointError
+
+log = logging.getLogger("async_ckpt")
+EXIT_DRAIN_S = 10.0      # how long interpreter exit waits for Store calls in flight (a stalled connect: 5 s)
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -32,6 +49,50 @@ def _is_timeout(exc: BaseException) -> bool:
 class StoreLost(CheckpointError):
     """The torch.distributed Store stopped answering (its host process died, or the network to it
     did): no save can be coordinated any more. The message names the host."""
+
+
+class _InStore:
+    """This process's Store calls in flight, and whether the interpreter is exiting (see the module)."""
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.exiting = False
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        with self.cond:
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.busy -= 1
+                self.cond.notify_all()
+
+    def drain(self, limit_s: float = EXIT_DRAIN_S) -> bool:
+        """At interpreter exit: no new background calls; wait until none is in flight (bounded)."""
+        with self.cond:
+            self.exiting = True
+            if not self.cond.wait_for(lambda: self.busy == 0, limit_s):
+                log.warning("%d torch.distributed Store call(s) still in flight at exit after %g s",
+                            self.busy, limit_s)
+                return False
+        return True
+
+
+_in_store = _InStore()
+in_store = _in_store.call
+
+
+def exiting() -> bool:
+    """Whether the interpreter is exiting: background threads start no new Store call."""
+    return _in_store.exiting
+
+
+# Registered once, at import, before any checkpointer registers its close-at-exit hook: threading
+# runs these hooks last-registered first, so the drain comes after every close.
+getattr(threading, "_register_atexit", atexit.register)(_in_store.drain)
 
 
 class _Clients:
@@ -95,7 +156,7 @@ class Waits:
             return
         healthy = True
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not exiting():
                 try:
                     client.wait(keys, datetime.timedelta(seconds=max(0.01, horizon_s)))
                     self._finish(index, None)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from bench.common import TensorState
 from support.net import free_port   # the checkout and tests/ are on PYTHONPATH: support.paths.child_env()
+from support.leave import leave
 
 WORLD = 2
 
@@ -70,9 +71,9 @@ def run(rank: int, root: str, out: str, mode: str, device: str, port: int) -> No
         # save (load() has no collective either, so a rank may return before its peers)
         dist.barrier()
         ck.close()
-        dist.destroy_process_group()
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(report, f)
+    leave()
 
 
 def main() -> None:

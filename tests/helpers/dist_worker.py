@@ -22,6 +22,7 @@ import torch.distributed as dist
 from async_ckpt import (AsyncCheckpointer, CheckpointError, RNGState, SaveFailedError, SharingPattern,
                         StateComponent, ValidationLevel)
 from support.stateful import Holder   # tests/ is on PYTHONPATH: support.paths.child_env()
+from support.leave import leave
 
 SCENARIO, ROOT, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 COMPRESSION = os.environ.get("DIST_TEST_COMPRESSION") or None   # scenario_save's compression
@@ -461,4 +462,4 @@ if __name__ == "__main__":
         run_plan(ctx, ARGS[0])
     else:
         SCENARIOS[SCENARIO](*ctx)
-    dist.destroy_process_group()
+    leave()

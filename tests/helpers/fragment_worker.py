@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from async_ckpt import AsyncCheckpointer, CheckpointError, SharingPattern, StateComponent
 from support.stateful import Holder   # tests/ is on PYTHONPATH: support.paths.child_env()
+from support.leave import leave
 
 SCENARIO, ROOT, OUT = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 
@@ -66,7 +67,7 @@ def main() -> None:
         result["loads"][step] = outcome
     with open(OUT / f"{SCENARIO}-r{rank}.json", "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

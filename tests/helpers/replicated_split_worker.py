@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import async_ckpt as ac
+from support.leave import leave
 
 
 class State:
@@ -53,7 +54,7 @@ def main() -> None:
     result["digest"] = hashlib.sha1(state.big.numpy().tobytes() + state.small.numpy().tobytes()).hexdigest()
     with open(os.path.join(out, f"{scenario}-r{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from support.net import free_port   # tests/ is on PYTHONPATH: support.paths.child_env()
+from support.leave import leave
 
 N_SAMPLES, BATCH, DIM = 40, 4, 8           # 10 batches per epoch with one rank
 
@@ -105,7 +106,7 @@ def train(rank: int, world: int, args) -> None:
                 ckpt.save(step)
     out.close()
     if world > 1:
-        torch.distributed.destroy_process_group()
+        leave()
 
 
 def main() -> int:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from support.net import free_port
+from support.leave import leave
 
 
 def build():
@@ -59,7 +60,7 @@ def run(rank: int, world: int, root: str, out: str, port: int) -> None:
         json.dump({"step": info.step, "keys": saved_keys, "same_params": same_params,
                    "same_state": same_state, "n_state": len(b["state"]),
                    "betas": list(groups[0]["betas"]), "eps": groups[0]["eps"]}, f)
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

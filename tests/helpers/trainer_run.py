@@ -18,6 +18,7 @@ import os
 import signal
 
 import torch
+from support.leave import leave
 
 N, DIM = 48, 6
 
@@ -148,7 +149,7 @@ def main() -> None:
         with open(f"{a.out}.retained.json", "w") as f:
             json.dump({"steps": steps, "end": result.step}, f)
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        leave()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""A process that exits while one of the library's threads is inside a Store call exits cleanly.
+
+Found in CI: both ranks of node 1 of a 2 x 2 FSDP2 save died with SIGABRT ("terminate called
+without an active exception") after finishing their work, and node 0's launcher then waited at
+torchrun's exit barrier until the test's deadline. A daemon thread still inside a TCPStore call
+when the interpreter finalizes is ended by CPython with ``pthread_exit`` as soon as the call
+returns, and the unwinding through torch's bindings aborts the process. Creating a TCPStore
+client stalls for 5 s about once in 25 connects (torch 2.13, loopback), so the link's
+connect-ahead thread was still connecting when the worker exited.
+
+Each case runs a fresh interpreter that hosts a real TCPStore, starts a thread whose Store call
+returns about 1 s later, and exits at once; an object freed by the last garbage collection of
+finalization sleeps 2.5 s, so the call returns while the interpreter is finalizing, every time. The control case (a bare daemon
+thread) shows the abort is real on this machine; the library's threads must not abort.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from support.paths import child_env
+
+pytestmark = pytest.mark.timeout(120)
+
+PRELUDE = textwrap.dedent("""
+    import datetime, threading, time
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=30))
+    base = dist.TCPStore("127.0.0.1", server.port, 1, False, timeout=datetime.timedelta(seconds=30))
+
+    def slow_store_call():
+        # a real Store call with the GIL released, returning in about 1 s (as a stalled connect does)
+        probe = base.clone()
+        try:
+            probe.wait(["never-set"], datetime.timedelta(seconds=1.0))
+        except Exception:
+            pass
+
+    class SlowFinalization:
+        def __del__(self, sleep=time.sleep):
+            sleep(2.5)          # runs while the interpreter finalizes: the call returns meanwhile
+
+    def garbage_cycle():
+        # unreachable once this returns; collected by the interpreter's last garbage collection,
+        # which runs after finalization has begun (atexit's hooks come after threading's)
+        slow = SlowFinalization()
+        slow.me = slow
+
+    import atexit
+    atexit.register(garbage_cycle)
+""")
+
+BARE = PRELUDE + textwrap.dedent("""
+    threading.Thread(target=slow_store_call, daemon=True).start()
+    time.sleep(0.3)
+""")
+
+LINK = PRELUDE + textwrap.dedent("""
+    from async_ckpt.dist.link import StoreLink
+
+    class SlowConnects:
+        # the base Store, whose new connections stall once, inside a real Store call
+        def clone(self):
+            slow_store_call()
+            return base.clone()
+
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+    link = StoreLink(SlowConnects(), "exit-test", timeout_s=30)
+    link.prepare(waiters=1)      # connects in the background, as every multi-rank checkpointer does
+    time.sleep(0.3)              # that thread is now inside the stalled call
+""")
+
+HEARTBEAT = PRELUDE + textwrap.dedent("""
+    from async_ckpt.dist.link import StoreLink
+    from async_ckpt.dist.liveness import Heartbeat
+
+    class SlowSets:
+        # every heartbeat write is slow, inside a real Store call
+        def set(self, key, value):
+            slow_store_call()
+            return base.set(key, value)
+
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+    link = StoreLink(SlowSets(), "exit-test", timeout_s=30)
+    link._pool.shared = link._base       # requests go straight to the slow Store
+    beat = Heartbeat(link, 0, lambda: 0)
+    time.sleep(0.3)                      # the heartbeat thread is now inside a slow write
+""")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90,
+                          env=child_env(OMP_NUM_THREADS="1"))
+
+
+def test_the_hazard_is_real_a_bare_thread_in_a_store_call_aborts_the_exit():
+    proc = _run(BARE)
+    assert proc.returncode != 0 and "terminate called" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("code", [LINK, HEARTBEAT], ids=["connect-ahead", "heartbeat"])
+def test_exit_waits_for_the_librarys_store_calls_instead_of_aborting(code):
+    proc = _run(code)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "terminate called" not in proc.stderr
