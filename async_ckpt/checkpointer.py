@@ -28,6 +28,8 @@ import torch
 
 from .dist.link import StoreLink, StoreLost, namespace
 from .dist.liveness import Heartbeat, await_departures, depart, hosts_store
+from .dist.messages import BoardName
+from .dist.relay import BoardWriter
 from .dist.shm import sweep_dead_buffers
 from .dist.topology import Topology, current_topology
 from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError,
@@ -192,6 +194,10 @@ class AsyncCheckpointer:
         self._check_root(self.storage.check_writable if probes_writability(self.topo)
                          else self.storage.check_root)
         self._worker = RankWorker(self._link, self.topo, self.storage, self._pool)
+        if self.topo.is_node_writer and self.topo.world_size > 1 and self.topo.local_world_size > 1:
+            # the node's other ranks learn their saves' outcomes from this board (dist.relay)
+            self._worker.board = BoardWriter.create()
+            self._link.post("board", str(self.topo.node), BoardName(self._worker.board.name))
         if self.topo.is_node_writer:
             sweep_dead_buffers()
             opts = self.options
@@ -385,6 +391,8 @@ class AsyncCheckpointer:
                 self._lease.release()
             if self._worker is not None:
                 self._worker.stop()
+                if self._worker.board is not None:
+                    self._worker.board.close()
             if self.topo.world_size > 1 and self._link.lost is None:
                 depart(self._link, self.topo.rank)
                 if hosts_store(self.topo.rank):

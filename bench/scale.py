@@ -48,6 +48,7 @@ import torch
 from async_ckpt.dist.link import StoreLink
 from async_ckpt.dist.liveness import Heartbeat
 from async_ckpt.dist.messages import Begun, NodeReport, Outcome, WrittenFile
+from async_ckpt.dist.relay import BoardReader, BoardWriter
 from async_ckpt.dist.topology import Topology
 from async_ckpt.format import fragments
 from async_ckpt.format.codec import segments_hash
@@ -222,10 +223,20 @@ def announce(job: SaveJob, topo: Topology, link: StoreLink) -> Any:
         rank_worker_module.digest = real
 
 
-def wait_outcome(job: SaveJob, topo: Topology, link: StoreLink) -> Outcome:
+def wait_outcome(job: SaveJob, topo: Topology, link: StoreLink, board: Any = None,
+                 reader: Any = None) -> Outcome:
+    """The real rank worker's wait; `board`: the node's outcome board, which a node writer's
+    worker writes (dist.relay); `reader`: another rank's view of it, already found (else it
+    finds it through the Store, once per checkpointer)."""
     stub = RankWorker.__new__(RankWorker)
     stub.link, stub.topo = link, topo
-    return RankWorker._wait_outcome(stub, job)
+    stub.board = board if topo.is_node_writer else None
+    stub._board_reader = None if topo.is_node_writer else reader
+    try:
+        return RankWorker._wait_outcome(stub, job)
+    finally:
+        if reader is None and stub._board_reader is not None:    # found it itself
+            stub._board_reader.close()
 
 
 def retire(job: SaveJob, topo: Topology, link: StoreLink) -> None:
@@ -311,12 +322,34 @@ def run_row(master: Any, root: str, world: int, tensors: int, pattern_name: str,
     if not outcome.ok:
         raise RuntimeError(f"the simulated save failed: {outcome.message[:500]}")
     # Every other rank's worker fetches the verdict: measured on a sample, counted for all.
-    sampled = [r for r in range(1, world)][:: max(1, (world - 1) // sample)][:sample]
-    before = tallies["workers"].total()
-    for r in sampled:
-        wait_outcome(w.jobs[r], w.topos[r], links["workers"])
-        retire(w.jobs[r], w.topos[r], links["workers"])
-    per_worker = (tallies["workers"].total() - before) / max(1, len(sampled))
+    # A rank that is not its node's writer reads the outcome off its node's board (dist.relay),
+    # which local rank 0's worker wrote as it learnt it, and found once per checkpointer.
+    writers = [r for r in range(1, world) if w.topos[r].is_node_writer]
+    others = [r for r in range(1, world) if not w.topos[r].is_node_writer]
+    kinds = {"writers": writers[:: max(1, len(writers) // sample)][:sample],
+             "others": others[:: max(1, len(others) // sample)][:sample]}
+    sampled = kinds["writers"] + kinds["others"]
+    boards = {w.topos[r].node: BoardWriter.create() for r in sampled}
+    readers = {node: BoardReader.attach(board.name) for node, board in boards.items()}
+    for board in boards.values():
+        board.publish(seq, 0, outcome)
+    workers_total = 0.0
+    try:
+        for kind, ranks in kinds.items():
+            before = tallies["workers"].total()
+            for r in ranks:
+                node = w.topos[r].node
+                wait_outcome(w.jobs[r], w.topos[r], links["workers"], boards[node], readers[node])
+                retire(w.jobs[r], w.topos[r], links["workers"])
+            if ranks:
+                each = (tallies["workers"].total() - before) / len(ranks)
+                workers_total += each * len(writers if kind == "writers" else others)
+    finally:
+        for node, board in boards.items():
+            if readers[node] is not None:
+                readers[node].close()  # type: ignore[union-attr]
+            board.close()
+    per_worker = workers_total / max(1, world - 1)
     manifest = read_manifest(storage, step_dir(step), step, fragments=False)
     load_bytes, load_s = loading_rank_reads(storage, step, world - 1)
     per_role = {role: t.total() for role, t in tallies.items() if role != "workers"}
@@ -354,6 +387,10 @@ def run_waiting(master: Any, world: int, waiters: int, window_s: float) -> dict:
     links = {r: link_for(master, ns, tallies[r]) for r in ranks}
     for link in links.values():
         warm(link, 1)
+    # Each sampled rank's node has its outcome board, as local rank 0 creates it (dist.relay).
+    # (found through the Store once per checkpointer, so not in a save's figures)
+    boards = {topos[r].node: BoardWriter.create() for r in ranks}
+    readers = {node: BoardReader.attach(board.name) for node, board in boards.items()}
     beats = [Heartbeat(links[r], r, lambda: seq) for r in ranks]
     jobs = {r: SimpleJob(step, seq) for r in ranks}
     coord_tally = Tally()
@@ -367,7 +404,8 @@ def run_waiting(master: Any, world: int, waiters: int, window_s: float) -> dict:
         tally.ops.clear()
     results: dict[Any, Any] = {}
     threads = [threading.Thread(target=lambda r=r: results.__setitem__(
-        r, wait_outcome(jobs[r], topos[r], links[r])), daemon=True) for r in ranks]  # type: ignore[arg-type]
+        r, wait_outcome(jobs[r], topos[r], links[r], boards[topos[r].node],  # type: ignore[arg-type]
+                        readers[topos[r].node])), daemon=True) for r in ranks]
     job0 = SimpleJob(step, seq)
     coord_thread = threading.Thread(target=lambda: results.__setitem__(
         "coordinator", coordinator._other_reports(job0)), daemon=True)  # type: ignore[arg-type]
@@ -385,6 +423,10 @@ def run_waiting(master: Any, world: int, waiters: int, window_s: float) -> dict:
         t.join(30)
     for b in beats + writer_beats + [hb0]:
         b.stop()
+    for node, board in boards.items():
+        if readers[node] is not None:
+            readers[node].close()  # type: ignore[union-attr]
+        board.close()
     rates = [c / elapsed for c in counts.values()]
     return {"world": world, "waiters": len(ranks), "window_s": round(elapsed, 2),
             "rank_rt_per_s": round(statistics.mean(rates), 2), "rank_rt_per_s_max": round(max(rates), 2),

@@ -21,14 +21,18 @@ key                       message                posted by -> read by
                                                  waiter reads (with the heartbeats) per wake
 ``fullreq``               `FullRequest`          coordinator -> ranks holding odd replicas
 ``full/<rank>``           `FullAnswer`           those ranks -> coordinator
-``outcome``               `Outcome`              coordinator -> every rank's worker
+``outcome``               `Outcome`              coordinator -> the node writers' processes'
+                                                 workers (the node's other ranks read it
+                                                 from their node's board, `dist.relay`,
+                                                 or, without one, from here)
 ``shared/<node>`` (load)  `SharedCopies`         node writer -> the node's other ranks
 ``step`` (load)           `LoadStep`             rank 0 -> every rank (load() of the newest)
 ``verdict/<rank>`` (load) `LoadVerdict`          every rank -> every rank, before any
                                                  load_state_dict
 ========================  =====================  ==============================================
 
-Outside the save and load sequence numbers: ``hb/<rank>`` ("<beats>:<saves called>", the
+Outside the save and load sequence numbers: ``board/<node>`` (`BoardName`: local rank 0 -> its
+node's other ranks, once per checkpointer), ``hb/<rank>`` ("<beats>:<saves called>", the
 heartbeat, `dist.liveness`), ``close/departed/<rank>`` (a counter, close()) and
 ``delete/deleted/<step>/<n>`` (created by rank 0 once the n-th delete(step) is done).
 
@@ -272,6 +276,12 @@ class Outcome:
     causes: dict[int, str] = field(default_factory=dict)
     replication: bool = False
     info: CommittedInfo | None = None
+
+
+@dataclass(frozen=True)
+class BoardName:
+    """Where a node's outcome board is (`dist.relay`): a shared-memory file of local rank 0's."""
+    name: str
 
 
 # -- load -----------------------------------------------------------------------------------------

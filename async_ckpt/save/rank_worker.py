@@ -24,8 +24,9 @@ import time
 
 from ..dist.link import LinkTimeout, RemoteFailure, StoreLink
 from ..dist.liveness import CallerWatch
-from ..dist.messages import (Announcement, FullAnswer, FullItem, FullRequest, FullResult, Outcome,
-                             layout_hash)
+from ..dist.messages import (Announcement, BoardName, FullAnswer, FullItem, FullRequest, FullResult,
+                             Outcome, layout_hash)
+from ..dist.relay import POLL_S, STORE_CHECK_S, BoardReader, BoardWriter
 from ..dist.topology import Topology
 from ..errors import CheckpointError, ReplicationError, SaveFailedError, translate_storage_error
 from ..format.manifest import ShardEntry, TensorEntry
@@ -49,6 +50,9 @@ class RankWorker:
         self.link, self.topo, self.storage, self.pool = link, topo, storage, pool
         self._queue: queue.Queue[SaveJob | None] = queue.Queue()
         self._answered: set[int] = set()      # saves whose FULL request this rank answered
+        # dist.relay: local rank 0 writes its node's outcome board, the node's other ranks read it
+        self.board: BoardWriter | None = None
+        self._board_reader: BoardReader | None = None
         self._thread = threading.Thread(target=self._loop, name="ckpt-rank-worker", daemon=True)
         self._thread.start()
 
@@ -58,6 +62,8 @@ class RankWorker:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        if self._board_reader is not None:
+            self._board_reader.close()
 
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -155,29 +161,53 @@ class RankWorker:
         """The coordinator's verdict. Rank 0 must enter this save within timeout_s; after that
         the wait lasts as long as the save takes, unless rank 0 stops beating (it died).
 
-        No polling: a blocking Store wait for ``outcome`` (rank 0: the in-process
+        No polling of the Store: a blocking Store wait for ``outcome`` (rank 0: the in-process
         ``job.published``), and every ``wake_s`` one request reading rank 0's heartbeat and
         progress and the save's event counter ``nev`` (failures, a FULL request); the keys
-        behind the counter are read only when it moved."""
+        behind the counter are read only when it moved. A rank that is not its node's writer
+        reads its node's outcome board instead (`dist.relay`: local rank 0's worker copies
+        what it learns there) and, once rank 0 has entered the save, checks the Store only
+        every ``STORE_CHECK_S``."""
         link, seq = self.link, job.seq
         last = link.events(seq)          # creates the counter read with the heartbeat below
         changed, answered = last > 0, False
         watch = None if self.topo.rank == 0 else _CoordinatorWatch(link, job)
-        waits = None if watch is None else link.outcome_wait(seq)
+        reader = self._reader() if watch is not None and not self.topo.is_node_writer else None
+        waits = None if watch is None or reader is not None else link.outcome_wait(seq)
+        store_check = time.monotonic() + link.wake_s
+        outcome: Outcome | None = None
         try:
             while True:
                 if changed:
                     if link.has(seq, "outcome"):
                         break
                     if errors := link.errors(seq):
-                        return Outcome(ok=False, message="; ".join(
+                        outcome = Outcome(ok=False, message="; ".join(
                             f"rank {r}: {m}" for r, m in sorted(errors.items())), causes=errors)
+                        return outcome
                     if not answered and link.has(seq, "fullreq"):
                         request = link.get(seq, "fullreq", FullRequest)
                         if any(p[0] == self.topo.rank for item in request.items for p in item.pairs):
                             self._answer_full(job, request)
                         answered = True
-                if waits is None:        # the coordinator is in this process
+                if reader is not None:   # the node writer's process relays; the Store, rarely
+                    assert watch is not None
+                    seen = reader.read(seq)
+                    if seen is not None and seen.outcome is not None:
+                        return seen.outcome
+                    if seen is not None and seen.in_store:
+                        break
+                    events = max(last, seen.events) if seen is not None else last
+                    if time.monotonic() >= store_check:
+                        events = max(events, watch.check())
+                        # every wake until rank 0 has entered the save (so one that never calls
+                        # save() is named as fast as before), then every STORE_CHECK_S
+                        store_check = time.monotonic() + (STORE_CHECK_S if watch.entered else link.wake_s)
+                        if link.has(seq, "outcome"):
+                            break
+                    else:
+                        time.sleep(POLL_S)
+                elif waits is None:      # the coordinator is in this process
                     if job.published.wait(link.wake_s):
                         break
                     events = link.events(seq)
@@ -186,10 +216,23 @@ class RankWorker:
                     if waits.wait(link.wake_s):
                         break
                     events = watch.check()
+                if self.board is not None:
+                    self.board.publish(seq, events)
                 changed, last = events != last, events
+            outcome = link.get(seq, "outcome", Outcome)
+            return outcome
         finally:
             link.end_save(seq)
-        return link.get(seq, "outcome", Outcome)
+            if self.board is not None and outcome is not None:
+                self.board.publish(seq, last, outcome)
+
+    def _reader(self) -> BoardReader | None:
+        """This node's outcome board (`dist.relay`), once local rank 0 has posted its name."""
+        if self._board_reader is None and self.topo.local_world_size > 1:
+            key = f"{self.topo.node}"
+            if self.link.has("board", key):
+                self._board_reader = BoardReader.attach(self.link.get("board", key, BoardName).name)
+        return self._board_reader
 
     def _answer_full(self, job: SaveJob, request: FullRequest) -> None:
         views = dict(zip((s.component for s in job.plan.shards), job.buffer.views(job.plan), strict=True))

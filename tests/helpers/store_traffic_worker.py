@@ -3,8 +3,8 @@ sends to the torch.distributed Store while it saves, by operation and key.
 
 Usage: store_traffic_worker.py traffic <checkpoint root> <output dir> <slow seconds>
 Writes ``<out>/traffic-r<rank>.json``: per steady-state save the requests by "op key-kind"
-(heartbeats apart), and the request rate of this process while a save that node 1's writer makes
-slow is in flight.
+(heartbeats apart), the request rate of this process while a save that node 1's writer makes
+slow is in flight, and how a save went whose outcome node 1's board never showed.
 """
 from __future__ import annotations
 
@@ -109,9 +109,20 @@ def main() -> None:
         window = b - a
         rates = {"requests": sum(window.values()), "seconds": tb - ta, "ops": dict(window),
                  "in_flight": in_flight}
+        # A board that goes silent (node 1's local rank 0 stops relaying, its process lives on):
+        # node 1's other rank still learns the outcome, through the Store.
+        if local_rank == 0 and node == 1:
+            ckpt.storage.open_segmented = real  # type: ignore[method-assign]
+            board = ckpt._worker.board
+            assert board is not None
+            board.publish = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        before, t0 = snapshot(), time.monotonic()
+        info = ckpt.save(6).wait()
+        silent = {"step": info.step, "seconds": time.monotonic() - t0, "ops": dict(snapshot() - before)}
     dist.barrier()
     (OUT / f"traffic-r{rank}.json").write_text(json.dumps(
-        {"rank": rank, "node": node, "local_rank": local_rank, "saves": saves, "waiting": rates}))
+        {"rank": rank, "node": node, "local_rank": local_rank, "saves": saves, "waiting": rates,
+         "silent_board": silent}))
     leave()
 
 
