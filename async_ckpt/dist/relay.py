@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import xxhash
 
 from .messages import Outcome, decode, encode
-from .shm import SHM_PREFIX, _shm_dir, create_shared
+from .shm import create_shared, is_ours
 
 log = logging.getLogger("async_ckpt")
 
@@ -122,7 +122,7 @@ class BoardReader:
     def attach(cls, name: str) -> "BoardReader | None":
         """Map the board `name` (as posted by local rank 0); None if it is not one (the caller
         then uses the Store, as without a board)."""
-        if not os.path.basename(name).startswith(SHM_PREFIX) or os.path.dirname(name) != _shm_dir():
+        if not is_ours(name):
             log.warning("ignoring the outcome board %r: not an async_ckpt shared-memory file", name)
             return None
         try:

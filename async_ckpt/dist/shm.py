@@ -21,6 +21,11 @@ def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def is_ours(name: str) -> bool:
+    """Whether `name` is a shared-memory file this package creates (never map anything else)."""
+    return os.path.basename(name).startswith(SHM_PREFIX) and os.path.dirname(name) == _shm_dir()
+
+
 def create_shared(nbytes: int) -> tuple[str, mmap.mmap]:
     """A new shared-memory file of `nbytes` (at least 1) mapped into this process: (name, map)."""
     global _counter
@@ -38,7 +43,7 @@ def attach_shared(name: str, nbytes: int, unlink: bool = True) -> torch.Tensor:
     """Map another local rank's staging buffer (node writer side). The mapping outlives the file,
     so the name is unlinked at once: nothing is left in /dev/shm if either process dies later.
     With several readers (`unlink=False`) the creator removes it once all have mapped it."""
-    if not os.path.basename(name).startswith(SHM_PREFIX) or os.path.dirname(name) != _shm_dir():
+    if not is_ours(name):
         raise ValueError(f"refusing to map {name!r}: not an async_ckpt staging buffer")
     fd = os.open(name, os.O_RDWR)
     try:
