@@ -15,7 +15,8 @@ from async_ckpt.save.commit import Committer
 from async_ckpt.save.coordinator import Coordinator
 from async_ckpt.types import SharingPattern
 
-from .scale import PER_NODE, _Writer, announce, build_world
+from .scale import _Writer, build_world
+from .scale_workers import PER_NODE, announce
 from .scale_store import Tally, link_for
 
 

@@ -111,3 +111,28 @@ def test_closing_the_writer_removes_the_name_but_not_a_readers_view():
     assert reader.read(9) == Seen(0, OK)
     assert BoardReader.attach(name) is None
     reader.close()
+
+
+def test_a_rank_that_cannot_map_its_nodes_board_stops_looking_after_a_completed_save():
+    """Ranks in containers that do not share /dev/shm: the name is posted but cannot be mapped;
+    once a save of the node has completed the rank waits in the Store for good (no lookups)."""
+    from async_ckpt.dist.messages import BoardName
+    from async_ckpt.dist.topology import Topology
+    from async_ckpt.save.rank_worker import RankWorker
+
+    class Link:
+        lookups = 0
+
+        def has(self, seq, name):
+            Link.lookups += 1
+            return True
+
+        def get(self, seq, name, kind):
+            return BoardName("/dev/shm/async_ckpt-0-elsewhere")
+
+    worker = RankWorker.__new__(RankWorker)
+    worker.link, worker.topo = Link(), Topology(1, 4, 1, 2, 0)
+    worker._board_reader, worker._no_board = None, False
+    assert worker._reader() is None and Link.lookups == 1          # before a save completed: retried
+    assert worker._reader(settled=True) is None and Link.lookups == 2
+    assert worker._reader() is None and worker._reader() is None and Link.lookups == 2

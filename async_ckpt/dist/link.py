@@ -14,11 +14,9 @@ keys) and failures. A failure is one counter per save, ``nev`` (``Store.add``), 
 and the list once, instead of one key per rank. A waiting rank therefore makes about one request
 per second (plus its heartbeat's two), whatever the world size.
 
-Client connections are created once per process and Store, shared by every link on that Store
-(`dist.waits`, which also runs the blocking waits): creating a TCPStore client sometimes stalls
-for 5 s in its connect (torch 2.13 on loopback: about one connect in 25, inside the client's
-connect-and-validate), so connections are made ahead of the first save, in the background, and
-reused by every later checkpointer of the process, never one per thread and save.
+Client connections are made once per process and Store, ahead of the first save, and shared
+(`dist.waits`, which also runs the blocking waits): a TCPStore connect stalls for 5 s in about
+one in 25 (torch 2.13, loopback).
 
 A world of one uses the same link over an in-process ``HashStore`` (`StoreLink.in_process`):
 the save path is the same code at every world size, its waits simply have no peers.
@@ -35,7 +33,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import CheckpointError
 from .messages import Outcome, RankError, decode, encode
-from .waits import StoreLost, Waits, _clients_of, _is_timeout, exiting, in_store
+from .waits import StoreLost, Waits, _clients_of, _is_timeout, exiting, in_store, store_host
 
 __all__ = ["LinkTimeout", "RemoteFailure", "StoreLink", "StoreLost", "Waits", "causes_of", "namespace"]
 
@@ -50,15 +48,6 @@ class LinkTimeout(CheckpointError):
     def __init__(self, message: str, missing: list):
         super().__init__(message)
         self.missing = missing
-
-
-def store_host() -> str:
-    """Who hosts the default group's Store, for messages: torchrun's agent on node 0 (workers
-    reuse its store) or, without torchrun, rank 0's process; at MASTER_ADDR:MASTER_PORT."""
-    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        return f"the torchrun agent of node 0 at {where}"
-    return f"rank 0's process at {where}"
 
 
 class RemoteFailure(CheckpointError):
@@ -196,7 +185,7 @@ class StoreLink:
 
         def connect() -> None:
             try:
-                with in_store():
+                with in_store(self):
                     client = self._base.clone()
                     client.set_timeout(datetime.timedelta(seconds=max(self.timeout_s, 30)))
                 box["client"] = client
@@ -221,7 +210,7 @@ class StoreLink:
         """One Store call; a failure to reach the Store becomes StoreLost (and sticks)."""
         client = self._client()
         try:
-            with in_store():
+            with in_store(self):
                 return fn(client)
         except (RuntimeError, OSError) as exc:   # torch's DistNetworkError/DistStoreError
             if self.lost is None and not _is_timeout(exc):

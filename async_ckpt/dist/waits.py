@@ -20,9 +20,10 @@ heartbeat, a request) when the interpreter starts finalizing aborts the whole pr
 call returns (CPython 3.11 ends such a thread with ``pthread_exit``, whose unwinding through
 torch's bindings calls ``std::terminate``: "terminate called without an active exception", exit
 status -6, seen as a failed rank by torchrun). So every Store call of this package runs inside
-``in_store()``, and a hook run at interpreter exit (threading's exit hooks: after the
+``in_store(link)``, and a hook run at interpreter exit (threading's exit hooks: after the
 checkpointers' own close-at-exit, before finalization) stops new background calls and waits, at
-most `EXIT_DRAIN_S`, until none is in flight. A blocking wait that nobody awaits any more (a
+most `EXIT_DRAIN_S`, until none is in flight (a call on a link already counted lost is not
+waited for: its Store is gone and it returns only at its own timeout). A blocking wait that nobody awaits any more (a
 failed save's) is not counted: it returns only when its keys appear or its horizon passes, and
 cannot be interrupted (docs/distributed.md).
 """
@@ -32,7 +33,9 @@ import atexit
 import contextlib
 import datetime
 import logging
+import os
 import threading
+import time
 from typing import Any, Iterator
 
 from ..errors import CheckpointError
@@ -46,6 +49,15 @@ def _is_timeout(exc: BaseException) -> bool:
     return "timeout" in type(exc).__name__.lower() or "timeout" in str(exc).lower()
 
 
+def store_host() -> str:
+    """Who hosts the default group's Store, for messages: torchrun's agent on node 0 (workers
+    reuse its store) or, without torchrun, rank 0's process; at MASTER_ADDR:MASTER_PORT."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"the torchrun agent of node 0 at {where}"
+    return f"rank 0's process at {where}"
+
+
 class StoreLost(CheckpointError):
     """The torch.distributed Store stopped answering (its host process died, or the network to it
     did): no save can be coordinated any more. The message names the host."""
@@ -55,29 +67,39 @@ class _InStore:
     """This process's Store calls in flight, and whether the interpreter is exiting (see the module)."""
 
     def __init__(self) -> None:
-        self.busy = 0
+        self.calls: list[Any] = []        # the link of each call in flight
         self.exiting = False
         self.cond = threading.Condition()
 
     @contextlib.contextmanager
-    def call(self) -> Iterator[None]:
+    def call(self, link: Any) -> Iterator[None]:
         with self.cond:
-            self.busy += 1
+            self.calls.append(link)
         try:
             yield
         finally:
             with self.cond:
-                self.busy -= 1
+                self.calls.remove(link)
                 self.cond.notify_all()
+
+    def _settled(self) -> bool:
+        # A call on a link already counted lost (its Store is gone; it returns only when its own
+        # timeout passes, up to the Store's timeout) is not waited for: waiting would only move
+        # the exit closer to the moment it returns.
+        return all(getattr(link, "lost", None) for link in self.calls)
 
     def drain(self, limit_s: float = EXIT_DRAIN_S) -> bool:
         """At interpreter exit: no new background calls; wait until none is in flight (bounded)."""
+        deadline = time.monotonic() + limit_s
         with self.cond:
             self.exiting = True
-            if not self.cond.wait_for(lambda: self.busy == 0, limit_s):
-                log.warning("%d torch.distributed Store call(s) still in flight at exit after %g s",
-                            self.busy, limit_s)
-                return False
+            while not self._settled():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("%d torch.distributed Store call(s) still in flight at exit after %g s",
+                                len(self.calls), limit_s)
+                    return False
+                self.cond.wait(min(left, 0.1))
         return True
 
 

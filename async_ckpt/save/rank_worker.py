@@ -53,6 +53,7 @@ class RankWorker:
         # dist.relay: local rank 0 writes its node's outcome board, the node's other ranks read it
         self.board: BoardWriter | None = None
         self._board_reader: BoardReader | None = None
+        self._no_board = False
         self._thread = threading.Thread(target=self._loop, name="ckpt-rank-worker", daemon=True)
         self._thread.start()
 
@@ -220,18 +221,27 @@ class RankWorker:
                     self.board.publish(seq, events)
                 changed, last = events != last, events
             outcome = link.get(seq, "outcome", Outcome)
+            if reader is None and watch is not None and not self.topo.is_node_writer:
+                self._reader(settled=True)    # found now if local rank 0 has one: next save uses it
             return outcome
         finally:
             link.end_save(seq)
             if self.board is not None and outcome is not None:
                 self.board.publish(seq, last, outcome)
 
-    def _reader(self) -> BoardReader | None:
-        """This node's outcome board (`dist.relay`), once local rank 0 has posted its name."""
-        if self._board_reader is None and self.topo.local_world_size > 1:
+    def _reader(self, settled: bool = False) -> BoardReader | None:
+        """This node's outcome board (`dist.relay`), once local rank 0 has posted its name.
+        `settled`: a save of this node has completed, so local rank 0 has posted it if it has
+        one; none then (ranks in containers that do not share /dev/shm, say) means the Store for
+        good, without looking again."""
+        if self._board_reader is None and not self._no_board and self.topo.local_world_size > 1:
             key = f"{self.topo.node}"
             if self.link.has("board", key):
                 self._board_reader = BoardReader.attach(self.link.get("board", key, BoardName).name)
+            if self._board_reader is None and settled:
+                self._no_board = True
+                log.info("[rank %d] no outcome board from this node's local rank 0 can be read here; "
+                         "this rank waits in the Store", self.topo.rank)
         return self._board_reader
 
     def _answer_full(self, job: SaveJob, request: FullRequest) -> None:
