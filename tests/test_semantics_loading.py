@@ -11,11 +11,9 @@ import pytest
 import torch
 
 import async_ckpt as ac
-
-G = ac.SharingPattern.GLOBAL
-
 from support.semantics import G, GatedWrites, comps, step_folders
 from support.stateful import Box
+
 
 def test_load_with_nothing_committed(tmp_path):
     root = tmp_path / "never_created"

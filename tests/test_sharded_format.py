@@ -238,7 +238,7 @@ def test_tiling_check_is_linear_for_grids_and_bounded_otherwise():
     with pytest.raises(ValueError, match=r"\[0, 0, 0\]\+\[1, 1, 1\] and \[0, 0, 0\]\+\[1, 1, 1\] overlap"):
         check_tiling((4, 4, 4), grid, "cube")
     bricks = _bricks(20, 20, 2)
-    (o0, s0), (o1, s1) = bricks[0], bricks[1]
+    o1, s1 = bricks[1]
     bricks[1] = ((0, o1[1] - 1), (1, s1[1] + 1))        # overlaps its neighbour by one element
     last = bricks[-1]
     bricks[-1] = (last[0], (1, last[1][1] - 1))          # and leaves a gap of one: same volume

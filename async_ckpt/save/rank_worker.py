@@ -222,7 +222,7 @@ class RankWorker:
                 changed, last = events != last, events
             outcome = link.get(seq, "outcome", Outcome)
             if reader is None and watch is not None and not self.topo.is_node_writer:
-                self._reader(settled=True)    # found now if local rank 0 has one: next save uses it
+                self._reader(settled=outcome.ok)   # found now if local rank 0 has one: next save uses it
             return outcome
         finally:
             link.end_save(seq)
