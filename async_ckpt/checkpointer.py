@@ -70,8 +70,8 @@ def _close_at_exit(ref: "weakref.ref[AsyncCheckpointer]") -> None:
     """The writer is a daemon thread: without this, exiting the interpreter with saves still in
     flight would silently drop them (never corrupt anything, but lose the newest checkpoint)."""
     ckpt = ref()
-    if ckpt is None or ckpt._closed:
-        return
+    if ckpt is None or ckpt._closed or ckpt._pid != os.getpid():
+        return          # a forked child (a DataLoader worker) never closes its parent's checkpointer
     pending = [s.step for s in ckpt._pending if not s.settled]
     if pending:
         log.warning("[rank %d] interpreter exiting: finishing pending saves of steps %s "
@@ -136,6 +136,7 @@ class AsyncCheckpointer:
         self._pending: list[Settlement] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()            # the process whose exit closes it (not a forked child)
         self._started = False
         self._deletes: dict[int, int] = {}
         self._warned_unchecked: set[str] = set()

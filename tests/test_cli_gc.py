@@ -117,9 +117,11 @@ def test_lease_is_refreshed_off_the_training_thread_and_removed(tmp_path, monkey
     assert time.monotonic() - t0 < 0.8, "save() waited for the lease"
     handle.wait()
     (path,) = tmp_path.glob(".writer-lease-*.json")
-    first = json.loads(path.read_text())
-    assert first["pid"] == os.getpid() and first["stale_after_s"] == lease_mod.STALE_AFTER_S
     deadline = time.monotonic() + 10
+    while (first := _lease_doc(path)) is None:      # rewritten in place every 0.05 s here
+        assert time.monotonic() < deadline, "the lease never read whole"
+        time.sleep(0.01)
+    assert first["pid"] == os.getpid() and first["stale_after_s"] == lease_mod.STALE_AFTER_S
     while _heartbeat(path) in (None, first["heartbeat"]):
         assert time.monotonic() < deadline, "the lease was not refreshed"
         time.sleep(0.05)
@@ -130,11 +132,37 @@ def test_lease_is_refreshed_off_the_training_thread_and_removed(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["step-0000000001"]
 
 
-def _heartbeat(path: Path) -> float | None:
+def _lease_doc(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())["heartbeat"]
-    except ValueError:      # caught mid-rewrite
+        return json.loads(path.read_text())
+    except ValueError:      # caught mid-rewrite (gc counts such a lease as live)
         return None
+
+
+def _heartbeat(path: Path) -> float | None:
+    doc = _lease_doc(path)
+    return None if doc is None else doc["heartbeat"]
+
+
+def _child_exits() -> None:
+    pass                     # a forked worker (a DataLoader's, say) that simply ends
+
+
+def test_a_forked_child_exiting_leaves_the_parents_checkpointer_and_lease_alone(tmp_path):
+    """A fork inherits the interpreter's exit hooks with a copy of the open checkpointer; the
+    child's exit must not close it (that released, i.e. deleted, the parent's writer lease)."""
+    import multiprocessing
+    ck = ac.AsyncCheckpointer(tmp_path, [ac.StateComponent("m", Holder({"w": torch.ones(4)}), G)])
+    ck.save(1).wait()
+    (lease,) = tmp_path.glob(".writer-lease-*.json")
+    child = multiprocessing.get_context("fork").Process(target=_child_exits)
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert lease.exists(), "the child's exit released the parent's lease"
+    ck.save(2).wait()                          # the parent's checkpointer still works
+    ck.close()
+    assert not lease.exists()
 
 
 def test_lease_staleness_rules():

@@ -112,9 +112,17 @@ def exiting() -> bool:
     return _in_store.exiting
 
 
+def _forked_child() -> None:
+    """A forked child (a DataLoader worker, say) has none of this process's threads: the calls
+    its copy lists are not its own, and it must not wait for them at its exit."""
+    _in_store.calls.clear()
+    _in_store.cond = threading.Condition()
+
+
 # Registered once, at import, before any checkpointer registers its close-at-exit hook: threading
 # runs these hooks last-registered first, so the drain comes after every close.
 getattr(threading, "_register_atexit", atexit.register)(_in_store.drain)
+os.register_at_fork(after_in_child=_forked_child)
 
 
 class _Clients:
