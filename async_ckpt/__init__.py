@@ -5,6 +5,7 @@ The package tree shows the architecture: `save`, `load`, `dist`, `format`, `trai
 `storage` (see docs/design.md).
 """
 from .checkpointer import AsyncCheckpointer
+from .dist.ending import end_process
 from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,
                      InvalidArgumentError, PartialLoadError, ReplicationError, SaveFailedError,
                      StorageConfigError, StorageUnavailableError)
@@ -24,4 +25,4 @@ __all__ = ["AsyncCheckpointer", "StateComponent", "SharingPattern", "ValidationL
            "CheckpointNotFoundError", "CorruptCheckpointError", "ReplicationError", "SaveFailedError",
            "InvalidArgumentError", "ResumableSampler", "EMADetector", "WindowDetector",
            "DivergenceEvent", "DivergenceMonitor", "Due", "PeriodicTrigger", "TrainingSchedule",
-           "StorageConfigError", "StorageUnavailableError", "PartialLoadError", "__version__"]
+           "StorageConfigError", "StorageUnavailableError", "PartialLoadError", "end_process", "__version__"]

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
-from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent, ValidationLevel  # noqa: E402
+from async_ckpt import (AsyncCheckpointer, SharingPattern, StateComponent, ValidationLevel,  # noqa: E402
+                        end_process)
 from async_ckpt.sharing import replica_owners  # noqa: E402
 from async_ckpt.dist.topology import current_topology  # noqa: E402
 from bench.common import GIB, PageCache, TensorState  # noqa: E402
@@ -152,7 +153,7 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"world_size": world, "num_nodes": topo.num_nodes, "ranks": gathered,
                        "page_cache": cache.describe()}, f)
-    dist.destroy_process_group()
+    end_process()       # not a plain return: torch's gloo exit race (async_ckpt/dist/ending.py)
 
 
 if __name__ == "__main__":

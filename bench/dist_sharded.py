@@ -42,7 +42,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 import xxhash  # noqa: E402
 
-from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent  # noqa: E402
+from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent, end_process  # noqa: E402
 from async_ckpt.dist.topology import current_topology  # noqa: E402
 from bench.common import GIB, PageCache  # noqa: E402
 
@@ -314,7 +314,7 @@ def main() -> None:
         with open(out + ".tmp", "w") as f:
             json.dump(doc, f)
         os.replace(out + ".tmp", out)
-    dist.destroy_process_group()
+    end_process()       # not a plain return: torch's gloo exit race (async_ckpt/dist/ending.py)
 
 
 if __name__ == "__main__":

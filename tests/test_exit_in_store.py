@@ -12,6 +12,10 @@ Each case runs a fresh interpreter that hosts a real TCPStore, starts a thread w
 returns about 1 s later, and exits at once; an object freed by the last garbage collection of
 finalization sleeps 2.5 s, so the call returns while the interpreter is finalizing, every time. The control case (a bare daemon
 thread) shows the abort is real on this machine; the library's threads must not abort.
+
+`end_process` (async_ckpt/dist/ending.py) is the way out for threads the library does not own
+(torch gloo's, which abort the same way): the bare thread's case ends with it cleanly, and it still
+finishes pending saves, runs ``atexit`` handlers and exits with the status it is given.
 """
 from __future__ import annotations
 
@@ -111,3 +115,47 @@ def test_exit_waits_for_the_librarys_store_calls_instead_of_aborting(code):
     proc = _run(code)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert "terminate called" not in proc.stderr
+
+
+def test_end_process_ends_cleanly_where_a_thread_the_library_does_not_own_aborts_an_exit():
+    proc = _run(BARE + "from async_ckpt import end_process\nend_process()\n")
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "terminate called" not in proc.stderr
+
+
+def test_end_process_finishes_pending_saves_runs_atexit_handlers_and_exits_with_the_status(tmp_path):
+    script = textwrap.dedent("""
+        import atexit, sys, torch, async_ckpt as ac
+        class B:
+            def state_dict(self): return {'w': torch.full((32 << 20,), 7.0)}
+            def load_state_dict(self, sd): pass
+        atexit.register(print, "atexit handler ran")
+        ck = ac.AsyncCheckpointer(sys.argv[1], [ac.StateComponent('b', B(), ac.SharingPattern.GLOBAL)])
+        ck.save(7)
+        ac.end_process(3)      # the save is still in flight
+        print("never reached")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=90, env=child_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "finishing pending saves of steps [7]" in proc.stderr
+    assert proc.stdout.split("\n")[:1] == ["atexit handler ran"] and "never reached" not in proc.stdout
+    assert (tmp_path / "step-0000000007" / "manifest.json").is_file()
+
+
+def test_end_process_refuses_a_thread_other_than_main():
+    code = textwrap.dedent("""
+        import threading
+        from async_ckpt import end_process
+        caught = []
+        def other():
+            try:
+                end_process()
+            except RuntimeError as exc:
+                caught.append(str(exc))
+        t = threading.Thread(target=other)
+        t.start(); t.join()
+        print(caught)
+    """)
+    proc = _run(code)
+    assert proc.returncode == 0 and "call it from the main thread" in proc.stdout, proc.stderr[-2000:]

@@ -33,7 +33,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from async_ckpt import AsyncCheckpointer, CheckpointError, SharingPattern, StateComponent
+    from async_ckpt import AsyncCheckpointer, CheckpointError, SharingPattern, StateComponent, end_process
     from bench.torture.state import TortureState, check_state
 
     shared, mine = TortureState(mib), TortureState(mib, salt=1 + rank)
@@ -99,8 +99,7 @@ def main() -> None:
         if phase == "final":
             ckpt.close()
             event("closed -1")
-            dist.destroy_process_group()
-            return
+            end_process()    # torch's gloo exit race (async_ckpt/dist/ending.py)
         step += 1
         time.sleep(0.05)
 

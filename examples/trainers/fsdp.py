@@ -5,9 +5,10 @@
 import torch
 from common import Pairs, adamw, init_distributed, model, root, warmup
 
+from async_ckpt import end_process
 from async_ckpt.trainers import FSDP2Trainer, TrainingArguments
 
 init_distributed()
 args = TrainingArguments(root("fsdp"), max_steps=200, batch_size=8, save_steps=50, keep_last=2)
 FSDP2Trainer(args, model(), Pairs(), torch.nn.functional.mse_loss, adamw, lr_scheduler_factory=warmup).train()
-torch.distributed.destroy_process_group()
+end_process()   # instead of returning: avoids torch's gloo exit race (async_ckpt/dist/ending.py)

@@ -9,6 +9,7 @@ import sys
 import torch
 from common import Pairs, adamw, init_distributed, model, root, warmup
 
+from async_ckpt import end_process
 from async_ckpt.trainers import HybridPipelineTrainer, PipelineTrainer, TrainingArguments
 
 init_distributed()
@@ -18,4 +19,4 @@ args = TrainingArguments(root(f"pipeline-dp{dp}"), max_steps=200, batch_size=8, 
 cls = HybridPipelineTrainer if dp > 1 else PipelineTrainer
 cls(args, model(), Pairs(), torch.nn.functional.mse_loss, adamw, lr_scheduler_factory=warmup,
     n_microbatches=2, dp=dp).train()
-torch.distributed.destroy_process_group()
+end_process()   # instead of returning: avoids torch's gloo exit race (async_ckpt/dist/ending.py)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from bench.common import TensorState
 from support.net import free_port   # the checkout and tests/ are on PYTHONPATH: support.paths.child_env()
-from support.leave import leave
+from async_ckpt import end_process
 
 WORLD = 2
 
@@ -73,7 +73,7 @@ def run(rank: int, root: str, out: str, mode: str, device: str, port: int) -> No
         ck.close()
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(report, f)
-    leave()
+    end_process()
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from async_ckpt import (AsyncCheckpointer, CheckpointError, RNGState, SaveFailedError, SharingPattern,
                         StateComponent, ValidationLevel)
 from support.stateful import Holder   # tests/ is on PYTHONPATH: support.paths.child_env()
-from support.leave import leave
+from async_ckpt import end_process
 
 SCENARIO, ROOT, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 COMPRESSION = os.environ.get("DIST_TEST_COMPRESSION") or None   # scenario_save's compression
@@ -462,4 +462,4 @@ if __name__ == "__main__":
         run_plan(ctx, ARGS[0])
     else:
         SCENARIOS[SCENARIO](*ctx)
-    leave()
+    end_process()

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from async_ckpt import AsyncCheckpointer, CheckpointError, SharingPattern, StateComponent
 from support.stateful import Holder   # tests/ is on PYTHONPATH: support.paths.child_env()
-from support.leave import leave
+from async_ckpt import end_process
 
 SCENARIO, ROOT, OUT = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 
@@ -67,7 +67,7 @@ def main() -> None:
         result["loads"][step] = outcome
     with open(OUT / f"{SCENARIO}-r{rank}.json", "w") as f:
         json.dump(result, f)
-    leave()
+    end_process()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent
 from support.stateful import Holder   # tests/ is on PYTHONPATH: support.paths.child_env()
-from support.leave import leave
+from async_ckpt import end_process
 
 ROOT, OUT = sys.argv[2], Path(sys.argv[3])
 COMPRESSION = os.environ.get("NODE_OBJECT_COMPRESSION") or None
@@ -65,7 +65,7 @@ def main() -> None:
     result = {"url": info.url, "step": loaded.step if loaded else None,
               "exact": same(back_mine.state, per_rank(rank)) and same(back_model.state, model_state())}
     (OUT / f"save-r{rank}.json").write_text(json.dumps(result))
-    leave()
+    end_process()
 
 
 if __name__ == "__main__":

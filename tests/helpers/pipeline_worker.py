@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import async_ckpt as ac
-from support.leave import leave
+from async_ckpt import end_process
 
 
 def digest_of(state) -> str:
@@ -59,7 +59,7 @@ def main() -> None:
                 dist.barrier()
     else:
         one_run(*sys.argv[1:8])
-    leave()
+    end_process()
 
 
 def one_run(scenario: str, root: str, out: str, mode: str, pp_arg: str, dp_arg: str,

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import async_ckpt as ac
-from support.leave import leave
+from async_ckpt import end_process
 
 
 class State:
@@ -54,7 +54,7 @@ def main() -> None:
     result["digest"] = hashlib.sha1(state.big.numpy().tobytes() + state.small.numpy().tobytes()).hexdigest()
     with open(os.path.join(out, f"{scenario}-r{rank}.json"), "w") as f:
         json.dump(result, f)
-    leave()
+    end_process()
 
 
 if __name__ == "__main__":

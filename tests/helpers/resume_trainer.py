@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from support.net import free_port   # tests/ is on PYTHONPATH: support.paths.child_env()
-from support.leave import leave
+from async_ckpt import end_process
 
 N_SAMPLES, BATCH, DIM = 40, 4, 8           # 10 batches per epoch with one rank
 
@@ -106,7 +106,7 @@ def train(rank: int, world: int, args) -> None:
                 ckpt.save(step)
     out.close()
     if world > 1:
-        leave()
+        end_process()
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import async_ckpt as ac
-from support.leave import leave
+from async_ckpt import end_process
 
 
 def build(parallel: str, dp: int, seed: int):
@@ -129,7 +129,7 @@ def main() -> None:
         result["loss"] = float(model(data(99)).square().mean())
     with open(os.path.join(out, f"{scenario}-r{rank}.json"), "w") as f:
         json.dump(result, f)
-    leave()
+    end_process()
 
 
 if __name__ == "__main__":

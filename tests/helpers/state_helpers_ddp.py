@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from support.net import free_port
-from support.leave import leave
+from async_ckpt import end_process
 
 
 def build():
@@ -60,7 +60,7 @@ def run(rank: int, world: int, root: str, out: str, port: int) -> None:
         json.dump({"step": info.step, "keys": saved_keys, "same_params": same_params,
                    "same_state": same_state, "n_state": len(b["state"]),
                    "betas": list(groups[0]["betas"]), "eps": groups[0]["eps"]}, f)
-    leave()
+    end_process()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch.distributed import distributed_c10d
 
 from async_ckpt import AsyncCheckpointer, SharingPattern, StateComponent
 from support.stateful import Holder   # tests/ is on PYTHONPATH: support.paths.child_env()
-from support.leave import leave
+from async_ckpt import end_process
 
 ROOT, OUT, SLOW_S = sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
 ROUND_TRIPS = ("set", "get", "add", "check", "delete_key", "wait", "multi_get", "multi_set",
@@ -123,7 +123,7 @@ def main() -> None:
     (OUT / f"traffic-r{rank}.json").write_text(json.dumps(
         {"rank": rank, "node": node, "local_rank": local_rank, "saves": saves, "waiting": rates,
          "silent_board": silent}))
-    leave()
+    end_process()
 
 
 if __name__ == "__main__":

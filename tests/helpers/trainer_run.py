@@ -18,7 +18,7 @@ import os
 import signal
 
 import torch
-from support.leave import leave
+from async_ckpt import end_process
 
 N, DIM = 48, 6
 
@@ -149,7 +149,7 @@ def main() -> None:
         with open(f"{a.out}.retained.json", "w") as f:
             json.dump({"steps": steps, "end": result.step}, f)
     if torch.distributed.is_initialized():
-        leave()
+        end_process()
 
 
 if __name__ == "__main__":
