@@ -83,9 +83,10 @@ def test_a_replica_one_ulp_off_fails_the_save_on_every_rank(tmp_path):
 
 
 def test_full_state_mode_is_read_once_per_node_and_shared(tmp_path):
-    """ModelState(full_state_dict=True) as GLOBAL: one consolidated copy. At load, each node reads
-    it once and its other ranks get views of that one shared buffer (copies_on_load), not copies
-    of their own; the FSDP2 state is bit-identical afterwards."""
+    """ModelState/OptimizerState(full_state_dict=True) as GLOBAL: one consolidated copy each. At
+    load, each node reads the model once and its other ranks get views of that one shared buffer
+    (copies_on_load), not copies of their own; the FSDP2 model and optimizer state are
+    bit-identical afterwards (a full optimizer state used to fail in DCP's unflattening)."""
     root = tmp_path / "ckpt"
     saved = _run("save", root, tmp_path / "o1", "fsdp", "save", 4, dp=1, nnodes=2, full=True)
     assert all("error" not in r for r in saved.values()), saved

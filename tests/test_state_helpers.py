@@ -32,9 +32,13 @@ def train(model, opt, steps: int, seed: int = 1) -> list[float]:
     return losses
 
 
-def components(model, opt):
-    return [ac.StateComponent("model", ac.ModelState(model), ac.SharingPattern.GLOBAL),
-            ac.StateComponent("optimizer", ac.OptimizerState(model, opt), ac.SharingPattern.GLOBAL)]
+def components(model, opt, full: bool = False):
+    return [ac.StateComponent("model", ac.ModelState(model, full_state_dict=full), ac.SharingPattern.GLOBAL),
+            ac.StateComponent("optimizer", ac.OptimizerState(model, opt, full_state_dict=full),
+                              ac.SharingPattern.GLOBAL)]
+
+
+FULL = pytest.mark.parametrize("full", [False, True], ids=["dcp-default", "full_state_dict"])
 
 
 def test_keys_are_fully_qualified_and_optimizer_state_flattened():
@@ -46,16 +50,17 @@ def test_keys_are_fully_qualified_and_optimizer_state_flattened():
             "param_groups.2.bias.eps", "param_groups.2.bias.lr"} <= keys
 
 
-def test_round_trip_into_a_fresh_optimizer_is_bit_exact(tmp_path):
+@FULL
+def test_round_trip_into_a_fresh_optimizer_is_bit_exact(tmp_path, full):
     model, opt = build()
     train(model, opt, 3)
-    with ac.AsyncCheckpointer(tmp_path, components(model, opt)) as ck:
+    with ac.AsyncCheckpointer(tmp_path, components(model, opt, full)) as ck:
         ck.save(3).wait()
     want = train(model, opt, 3, seed=2)          # the uninterrupted continuation
 
     fresh, fresh_opt = build(seed=9)              # other weights, optimizer without state
     assert not fresh_opt.state
-    with ac.AsyncCheckpointer(tmp_path, components(fresh, fresh_opt)) as ck:
+    with ac.AsyncCheckpointer(tmp_path, components(fresh, fresh_opt, full)) as ck:
         assert ck.load().step == 3
     group = fresh_opt.param_groups[0]
     assert tuple(group["betas"]) == (0.8, 0.95) and group["eps"] == 1e-6 and group["weight_decay"] == 0.1
@@ -63,32 +68,34 @@ def test_round_trip_into_a_fresh_optimizer_is_bit_exact(tmp_path):
     assert train(fresh, fresh_opt, 3, seed=2) == want
 
 
-def test_saving_before_the_first_step_leaves_the_optimizer_untouched(tmp_path):
+@FULL
+def test_saving_before_the_first_step_leaves_the_optimizer_untouched(tmp_path, full):
     model, opt = build()
-    with ac.AsyncCheckpointer(tmp_path, components(model, opt)) as ck:
+    with ac.AsyncCheckpointer(tmp_path, components(model, opt, full)) as ck:
         ck.save(0).wait()
     assert not opt.state and all(p.grad is None for p in model.parameters())
     want = train(model, opt, 2)
     other, other_opt = build()
     train(other, other_opt, 2)                    # has state: the load must drop it
-    with ac.AsyncCheckpointer(tmp_path, components(other, other_opt)) as ck:
+    with ac.AsyncCheckpointer(tmp_path, components(other, other_opt, full)) as ck:
         ck.load()
     assert not other_opt.state
     assert train(other, other_opt, 2) == want
 
 
-def test_betas_and_eps_of_every_param_group_survive(tmp_path):
+@FULL
+def test_betas_and_eps_of_every_param_group_survive(tmp_path, full):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     opt = torch.optim.Adam([{"params": model[0].parameters(), "betas": (0.5, 0.6), "eps": 1e-3},
                             {"params": model[1].parameters(), "lr": 0.5}], lr=1e-2)
     train(model, opt, 1)
-    with ac.AsyncCheckpointer(tmp_path, components(model, opt)) as ck:
+    with ac.AsyncCheckpointer(tmp_path, components(model, opt, full)) as ck:
         ck.save(1).wait()
     torch.manual_seed(0)
     model2 = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     opt2 = torch.optim.Adam([{"params": model2[0].parameters()}, {"params": model2[1].parameters()}], lr=1e-3)
-    with ac.AsyncCheckpointer(tmp_path, components(model2, opt2)) as ck:
+    with ac.AsyncCheckpointer(tmp_path, components(model2, opt2, full)) as ck:
         ck.load()
     g0, g1 = opt2.param_groups
     assert (tuple(g0["betas"]), g0["eps"], g0["lr"]) == ((0.5, 0.6), 1e-3, 1e-2)

@@ -17,6 +17,8 @@ keyed by fully-qualified parameter names, never by wrapper prefixes or parameter
 Deviations from DCP's defaults, each to keep resume bit-exact: saving an optimizer that has no
 state yet does not leave DCP's initialisation step behind (the state is cleared again and not
 saved), and loading a checkpoint of such an optimizer leaves it without state, as it was saved.
+A full optimizer state (``full_state_dict=True``) is loaded in DCP's nested form, rebuilt here
+(`OptimizerState._nested`): torch 2.13 cannot load a full flattened one.
 DTensor state (FSDP2, tensor parallel) is passed through as DCP returns it (the SHARDED pattern).
 
 Register them like any component (REPLICATED under DDP, PER_RANK for a pipeline stage)::
@@ -29,6 +31,7 @@ Both are called on the training thread of every rank: ``state_dict()`` from
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -152,6 +155,40 @@ class OptimizerState:
                 f"{_few(sorted(live - saved))}, unexpected {_few(sorted(saved - live))}; build the "
                 "optimizer over the same model (and pipeline stage) as the run that saved")
 
+    def _nested(self, flat: dict[str, Any]) -> dict[str, Any]:
+        """The flattened state in DCP's nested, FQN-keyed form (``state[fqn][name]``,
+        ``param_groups[i]`` with ``params`` as FQNs in the live optimizer's order). torch 2.13's
+        ``set_optimizer_state_dict`` with ``full_state_dict`` cannot take the flattened form (it
+        flattens the live state one way and the given one another, and fails with a KeyError on
+        ``param_groups.0.params.0``), so a full state is unflattened here and passed nested. The
+        live groups come from DCP itself (local, unflattened: no collective), whose
+        initialisation of a fresh optimizer is undone as in `state_dict`."""
+        fresh = not self.optimizer.state
+        live: Any = get_optimizer_state_dict(self.model, self.optimizer,
+                                             options=StateDictOptions(flatten_optimizer_state_dict=False))
+        if fresh:
+            self.optimizer.state.clear()
+        groups: list[dict[str, Any]] = []
+        state: dict[str, Any] = {}
+        for group in live["param_groups"]:
+            fqns = [str(f) for f in group["params"]]
+            first = f"param_groups.{fqns[0]}." if fqns else "\0"
+            hyper = {k[len(first):]: v for k, v in flat.items() if k.startswith(first)}
+            groups.append({**hyper, "params": fqns})
+            for fqn in fqns:
+                prefix = f"state.{fqn}."
+                entry: dict[str, Any] = {}
+                for k, v in flat.items():
+                    if k.startswith(prefix):
+                        *path, name = k[len(prefix):].split(".")
+                        node = entry
+                        for part in path:
+                            node = node.setdefault(part, {})
+                        node[name] = v
+                if entry:
+                    state[fqn] = entry
+        return {"state": state, "param_groups": groups}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         state = dict(state)
         stateless = not any(k.startswith("state.") for k in state)
@@ -168,7 +205,12 @@ class OptimizerState:
             for p in params:
                 p.grad = None
         try:
-            set_optimizer_state_dict(self.model, self.optimizer, state, options=self.options)
+            if self.options.full_state_dict and not stateless:
+                set_optimizer_state_dict(self.model, self.optimizer, self._nested(state),
+                                         options=replace(self.options, flatten_optimizer_state_dict=False))
+            else:       # groups only: nothing to distribute (DCP's full path needs a state tensor)
+                set_optimizer_state_dict(self.model, self.optimizer, state,
+                                         options=replace(self.options, full_state_dict=False))
         finally:
             for p, g in grads.items():
                 p.grad = g

@@ -6,8 +6,9 @@ PARALLEL: ``fsdp`` (FSDP2 over every rank), ``tp`` (1-D tensor parallel over eve
 ``dptp`` (a (dp, tp) mesh: tensor parallel inside, data-parallel replicas across). MODE ``save``
 trains a few deterministic steps and saves step 3; ``load`` builds the same model from another
 seed, loads the newest step and reports; ``diverge`` nudges one replica by one ulp before saving.
-With ``full``, the model is a GLOBAL consolidated copy instead
-(``ac.ModelState(model, full_state_dict=True)``; the optimizer stays SHARDED); a load then reports how
+With ``full``, the model and the optimizer are GLOBAL consolidated copies instead
+(``ac.ModelState(model, full_state_dict=True)``, ``ac.OptimizerState(model, opt, full_state_dict=True)``);
+a load then reports how
 many storages the model state handed to each rank spans (one: views of the node's shared buffer).
 Every rank writes OUT/SCENARIO-r<rank>.json: a digest of the full (gathered) model and optimizer
 state, the loss of one fixed forward pass, and the error of the save or load, if any.
@@ -104,7 +105,8 @@ def main() -> None:
                 result["storages"] = len({v.untyped_storage().data_ptr() for v in state.values()})
                 super().load_state_dict(state)
         comps = [ac.StateComponent("model", Recording(model, full_state_dict=True), ac.SharingPattern.GLOBAL),
-                 ac.StateComponent("optim", opt, ac.SharingPattern.SHARDED)]
+                 ac.StateComponent("optim", ac.OptimizerState(model, opt, full_state_dict=True),
+                                   ac.SharingPattern.GLOBAL)]
     if mode == "diverge" and rank == dist.get_world_size() - 1:
         with torch.no_grad():
             w = model[2].bias.to_local() if hasattr(model[2].bias, "to_local") else model[2].bias
