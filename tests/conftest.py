@@ -7,7 +7,7 @@ pytest.register_assert_rewrite("support")
 # Fixtures of the corruption tests (checkpoints saved once per module, copied per test; `guarded`
 # of the hostile-folder tests), and the
 # 4-rank checkpoint test_distributed.py and test_cli_dist.py read (launched once per session).
-pytest_plugins = ["support.corruption", "support.dist", "support.hostile"]
+pytest_plugins = ["support.corruption", "support.dist", "support.hostile", "support.finish"]
 
 # Real S3 servers on loopback (session-scoped; started on first use, stopped by PID), shipped in
 # the package for third-party backends' tests too.

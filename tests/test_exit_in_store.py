@@ -15,7 +15,9 @@ thread) shows the abort is real on this machine; the library's threads must not 
 
 `end_process` (async_ckpt/dist/ending.py) is the way out for threads the library does not own
 (torch gloo's, which abort the same way): the bare thread's case ends with it cleanly, and it still
-finishes pending saves, runs ``atexit`` handlers and exits with the status it is given.
+finishes pending saves, runs ``atexit`` handlers and exits with the status it is given. The
+suite's own pytest process ends through it too (tests/support/finish.py): a plain pytest whose
+session leaves such a thread behind aborts after every test passed, as one full run here did.
 """
 from __future__ import annotations
 
@@ -159,3 +161,42 @@ def test_end_process_refuses_a_thread_other_than_main():
     """)
     proc = _run(code)
     assert proc.returncode == 0 and "call it from the main thread" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("plugin", [False, True], ids=["plain-pytest", "support.finish"])
+def test_the_pytest_process_itself_ends_through_end_process(tmp_path, plugin):
+    """tests/support/finish.py: a test that leaves a thread the library does not own inside a
+    call returning during finalization aborts a plain pytest process after every test passed;
+    the suite's own pytest ends through end_process with pytest's exit status."""
+    (tmp_path / "test_hazard.py").write_text(PRELUDE + textwrap.dedent("""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def hazard():
+            yield
+            # at exit (atexit runs last-registered first): a call that returns in about 1 s,
+            # while the interpreter finalizes (slowed 2.5 s by the garbage cycle); automatic
+            # collections off, or the exit handlers run after garbage_cycle would collect the
+            # cycle before the interpreter finalizes
+            import gc
+            gc.disable()
+
+            def start():
+                threading.Thread(target=slow_store_call, daemon=True).start()
+                time.sleep(0.3)
+            atexit.register(start)
+
+        def test_leaves_a_thread_in_a_store_call(hazard):
+            pass
+    """))
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_hazard.py"]
+    if plugin:
+        args[3:3] = ["-p", "support.finish"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=90,
+                          env=child_env(OMP_NUM_THREADS="1"))
+    assert "1 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if plugin:
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+    else:
+        assert proc.returncode != 0 and "terminate called" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
