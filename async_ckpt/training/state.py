@@ -168,25 +168,27 @@ class OptimizerState:
                                              options=StateDictOptions(flatten_optimizer_state_dict=False))
         if fresh:
             self.optimizer.state.clear()
-        groups: list[dict[str, Any]] = []
+        groups = [{"params": [str(f) for f in group["params"]]} for group in live["param_groups"]]
+        owner = {fqn: i for i, g in enumerate(groups) for fqn in g["params"]}
         state: dict[str, Any] = {}
-        for group in live["param_groups"]:
-            fqns = [str(f) for f in group["params"]]
-            first = f"param_groups.{fqns[0]}." if fqns else "\0"
-            hyper = {k[len(first):]: v for k, v in flat.items() if k.startswith(first)}
-            groups.append({**hyper, "params": fqns})
-            for fqn in fqns:
-                prefix = f"state.{fqn}."
-                entry: dict[str, Any] = {}
-                for k, v in flat.items():
-                    if k.startswith(prefix):
-                        *path, name = k[len(prefix):].split(".")
-                        node = entry
-                        for part in path:
-                            node = node.setdefault(part, {})
-                        node[name] = v
-                if entry:
-                    state[fqn] = entry
+        for key, value in flat.items():       # one pass: a key is <kind>.<fqn>.<name path>
+            kind, _, rest = key.partition(".")
+            fqn, tail = rest, ""
+            while fqn and fqn not in owner:   # FQNs hold dots: the longest live one that fits
+                fqn, _, last = fqn.rpartition(".")
+                tail = f"{last}.{tail}" if tail else last
+            if not fqn or not tail:
+                continue
+            if kind == "param_groups":
+                group = groups[owner[fqn]]
+                if group["params"][0] == fqn:  # a group's hyperparameters: its first parameter's
+                    group[tail] = value
+            elif kind == "state":
+                *path, name = tail.split(".")
+                node = state.setdefault(fqn, {})
+                for part in path:
+                    node = node.setdefault(part, {})
+                node[name] = value
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
