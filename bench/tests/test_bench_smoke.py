@@ -41,10 +41,13 @@ def test_distributed_bench_runs_and_reports_every_figure(tmp_path):
         assert all(b["ack"]["median_s"] > 0 and b["memcpy"]["median_s"] > 0 for b in summary["blocking"])
         assert summary["commit"]["dcp_save2"]["median_s"] > 0 and summary["commit"]["ack"]["median_s"] > 0
         assert sum(summary["node_bytes"].values()) >= 0.01 * (1 << 30) * 0.99
+        # the node object and one file per rank, paired round by round
+        assert summary["commit"]["files"]["median_s"] > 0
+        assert len(summary["commit"]["paired_ratios_vs_files"]) == 1
     # replicated: each rank staged half of the state
     halves = [b["staged_gib"] for b in doc["results"]["2"]["replicated"]["blocking"]]
     assert abs(sum(halves) - 0.01) < 1e-3 and max(halves) < 0.01
-    assert (tmp_path / "d.md").exists()
+    assert "median of the rounds' ratios" in (tmp_path / "d.md").read_text()
 
 
 @pytest.mark.multiproc
