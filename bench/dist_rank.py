@@ -5,9 +5,9 @@ every round runs, in rotating order: this rank's memcpy floor (the bytes async_c
 rank, into touched preallocated buffers), async_ckpt save() -> handle.wait() with one data object
 per node (the default) and with ``node_object=False`` (one data file per rank, into another root)
 back to back, their order flipping every 4 rounds, dcp.async_save (default stager) -> future, and
-dcp.save with 2 writer threads. Between timed writes rank 0
-flushes and (where allowed) drops the page cache while the others wait at a barrier; the
-barriers and the final gather are the benchmark's, not the library's.
+dcp.save with 2 writer threads. Between timed writes rank 0 flushes and (where allowed) drops the
+page cache while the others wait at a barrier; the barriers and the final gather are the
+benchmark's, not the library's.
 """
 from __future__ import annotations
 
@@ -136,8 +136,9 @@ def main() -> None:
 
         # The two layouts run back to back, in an order that flips every len(methods) rounds, so
         # that each follows each other method equally often: what ran just before a save matters
-        # (a DCP checkpoint's deletion just before a save slows it, see docs/benchmarks.md), and
-        # a fixed "object, then files" put the object after DCP's deletions in 14 of 15 rounds.
+        # (the first save after DCP's methods is slower whichever layout it is; the cause is not
+        # known, docs/benchmarks.md), and a fixed "object, then files" put the object right
+        # after DCP's methods in 14 of 15 rounds.
         def run_layouts(i: int) -> None:
             pair = [run_ack, run_files]
             for method in pair if (i // len(methods)) % 2 == 0 else pair[::-1]:
